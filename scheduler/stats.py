@@ -1,0 +1,41 @@
+"""Plain-data statistics the engine emits once per step; server/metrics.py maps them to Prometheus.
+
+No prometheus import here (stats are data; exporters observe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class StepStats:
+    """One engine step."""
+
+    step_time_s: float  # wall time of the whole step (schedule + draft + forward + verify)
+    forward_time_s: float  # the target forward (+ verification) alone
+    draft_time_s: float  # proposer time
+    num_running: int  # requests resident after the step
+    num_waiting: int  # requests queued after the step
+    num_scheduled_requests: int
+    num_scheduled_tokens: int  # tokens through the target this step (prefill + decode + drafts)
+    num_prefill_tokens: int
+    num_kv_slots_used: int
+    num_kv_slots_total: int
+    num_preemptions: int = 0
+    # Speculation, this step only.
+    num_drafts: int = 0  # requests that verified >= 1 draft token
+    num_draft_tokens: int = 0  # draft tokens verified
+    num_draft_tokens_proposed: int = 0  # drafted before the verify policy trimmed them
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # index j: drafts accepted at position j
+    verify_lengths: list[int] = field(default_factory=list)  # chosen verify length per speculating request
+    # Predicted vs realised acceptance per position (for calibration error):
+    # predicted_per_position[j] = sum of predicted prefix-survival probabilities at j,
+    # realised_per_position[j] = number of requests whose drafts survived through j,
+    # count_per_position[j] = number of (request, position) pairs verified at j.
+    predicted_per_position: list[float] = field(default_factory=list)
+    realised_per_position: list[int] = field(default_factory=list)
+    count_per_position: list[int] = field(default_factory=list)
+    # Current throughput profile of the device: (tokens per step, steps per second) points.
+    profile: list[tuple[int, float]] = field(default_factory=list)
