@@ -1,0 +1,202 @@
+"""Throughput profile of the target step: steps per second as a function of tokens in the step.
+
+The DSpark policy maximises expected tokens x steps-per-second, so it needs SPS(B) for every step
+size B it might choose. We measure a handful of sizes at start-up (`measure_profile`, median of
+repeats, made monotone), spread them over a fixed bucket grid (`ThroughputProfile.seed`) and keep
+the grid current from real step times (`ThroughputProfile.observe`), so the curve follows the real
+device, the context lengths actually served and whatever else shares the machine.
+
+Bucketing (`bucket_sizes`): every size 1..8 (single-stream steps verify 1 + gamma <= 8 tokens and
+the cost differences there decide whether speculation pays at all), multiples of 8 up to 128, then
+powers of two and their 1.5x midpoints (128, 192, 256, 384, ...) up to max_tokens, plus max_tokens
+itself and every size that was seeded. That is ~30 points for max_tokens = 2048: fine-grained
+where steps are small, coarse where cost is close to linear, and a sane label cardinality for the
+`dspark_throughput_profile_steps_per_second{tokens=...}` gauge.
+
+Online update: each observation is compared with the current curve at its size; the log error
+is clipped to +-log 2 (one 10x outlier such as a GC pause moves the curve by at most ema * log 2,
+~7 % at ema = 0.1) and added, times ema, to every bucket with weight
+0.5 + 0.5 * exp(-|log2(n_bucket / n)| / 2): full weight at the observed size, 0.8 one octave away,
+at least 0.5 anywhere. Half of every correction is global because the commonest change (a
+co-located job, clocks, a longer context) slows every size, and a curve that moved only where it
+was observed would grow fake cliffs next to the sizes being served; the policies read only
+ratios SPS(B + m) / SPS(B), which a common shift leaves intact. After the update the curve is
+made monotone again around the observation, which is the freshest fact: a slower observation
+raises larger sizes that fell below it (running maximum from the left), a faster one lowers
+smaller sizes that stayed above it (running minimum from the right). Values between buckets are
+interpolated linearly in step time, so the curve is monotone everywhere.
+
+Pure Python: no torch, no I/O.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import statistics
+from collections.abc import Callable, Sequence
+
+_LOG_CLIP = math.log(2.0)  # largest log-error one observation may push
+_KERNEL_OCTAVES = 2.0  # width of the neighbourhood an observation updates
+_GLOBAL_SHARE = 0.5  # part of every correction applied to all sizes alike
+
+
+def bucket_sizes(max_tokens: int) -> list[int]:
+    """The grid of step sizes the profile keeps (see the module docstring)."""
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be >= 1")
+    sizes = set(range(1, min(8, max_tokens) + 1))
+    sizes.update(range(8, min(128, max_tokens) + 1, 8))
+    p = 128
+    while p <= max_tokens:
+        sizes.add(p)
+        if p * 3 // 2 <= max_tokens:
+            sizes.add(p * 3 // 2)
+        p *= 2
+    sizes.add(max_tokens)
+    return sorted(sizes)
+
+
+def default_profile_sizes(max_num_seqs: int, max_draft_tokens: int, max_tokens: int) -> list[int]:
+    """Step sizes worth measuring at start-up.
+
+    The sizes a lone stream produces (1 .. 1 + gamma), the sizes a full batch produces
+    (max_num_seqs x (1 + k) for k = 0 .. gamma), powers of two for the shape in between, and the
+    step budget itself. Everything is capped at max_tokens.
+    """
+    if min(max_num_seqs, max_tokens) < 1 or max_draft_tokens < 0:
+        raise ValueError("need max_num_seqs >= 1, max_tokens >= 1, max_draft_tokens >= 0")
+    sizes = {1 + k for k in range(max_draft_tokens + 1)}
+    sizes.update(max_num_seqs * (1 + k) for k in range(max_draft_tokens + 1))
+    p = 1
+    while p <= max_tokens:
+        sizes.add(p)
+        p *= 2
+    sizes.add(max_tokens)
+    return sorted(n for n in sizes if 1 <= n <= max_tokens)
+
+
+def monotone_points(points: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+    """(num_tokens, step_time_s) -> (num_tokens, steps_per_second), SPS non-increasing in tokens.
+
+    Duplicated sizes keep their median; step time becomes its running maximum over sizes.
+    """
+    by_size: dict[int, list[float]] = {}
+    for n, t in points:
+        if n < 1 or not t > 0 or not math.isfinite(t):
+            raise ValueError(f"bad profile point ({n}, {t})")
+        by_size.setdefault(int(n), []).append(float(t))
+    out: list[tuple[int, float]] = []
+    worst = 0.0
+    for n in sorted(by_size):
+        worst = max(worst, statistics.median(by_size[n]))
+        out.append((n, 1.0 / worst))
+    return out
+
+
+def measure_profile(
+    run_step: Callable[[int], float], sizes: Sequence[int], repeats: int = 5
+) -> list[tuple[int, float]]:
+    """Time `run_step(n)` (a real target step of n tokens, returns seconds) `repeats` times per
+    size; return (n, steps_per_second) points from the medians, made monotone.
+
+    The median absorbs one warm-up outlier per size; callers that compile or capture graphs
+    should warm up before calling.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    medians = []
+    for n in sorted(set(sizes)):
+        times = [run_step(n) for _ in range(repeats)]
+        medians.append((n, max(statistics.median(times), 1e-9)))
+    return monotone_points(medians)
+
+
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear y(x); constant below xs[0], last segment's (non-negative) slope above."""
+    if x <= xs[0] or len(xs) == 1:
+        return ys[0] if x <= xs[0] else ys[-1]
+    i = bisect.bisect_left(xs, x)
+    if i == len(xs):
+        slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+        return ys[-1] + slope * (x - xs[-1])
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+class ThroughputProfile:
+    """SPS(num_tokens) of the target step, seeded at start-up and tracked online.
+
+    Before any seed or observation the curve is flat at 1 step/s: every step size costs the
+    same, so a throughput-maximising policy verifies every draft it is offered.
+    """
+
+    def __init__(self, max_tokens: int, ema: float = 0.1) -> None:
+        if not 0 < ema <= 1:
+            raise ValueError("ema must be in (0, 1]")
+        self.max_tokens = max_tokens
+        self.ema = ema
+        self.num_observations = 0
+        self._set_grid(bucket_sizes(max_tokens))
+        self._log_t: list[float] | None = None  # log step time per bucket, non-decreasing
+        self._view_t: list[float] = [1.0] * len(self._sizes)  # exp(_log_t), what lookups read
+
+    def _set_grid(self, sizes: list[int]) -> None:
+        self._sizes = sizes
+        self._log2_sizes = [math.log2(n) for n in sizes]
+
+    @property
+    def is_seeded(self) -> bool:
+        return self._log_t is not None
+
+    def seed(self, points: Sequence[tuple[int, float]]) -> None:
+        """Replace the curve with start-up measurements: (num_tokens, step_time_s) pairs."""
+        if not points:
+            raise ValueError("seed needs at least one point")
+        sps = monotone_points(points)
+        self._set_grid(sorted(set(bucket_sizes(self.max_tokens)) | {n for n, _ in sps}))
+        xs = [float(n) for n, _ in sps]
+        ts = [1.0 / s for _, s in sps]
+        self._log_t = [math.log(_interp(xs, ts, n)) for n in self._sizes]
+        self._rebuild()
+
+    def observe(self, num_tokens: int, step_time_s: float) -> None:
+        """Fold in one real step. Steps with no tokens or a non-positive time are ignored."""
+        if num_tokens < 1 or not step_time_s > 0 or not math.isfinite(step_time_s):
+            return
+        self.num_observations += 1
+        if self._log_t is None:
+            self.seed([(num_tokens, step_time_s)])
+            return
+        predicted = _interp(self._sizes, self._view_t, num_tokens)
+        err = math.log(step_time_s / predicted)
+        err = self.ema * max(-_LOG_CLIP, min(_LOG_CLIP, err))
+        where = math.log2(num_tokens)
+        local = 1.0 - _GLOBAL_SHARE
+        log_t = [
+            v + err * (_GLOBAL_SHARE + local * math.exp(-abs(ls - where) / _KERNEL_OCTAVES))
+            for v, ls in zip(self._log_t, self._log2_sizes)
+        ]
+        if err > 0:  # slower: nothing larger may now be faster than the observed size
+            for i in range(1, len(log_t)):
+                log_t[i] = max(log_t[i], log_t[i - 1])
+        else:  # faster: nothing smaller may stay slower than the observed size
+            for i in range(len(log_t) - 2, -1, -1):
+                log_t[i] = min(log_t[i], log_t[i + 1])
+        self._log_t = log_t
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        assert self._log_t is not None
+        self._view_t = [math.exp(v) for v in self._log_t]
+
+    def step_time(self, num_tokens: int) -> float:
+        """Predicted seconds for one step of `num_tokens` tokens (non-decreasing in tokens)."""
+        return _interp(self._sizes, self._view_t, max(1, num_tokens))
+
+    def steps_per_second(self, num_tokens: int) -> float:
+        return 1.0 / self.step_time(num_tokens)
+
+    def table(self) -> list[tuple[int, float]]:
+        """(num_tokens, steps_per_second) at every bucket, for /metrics."""
+        return [(n, 1.0 / t) for n, t in zip(self._sizes, self._view_t)]

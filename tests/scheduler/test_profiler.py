@@ -1,0 +1,137 @@
+"""Throughput profile: start-up measurement, monotone curve, online tracking of the device."""
+
+from __future__ import annotations
+
+import random
+from itertools import pairwise
+
+import pytest
+
+from scheduler.profiler import (
+    ThroughputProfile,
+    bucket_sizes,
+    default_profile_sizes,
+    measure_profile,
+    monotone_points,
+)
+
+
+def linear_cost(n: int) -> float:
+    """A device whose step costs 10 ms plus 0.2 ms per token."""
+    return 0.010 + 0.0002 * n
+
+
+def assert_non_increasing(profile: ThroughputProfile, upto: int) -> None:
+    sps = [profile.steps_per_second(n) for n in range(1, upto + 1)]
+    assert all(b <= a for a, b in pairwise(sps)), "SPS must not increase with tokens"
+
+
+def test_bucket_grid_is_fine_where_small_and_ends_at_budget() -> None:
+    sizes = bucket_sizes(2048)
+    assert sizes[:8] == list(range(1, 9))
+    assert {16, 64, 120, 128, 192, 256, 384, 1536, 2048} <= set(sizes)
+    assert 200 not in sizes and sizes == sorted(set(sizes)) and sizes[-1] == 2048
+    assert bucket_sizes(100)[-1] == 100 and max(bucket_sizes(5)) == 5
+
+
+def test_default_profile_sizes_cover_single_stream_and_full_batch() -> None:
+    sizes = default_profile_sizes(max_num_seqs=16, max_draft_tokens=7, max_tokens=512)
+    assert set(range(1, 9)) <= set(sizes)  # one stream verifying 0..7 drafts
+    assert {16 * (1 + k) for k in range(8)} <= set(sizes)  # full batch, every verify length
+    assert 512 in sizes and max(sizes) == 512 and sizes == sorted(set(sizes))
+    capped = default_profile_sizes(max_num_seqs=64, max_draft_tokens=7, max_tokens=100)
+    assert max(capped) == 100 and 128 not in capped
+
+
+def test_measure_profile_takes_median_of_repeats_and_makes_it_monotone() -> None:
+    calls: list[int] = []
+    rng = random.Random(0)
+
+    def run_step(n: int) -> float:
+        calls.append(n)
+        # First call per size is a 50x warm-up outlier; size 32 is measured faster than 16.
+        slow = 50.0 if calls.count(n) == 1 else 1.0
+        base = linear_cost(8) if n == 32 else linear_cost(n)
+        return base * slow * rng.uniform(0.99, 1.01)
+
+    points = measure_profile(run_step, [16, 1, 32, 16], repeats=5)
+    assert sorted(set(calls)) == [1, 16, 32] and len(calls) == 15
+    sizes = [n for n, _ in points]
+    sps = [s for _, s in points]
+    assert sizes == [1, 16, 32]
+    assert sps[0] == pytest.approx(1 / linear_cost(1), rel=0.02)  # outlier ignored
+    assert sps[2] <= sps[1]  # the fast 32 was clamped to 16's rate
+    with pytest.raises(ValueError):
+        measure_profile(run_step, [1], repeats=0)
+
+
+def test_monotone_points_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        monotone_points([(4, 0.0)])
+    with pytest.raises(ValueError):
+        monotone_points([(0, 0.1)])
+
+
+def test_seeded_curve_interpolates_and_is_monotone() -> None:
+    profile = ThroughputProfile(max_tokens=512)
+    profile.seed([(n, linear_cost(n)) for n in (1, 8, 64, 256)])
+    # Linear in step time between measured sizes, so a linear device is reproduced exactly.
+    for n in (1, 5, 8, 40, 100, 256, 300, 512):
+        assert profile.step_time(n) == pytest.approx(linear_cost(n), rel=1e-9)
+    assert_non_increasing(profile, 600)
+    table = profile.table()
+    assert [n for n, _ in table] == sorted({*bucket_sizes(512), 1, 8, 64, 256})
+    assert all(s == pytest.approx(1 / linear_cost(n)) for n, s in table)
+
+
+def test_unseeded_profile_is_flat_until_the_first_observation() -> None:
+    profile = ThroughputProfile(max_tokens=64)
+    assert not profile.is_seeded
+    assert profile.steps_per_second(1) == profile.steps_per_second(64) == 1.0
+    profile.observe(8, 0.02)
+    assert profile.is_seeded and profile.steps_per_second(8) == pytest.approx(50.0)
+
+
+def test_observe_tracks_a_slower_device_and_stays_monotone() -> None:
+    profile = ThroughputProfile(max_tokens=512, ema=0.1)
+    profile.seed([(n, linear_cost(n)) for n in (1, 8, 32, 64, 128, 256, 512)])
+    before = {n: profile.steps_per_second(n) for n in (1, 32, 40, 64, 512)}
+    rng = random.Random(1)
+    for _ in range(200):  # co-located load: the device is now 2x slower at the sizes served
+        n = rng.choice([32, 40, 48, 64])
+        profile.observe(n, 2 * linear_cost(n) * rng.uniform(0.95, 1.05))
+        assert_non_increasing(profile, 520)
+    assert profile.num_observations == 200
+    for n in (32, 40, 64):
+        assert profile.steps_per_second(n) == pytest.approx(before[n] / 2, rel=0.05)
+    # Far-away sizes move less than the observed ones, but in the same direction.
+    assert before[1] / 2 < profile.steps_per_second(1) < before[1]
+    assert profile.steps_per_second(512) < before[512]
+
+
+def test_observe_is_robust_to_an_outlier_and_ignores_invalid_steps() -> None:
+    profile = ThroughputProfile(max_tokens=256, ema=0.1)
+    profile.seed([(n, linear_cost(n)) for n in (1, 16, 256)])
+    before = profile.steps_per_second(16)
+    profile.observe(16, 100 * linear_cost(16))  # a GC pause
+    assert profile.steps_per_second(16) > 0.9 * before
+    profile.observe(0, 1.0)
+    profile.observe(16, 0.0)
+    profile.observe(16, float("nan"))
+    assert profile.num_observations == 1
+
+
+def test_observe_tracks_a_faster_device() -> None:
+    profile = ThroughputProfile(max_tokens=128, ema=0.2)
+    profile.seed([(n, linear_cost(n)) for n in (1, 8, 128)])
+    for _ in range(100):
+        profile.observe(8, 0.5 * linear_cost(8))
+    assert profile.steps_per_second(8) == pytest.approx(2 / linear_cost(8), rel=0.02)
+    assert_non_increasing(profile, 130)
+
+
+def test_constructor_validates() -> None:
+    with pytest.raises(ValueError):
+        ThroughputProfile(max_tokens=0)
+    with pytest.raises(ValueError):
+        ThroughputProfile(max_tokens=8, ema=0.0)
