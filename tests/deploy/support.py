@@ -1,0 +1,270 @@
+"""Shared helpers for the deployment tests: dashboard queries, metric names, child processes.
+
+Nothing here fakes a tool: promtool and prometheus are Debian's binaries, the server is the real
+`python -m server` process, and PromQL is parsed by promql-parser (a port of Prometheus's parser).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import promql_parser
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKER = REPO / "docker"
+DASHBOARD_DIR = DOCKER / "grafana" / "dashboards"
+PROVISIONING = DOCKER / "grafana" / "provisioning"
+ENSURE_SCRIPT = Path(__file__).resolve().parent / "ensure_prometheus.sh"
+DATASOURCE_UID = "prometheus"
+
+# Grafana's built-in and dashboard variables, replaced by plausible values before parsing.
+# A variable missing here makes substitute() fail, so a new one cannot slip through unparsed.
+GRAFANA_VARS = {
+    "$__rate_interval": "1m",
+    "$__interval": "1m",
+    "$__range": "5m",
+    "$model_name": ".+",
+}
+
+
+@dataclass(frozen=True)
+class Query:
+    dashboard: str  # file stem
+    panel: str  # panel title
+    ref: str  # target refId
+    expr: str  # with Grafana variables substituted
+
+    @property
+    def label(self) -> str:
+        return f"{self.dashboard}/{self.panel}/{self.ref}"
+
+
+def load_dashboards() -> dict[str, dict[str, Any]]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(DASHBOARD_DIR.glob("*.json"))}
+
+
+def iter_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """All panels, including those nested in collapsed rows."""
+    for p in panels:
+        yield p
+        yield from iter_panels(p.get("panels", []))
+
+
+def substitute(expr: str) -> str:
+    for var, value in GRAFANA_VARS.items():
+        expr = expr.replace(var, value)
+    if "$" in expr:
+        raise ValueError(f"unknown Grafana variable left in {expr!r}; add it to GRAFANA_VARS")
+    return expr
+
+
+def dashboard_queries() -> list[Query]:
+    out = []
+    for stem, dash in load_dashboards().items():
+        for panel in iter_panels(dash["panels"]):
+            for t in panel.get("targets", []):
+                out.append(Query(stem, panel["title"], t["refId"], substitute(t["expr"])))
+    return out
+
+
+_LABEL_VALUES = re.compile(r"^label_values\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*,\s*(\w+)\s*\)$")
+
+
+def variable_queries() -> list[tuple[str, str, str]]:
+    """(dashboard, metric, label) for every `label_values(metric, label)` template variable."""
+    out = []
+    for stem, dash in load_dashboards().items():
+        for var in dash.get("templating", {}).get("list", []):
+            if var.get("type") != "query":
+                continue
+            q = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+            match = _LABEL_VALUES.match(q.strip())
+            if not match:
+                raise ValueError(f"{stem}: unsupported variable query {q!r}")
+            out.append((stem, match.group(1), match.group(2)))
+    return out
+
+
+def selector_names(expr: str) -> set[str]:
+    """Metric names of every vector/matrix selector in a PromQL expression."""
+    names: set[str] = set()
+
+    def visit(node: object) -> bool:
+        if isinstance(node, promql_parser.VectorSelector):
+            if not node.name:
+                raise ValueError(f"selector without a literal metric name in {expr!r}")
+            names.add(node.name)
+        return True
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return names
+
+
+_KINDS = ("histogram", "gauge", "counter")
+
+
+def documented_metrics(structures: Path = REPO / "docs" / "structures.md") -> dict[str, str]:
+    """name -> kind, from the metrics table in docs/structures.md."""
+    out: dict[str, str] = {}
+    for line in structures.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0] in _KINDS:
+            for name in re.findall(r"`(dspark_[a-z0-9_]+)`", cells[1]):
+                out[name] = cells[0]
+    return out
+
+
+def series_names(name: str, kind: str) -> set[str]:
+    """The sample names a metric family shows in the text exposition."""
+    if kind == "histogram":
+        return {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    return {name}
+
+
+def exported_samples(metrics_text: str) -> dict[str, set[str]]:
+    """sample name -> label names seen, parsed from a /metrics body."""
+    out: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            out.setdefault(sample.name, set()).update(sample.labels)
+    return out
+
+
+# ---------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_prometheus_tools() -> tuple[str, str]:
+    """Paths of promtool and prometheus, installing Debian's package first when missing."""
+    if not (shutil.which("promtool") and shutil.which("prometheus")):
+        proc = subprocess.run(
+            ["bash", str(ENSURE_SCRIPT)], check=False, capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{ENSURE_SCRIPT.name} failed:\n{proc.stdout}\n{proc.stderr}")
+    promtool, prometheus = shutil.which("promtool"), shutil.which("prometheus")
+    if not (promtool and prometheus):
+        raise RuntimeError("promtool/prometheus still not on PATH after the install")
+    return promtool, prometheus
+
+
+def wait_until_ok(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            r = httpx.get(url, timeout=2)
+            if r.status_code == 200:
+                return
+            last = r.status_code
+        except httpx.TransportError as e:
+            last = e
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout_s}s (last: {last!r})")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+
+def start_server(log_dir: Path, args: list[str], ready_timeout_s: float = 120) -> ServerProcess:
+    """`python -m server` on a free loopback port, waited on until /ready answers 200."""
+    port = free_port()
+    log = log_dir / f"server-{port}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ok(f"{url}/ready", ready_timeout_s, proc)
+    except Exception as e:
+        stop(proc)
+        raise RuntimeError(f"server did not start: {e}\n{log.read_text()[-4000:]}") from e
+    return ServerProcess(proc, url, log)
+
+
+@dataclass
+class PrometheusProcess:
+    proc: subprocess.Popen[bytes]
+    url: str
+
+    def query(self, expr: str) -> dict[str, Any]:
+        """The raw API answer for an instant query (status 'success' or 'error')."""
+        r = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        body: dict[str, Any] = r.json()
+        return body
+
+
+def start_prometheus(
+    binary: str, work: Path, target: str, scrape_s: float = 1
+) -> PrometheusProcess:
+    """A real Prometheus on a free loopback port scraping `target` (host:port) every scrape_s."""
+    port = free_port()
+    config = work / "prometheus.yml"
+    config.write_text(
+        "global:\n"
+        f"  scrape_interval: {scrape_s}s\n"
+        f"  scrape_timeout: {scrape_s}s\n"
+        "scrape_configs:\n"
+        "  - job_name: dspark-serve\n"
+        f"    static_configs: [{{targets: ['{target}']}}]\n"
+    )
+    with (work / "prometheus.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={work / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ok(f"{url}/-/ready", 60, proc)
+    except Exception as e:
+        stop(proc)
+        raise RuntimeError(
+            f"prometheus did not start: {e}\n{(work / 'prometheus.log').read_text()}"
+        ) from e
+    return PrometheusProcess(proc, url)

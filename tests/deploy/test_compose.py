@@ -1,0 +1,152 @@
+"""docker-compose.yml against the compose-spec schema, plus the wiring a schema cannot see.
+
+No Docker engine is available to `docker compose config` these files, so the schema that Compose
+itself embeds is applied with jsonschema, before and after variable interpolation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from dockerfile_parse import DockerfileParser
+
+from server.settings import ENV_PREFIX, parse_settings
+
+from .support import DOCKER, REPO
+
+SCHEMA = json.loads((Path(__file__).parent / "compose_spec" / "compose-spec.json").read_text())
+COMPOSE = REPO / "docker-compose.yml"
+CUDA_OVERRIDE = DOCKER / "compose.cuda.yml"
+_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def load(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(path.read_text())
+    return data
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's `${VAR}` / `${VAR:-default}` substitution (the forms these files use)."""
+    return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), text)
+
+
+def errors(doc: dict[str, Any]) -> list[str]:
+    validator = jsonschema.Draft7Validator(SCHEMA)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+@pytest.mark.parametrize("path", [COMPOSE, CUDA_OVERRIDE], ids=lambda p: p.name)
+def test_compose_files_validate_against_compose_spec(path: Path) -> None:
+    assert errors(load(path)) == []
+    assert errors(yaml.safe_load(interpolate(path.read_text(), {}))) == []
+
+
+def test_schema_rejects_a_misspelt_key() -> None:
+    """The validation above can fail: the schema forbids unknown service keys."""
+    doc = copy.deepcopy(load(COMPOSE))
+    doc["services"]["server"]["portz"] = doc["services"]["server"].pop("ports")
+    assert any("portz" in e for e in errors(doc))
+
+
+def test_services_and_load_profile() -> None:
+    services = load(COMPOSE)["services"]
+    assert set(services) == {"server", "prometheus", "grafana", "locust"}
+    # `docker compose up` starts everything but Locust, which needs `--profile load`.
+    assert services["locust"]["profiles"] == ["load"]
+    assert all("profiles" not in s for name, s in services.items() if name != "locust")
+    assert services["locust"]["depends_on"]["server"]["condition"] == "service_healthy"
+
+
+def test_ports_are_published_on_loopback_only() -> None:
+    for name, svc in load(COMPOSE)["services"].items():
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} on all interfaces"
+
+
+def _dockerfile(path: Path) -> DockerfileParser:
+    parser = DockerfileParser(fileobj=path.open("rb"))
+    return parser
+
+
+def test_server_port_healthcheck_and_scrape_target_agree() -> None:
+    server = load(COMPOSE)["services"]["server"]
+    dockerfile = _dockerfile(REPO / server["build"]["context"] / server["build"]["dockerfile"])
+    exposed = [i["value"] for i in dockerfile.structure if i["instruction"] == "EXPOSE"]
+    assert exposed == ["8000"]
+    assert server["ports"] == ["127.0.0.1:8000:8000"]
+    probe = " ".join(server["healthcheck"]["test"])
+    assert "http://127.0.0.1:8000/health" in probe
+    scrape = load(DOCKER / "prometheus.yml")["scrape_configs"]
+    server_job = next(j for j in scrape if j["job_name"] == "dspark-serve")
+    assert server_job["static_configs"][0]["targets"] == ["server:8000"]
+
+
+def test_server_environment_names_real_settings() -> None:
+    """Each DSPARK_* variable is a settings twin, and the defaults parse as the server would."""
+    env = {
+        k: interpolate(str(v), {})
+        for k, v in load(COMPOSE)["services"]["server"]["environment"].items()
+    }
+    assert env and all(k.startswith(ENV_PREFIX) for k in env)
+    settings = parse_settings([], env=env)
+    for key, value in env.items():
+        assert str(getattr(settings, key.removeprefix(ENV_PREFIX).lower())) == value
+
+
+def test_prometheus_mounts_the_checked_config() -> None:
+    prom = load(COMPOSE)["services"]["prometheus"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in prom["volumes"]}
+    assert (REPO / mounts["/etc/prometheus/prometheus.yml"]).resolve() == (
+        DOCKER / "prometheus.yml"
+    ).resolve()
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prom["command"]
+
+
+def test_grafana_is_provisioned_with_anonymous_viewers() -> None:
+    grafana = load(COMPOSE)["services"]["grafana"]
+    env = grafana["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"]}
+    home = env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    host_dir = mounts[str(Path(home).parent)]
+    assert (REPO / host_dir / Path(home).name).is_file()
+
+
+def test_bind_mounts_exist() -> None:
+    for name, svc in load(COMPOSE)["services"].items():
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("${"):
+                continue  # a user-supplied folder (the prompt data), not part of the repo
+            if source.startswith((".", "/")):
+                assert (REPO / source).exists(), f"{name}: {source} missing"
+
+
+def test_locust_runs_the_repository_locustfile_against_the_server() -> None:
+    locust = load(COMPOSE)["services"]["locust"]
+    args = shlex.split(locust["command"])
+    locustfile = args[args.index("-f") + 1]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in locust["volumes"]}
+    container_dir, file_name = os.path.split(locustfile)
+    assert (REPO / mounts[container_dir] / file_name).is_file()
+    assert args[args.index("--host") + 1] == "http://server:8000"
+    assert locust["environment"]["PYTHONPATH"] == locust["working_dir"]
+    assert mounts[f"{locust['working_dir']}/loadtest"] == "./loadtest"
+
+
+def test_cuda_override_selects_the_cuda_image_and_a_gpu() -> None:
+    server = load(CUDA_OVERRIDE)["services"]["server"]
+    assert (REPO / server["build"]["context"] / server["build"]["dockerfile"]).is_file()
+    assert server["build"]["dockerfile"] == "docker/Dockerfile.cuda"
+    (device,) = server["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"]
