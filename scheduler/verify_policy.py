@@ -26,6 +26,8 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from itertools import accumulate
+from operator import mul
 from typing import Protocol
 
 
@@ -56,12 +58,8 @@ class VerifyPolicy(Protocol):
 
 def prefix_survival(confidences: Sequence[float]) -> list[float]:
     """Cumulative products of one request's confidences, each clamped to [0, 1] (NaN -> 0)."""
-    out = []
-    a = 1.0
-    for c in confidences:
-        a *= min(1.0, c) if c > 0 else 0.0  # `c > 0` is False for NaN
-        out.append(a)
-    return out
+    clamped = [min(1.0, c) if c > 0 else 0.0 for c in confidences]  # NaN -> 0
+    return list(accumulate(clamped, mul))
 
 
 def predicted_survival(
@@ -148,14 +146,15 @@ def greedy_early_stop(
     profile: StepThroughput,
 ) -> list[int]:
     """Algorithm 1 of the DSpark paper on prefix-survival lists (see DSparkPolicy)."""
+    sps = profile.steps_per_second
     lengths = [0] * len(survival)
     tokens = num_base_tokens
     tau = num_sampling
-    best = tau * profile.steps_per_second(tokens)
+    best = tau * sps(tokens)
     for a, r, j in _ranked(survival):
         tokens += 1
         tau += a
-        theta = tau * profile.steps_per_second(tokens)
+        theta = tau * sps(tokens)
         if not theta > best:
             break  # first drop: stop, never look further down the ranking
         best = theta
