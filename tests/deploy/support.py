@@ -200,11 +200,16 @@ class ServerProcess:
     log: Path
 
 
-def start_server(log_dir: Path, args: list[str], ready_timeout_s: float = 120) -> ServerProcess:
+def start_server(
+    log_dir: Path,
+    args: list[str],
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 120,
+) -> ServerProcess:
     """`python -m server` on a free loopback port, waited on until /ready answers 200."""
     port = free_port()
     log = log_dir / f"server-{port}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), *args],

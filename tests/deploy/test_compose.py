@@ -41,7 +41,9 @@ def interpolate(text: str, env: dict[str, str]) -> str:
 
 def errors(doc: dict[str, Any]) -> list[str]:
     validator = jsonschema.Draft7Validator(SCHEMA)
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)
+    ]
 
 
 @pytest.mark.parametrize("path", [COMPOSE, CUDA_OVERRIDE], ids=lambda p: p.name)
