@@ -1,0 +1,218 @@
+"""FastAPI application: state, lifespan (load -> warm up -> serve -> drain), guards.
+
+The HTTP listener comes up at once; the model loads in the background so `/health` (liveness)
+answers 200 during a long load while `/ready` and `/v1/*` answer 503 until the engine thread
+runs and one warm-up generation went through it. A monitor task watches the engine thread: if
+it dies, `/health` turns 503, every pending request gets an error, and `on_fatal` is called
+(`python -m server` then stops uvicorn and exits non-zero so an orchestrator restarts it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from scheduler.request import SamplingParams
+from server.engine_client import AsyncEngineClient, ThreadFactory
+from server.errors import APIError, error_response, install_error_handlers
+from server.metrics import Metrics
+from server.settings import ServerSettings
+from server.tokenizer import ChatTokenizer
+
+log = logging.getLogger(__name__)
+
+MONITOR_INTERVAL_S = 0.2
+
+
+@dataclass
+class AppState:
+    settings: ServerSettings
+    metrics: Metrics
+    engine_factory: Callable[[], Any]
+    thread_factory: ThreadFactory
+    on_fatal: Callable[[str], None] | None = None
+    client: AsyncEngineClient | None = None
+    tokenizer: ChatTokenizer | None = None
+    model_name: str = ""
+    max_model_len: int = 0
+    ready: bool = False
+    fatal: str | None = None  # why the server can no longer serve (load failure, engine death)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def default_thread_factory(engine: Any, on_step: Any) -> Any:
+    from scheduler.engine import EngineThread
+
+    return EngineThread(engine, on_step)
+
+
+def create_app(
+    settings: ServerSettings,
+    engine_factory: Callable[[], Any],
+    *,
+    thread_factory: ThreadFactory | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """`engine_factory` builds (or returns) an LLMEngine; it runs in a worker thread."""
+    from server.routes import router
+
+    metrics = Metrics(
+        settings.served_model_name or settings.model or "default",
+        max_model_len=settings.max_model_len,
+        max_spec_tokens=max(settings.num_speculative_tokens, 1),
+    )
+    state = AppState(
+        settings, metrics, engine_factory, thread_factory or default_thread_factory, on_fatal
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(_load_and_watch(state))
+        try:
+            yield
+        finally:
+            loader.cancel()
+            await asyncio.gather(loader, return_exceptions=True)
+            if state.client is not None:
+                # uvicorn already waited for open responses (the drain); cut what is left.
+                await state.client.shutdown(timeout_s=min(settings.drain_timeout_s, 5.0))
+
+    app = FastAPI(
+        title="dspark-serve",
+        summary="OpenAI-compatible LLM serving with speculative decoding",
+        version="0.1.0",
+        lifespan=lifespan,
+        strict_content_type=False,  # `curl -d '{...}'` without a JSON content type still works
+    )
+    app.state.dspark = state
+    install_error_handlers(app, metrics.reject)
+    app.include_router(router)
+    app.add_middleware(GuardMiddleware, state=state)  # type: ignore[arg-type]
+    return app
+
+
+async def _load_and_watch(state: AppState) -> None:
+    s = state.settings
+    try:
+        engine = await asyncio.to_thread(state.engine_factory)
+        state.tokenizer = ChatTokenizer(engine.tokenizer)
+        state.model_name = s.served_model_name or engine.model_name
+        state.max_model_len = int(engine.max_model_len)
+        state.metrics.model_name = state.model_name
+        client = AsyncEngineClient(
+            engine,
+            state.metrics,
+            state.thread_factory,
+            max_running=_num_slots(engine, s.max_num_seqs),
+            max_queue=s.max_queue,
+        )
+        client.start()
+        state.client = client
+        if s.warmup:
+            await _warmup(state, client)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.exception("model load or warm-up failed")
+        _die(state, f"startup failed: {type(exc).__name__}")
+        return
+    state.ready = True
+    log.info("ready: serving %s (max_model_len %d)", state.model_name, state.max_model_len)
+    while client.is_alive:
+        await asyncio.sleep(MONITOR_INTERVAL_S)
+        th = client.thread
+        state.metrics.set_queue(th.num_running, th.num_waiting)
+    err = client.thread.error
+    if err is None:
+        return  # a clean shutdown stopped the thread
+    log.error("engine thread died: %r", err)
+    client.fail_all("the engine stopped unexpectedly")
+    _die(state, "engine thread died")
+
+
+def _num_slots(engine: Any, default: int) -> int:
+    """Requests the engine runs at once (its KV slots); the settings value if it won't say."""
+    kv = getattr(getattr(engine, "batcher", None), "kv", None)
+    return int(getattr(kv, "num_slots", default))
+
+
+async def _warmup(state: AppState, client: AsyncEngineClient) -> None:
+    assert state.tokenizer is not None
+    ids = state.tokenizer.encode("Hello") or [0]
+    group = client.submit(
+        [("warmup-0", ids, SamplingParams(max_tokens=2, temperature=0.0))],
+        time.monotonic(),
+        observe=False,
+    )
+    async for _, out in group:
+        if out.error:
+            raise RuntimeError("warm-up generation failed")
+
+
+def _die(state: AppState, reason: str) -> None:
+    state.ready = False
+    state.fatal = reason
+    if state.on_fatal is not None:
+        state.on_fatal(reason)
+
+
+class GuardMiddleware:
+    """API-key check on /v1/* and the request body size limit, before any parsing.
+
+    Both run ahead of FastAPI so an unauthenticated or oversized request costs no JSON parse.
+    The key is compared with hmac.compare_digest (constant time for equal lengths).
+    """
+
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app = app
+        self.state = state
+        key = state.settings.api_key
+        self._expected = f"Bearer {key}".encode() if key else None
+        self._limit = state.settings.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        path: str = scope["path"]
+        if self._expected is not None and (path == "/v1" or path.startswith("/v1/")):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                self.state.metrics.reject("auth")
+                err = APIError(401, "invalid or missing API key", code="invalid_api_key")
+                await error_response(err)(scope, receive, send)
+                return
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self._limit:
+            self.state.metrics.reject("body_too_large")
+            err = APIError(413, "request body too large", code="request_too_large")
+            await error_response(err)(scope, receive, send)
+            return
+        await self.app(scope, self._limited(receive), send)
+
+    def _limited(self, receive: Receive) -> Receive:
+        """Count streamed (chunked) bodies too; FastAPI turns the exception into a 413."""
+        seen = 0
+        limit = self._limit
+
+        async def wrapped() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413)
+            return message
+
+        return wrapped

@@ -1,0 +1,42 @@
+"""Server test fixtures: real uvicorn servers on loopback, built around engines of three kinds.
+
+- `fake_server`: the torch-free `model="fake"` engine (most tests).
+- `scripted_app(...)` (gateway_harness): the ScriptedThread double (exact token scripts, crashes).
+- `real_server`: the embedded SmolLM2 model, one server for the whole session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from gateway_harness import FAKE_SETTINGS, Running, fake_engine_factory, serve
+
+from server.app import create_app
+
+
+@pytest.fixture(scope="module")
+def fake_server() -> Iterator[Running]:
+    with serve(create_app(FAKE_SETTINGS, fake_engine_factory())) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def real_server() -> Iterator[Running]:
+    """The embedded SmolLM2 (float32, CPU) behind a real server, shared by the session."""
+    import torch
+
+    from scheduler.config import EngineConfig
+    from scheduler.engine import build_engine
+
+    torch.set_num_threads(2)
+    settings = replace(FAKE_SETTINGS, max_model_len=1024, max_num_seqs=8, max_queue=64)
+
+    def build() -> Any:
+        return build_engine(EngineConfig(dtype="float32", device="cpu", max_num_seqs=8,
+                                         max_model_len=1024, max_num_batched_tokens=256))
+
+    with serve(create_app(settings, build), timeout_s=300) as running:
+        yield running
