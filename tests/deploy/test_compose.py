@@ -142,6 +142,8 @@ def test_locust_runs_the_repository_locustfile_against_the_server() -> None:
     container_dir, file_name = os.path.split(locustfile)
     assert (REPO / mounts[container_dir] / file_name).is_file()
     assert args[args.index("--host") + 1] == "http://server:8000"
+    served = load(COMPOSE)["services"]["server"]["environment"]["DSPARK_SERVED_MODEL_NAME"]
+    assert interpolate(args[args.index("--model-name") + 1], {}) == interpolate(served, {})
     assert locust["environment"]["PYTHONPATH"] == locust["working_dir"]
     assert mounts[f"{locust['working_dir']}/loadtest"] == "./loadtest"
 
