@@ -49,7 +49,10 @@ def theta(
     return tau * curve.steps_per_second(base + sum(lengths))
 
 
-def admitted_and_rest(conf: Sequence[Sequence[float]], lengths: Sequence[int]):
+def admitted_and_rest(
+    conf: Sequence[Sequence[float]], lengths: Sequence[int]
+) -> tuple[list[float], list[float]]:
+    """Survival values of the admitted entries, and of the positive ones left out."""
     surv = [prefix_survival(c) for c in conf]
     admitted = [a for s, n in zip(surv, lengths) for a in s[:n]]
     rest = [a for s, n in zip(surv, lengths) for a in s[n:] if a > 0]
@@ -231,7 +234,10 @@ def verify_token(rng: random.Random, draft: int, p: Sequence[float]) -> tuple[in
     return sample(rng, [r / sum(residual) for r in residual]), False
 
 
-def simulate(choose: Callable[[list[list[float]]], int], c1_values: Sequence[float], seed: int):
+def simulate(
+    choose: Callable[[list[list[float]]], int], c1_values: Sequence[float], seed: int
+) -> tuple[list[list[int]], list[int]]:
+    """Counts of emitted (first, second) token pairs, and how often each verify length ran."""
     rng = random.Random(seed)
     counts = [[0, 0], [0, 0]]
     lengths = [0, 0, 0]
