@@ -1,0 +1,57 @@
+"""Draft checkpoints: `model.safetensors` (bf16 by default) + `config.json`.
+
+Only the draft's own parameters are stored; the target's embedding and LM head are shared at load
+time, so a checkpoint never carries the target's frozen weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from drafts.common import DraftConfig
+
+SHIPPED = Path(__file__).resolve().parent / "checkpoints"
+
+
+def build_model(cfg: DraftConfig) -> nn.Module:
+    if cfg.method == "eagle3":
+        from drafts.eagle3 import Eagle3Model
+
+        return Eagle3Model(cfg)
+    from drafts.dspark import DSparkModel
+
+    return DSparkModel(cfg)
+
+
+def save_draft(model: nn.Module, out_dir: Path, dtype: torch.dtype = torch.bfloat16,
+               extra: dict[str, Any] | None = None) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg: DraftConfig = model.cfg  # type: ignore[assignment]
+    if extra:
+        cfg.extra.update(extra)
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def load_draft(path: str | Path, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> nn.Module:
+    path = Path(path)
+    cfg = DraftConfig.from_dict(json.loads((path / "config.json").read_text(encoding="utf-8")))
+    model = build_model(cfg)
+    state = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match its config: missing={missing} unexpected={unexpected}")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def shipped_path(method: str) -> Path:
+    return SHIPPED / method

@@ -1,0 +1,229 @@
+"""Layers and helpers shared by the EAGLE-3, DFlash and DSpark drafts.
+
+Parameter names follow the HF Llama/Qwen3 decoder layout (self_attn.q_proj, mlp.gate_proj, ...)
+so that DeepSpec checkpoints map onto these modules by name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DraftConfig:
+    """Shape of a draft; the embedding/LM head dims must match the target's."""
+
+    method: str  # "eagle3" | "dflash" | "dspark"
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    num_layers: int
+    aux_layer_ids: list[int]
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    block_size: int = 7  # gamma: draft tokens per round (DSpark/DFlash block, EAGLE-3 TTT length)
+    mask_token_id: int = 0  # DSpark/DFlash filler for slots 2..gamma
+    markov_rank: int = 0  # DSpark sequential head rank; 0 = none (DFlash)
+    confidence_head: bool = False
+    qk_norm: bool = False  # Qwen3 per-head q/k RMSNorm
+    # STS temperatures for the confidence head, one per position (1.0 = uncalibrated).
+    sts_temperatures: list[float] = field(default_factory=list)
+    target_name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DraftConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def config_from_target(target_config: Any, method: str, **kw: Any) -> DraftConfig:
+    """A draft config copying the target's width, heads and RoPE (as DeepSpec's draft configs do)."""
+    n = int(target_config.num_hidden_layers)
+    default_ids = evenly_spaced_layers(n, 5)
+    rope = getattr(target_config, "rope_parameters", None) or {}
+    theta = float(rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0)))
+    base = dict(
+        method=method,
+        hidden_size=int(target_config.hidden_size),
+        intermediate_size=int(target_config.intermediate_size),
+        num_attention_heads=int(target_config.num_attention_heads),
+        num_key_value_heads=int(target_config.num_key_value_heads),
+        head_dim=int(getattr(target_config, "head_dim", None)
+                     or target_config.hidden_size // target_config.num_attention_heads),
+        vocab_size=int(target_config.vocab_size),
+        num_layers=1,
+        aux_layer_ids=default_ids,
+        rope_theta=theta,
+        rms_norm_eps=float(target_config.rms_norm_eps),
+        target_name=str(getattr(target_config, "name_or_path", "")),
+    )
+    base.update(kw)
+    return DraftConfig(**base)  # type: ignore[arg-type]
+
+
+def evenly_spaced_layers(num_layers: int, count: int) -> list[int]:
+    """DFlash's rule: `count` layers evenly spaced from layer 1 to L-3 (never the last layer)."""
+    lo, hi = 1, num_layers - 3
+    if count == 1:
+        return [lo]
+    return [round(lo + i * (hi - lo) / (count - 1)) for i in range(count)]
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [..., head_dim] for integer positions (HF Llama convention)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    ang = positions.to(torch.float32).unsqueeze(-1) * inv
+    emb = torch.cat([ang, ang], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, hd]; cos/sin: [B, T, hd] or [T, hd]."""
+    if cos.dim() == 2:
+        cos, sin = cos[None, None], sin[None, None]
+    else:
+        cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos.to(x.dtype)) + (rot * sin.to(x.dtype))
+
+
+class Attention(nn.Module):
+    """GQA attention whose keys/values may be prefixed with externally supplied K/V."""
+
+    def __init__(self, cfg: DraftConfig, in_dim: int | None = None) -> None:
+        super().__init__()
+        d_in = in_dim or cfg.hidden_size
+        self.h, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.theta = cfg.rope_theta
+        self.q_proj = nn.Linear(d_in, self.h * self.hd, bias=False)
+        self.k_proj = nn.Linear(d_in, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(d_in, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.h * self.hd, cfg.hidden_size, bias=False)
+        self.q_norm = nn.RMSNorm(self.hd, eps=cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.hd, eps=cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def kv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Roped keys and values [B, kv, T, hd] for inputs x [B, T, d_in] at positions pos."""
+        b, t, _ = x.shape
+        k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        cos, sin = rope_cos_sin(pos, self.hd, self.theta)
+        return apply_rope(k, cos, sin), v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x: [B, Q, d_in]. Keys = [prefix_kv ; own]; mask: bool [B or 1, 1, Q, K_total] (True = attend)."""
+        b, q_len, _ = x.shape
+        q = self.q_proj(x).view(b, q_len, self.h, self.hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        cos, sin = rope_cos_sin(pos, self.hd, self.theta)
+        q = apply_rope(q, cos, sin)
+        k, v = self.kv(x, pos)
+        if prefix_kv is not None:
+            k = torch.cat([prefix_kv[0], k], dim=2)
+            v = torch.cat([prefix_kv[1], v], dim=2)
+        rep = self.h // self.n_kv
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, q_len, self.h * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DraftConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; attention input may be wider than d (EAGLE-3 feeds [emb; hidden])."""
+
+    def __init__(self, cfg: DraftConfig, attn_in: int | None = None) -> None:
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, attn_in)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def mlp_block(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+
+
+class FrozenTargetParts(nn.Module):
+    """The target's embedding and LM head, shared by reference (never saved with the draft)."""
+
+    def __init__(self, embed: nn.Module, lm_head: nn.Module) -> None:
+        super().__init__()
+        # Stored outside the module tree so state_dict()/parameters() never include them.
+        object.__setattr__(self, "_embed", embed)
+        object.__setattr__(self, "_lm_head", lm_head)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._embed(ids)  # type: ignore[operator]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self._lm_head(h)  # type: ignore[operator]
+
+
+def target_parts(target: nn.Module) -> FrozenTargetParts:
+    return FrozenTargetParts(target.get_input_embeddings(), target.get_output_embeddings())
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0) -> torch.Tensor:
+    """The distribution a sampler with these settings draws from: logits [..., V] -> probs (fp32)."""
+    x = logits.float() / max(temperature, 1e-6)
+    if top_k and top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, -math.inf)
+    probs = torch.softmax(x, dim=-1)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    if top_p < 1.0:
+        sp, idx = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = (sp.cumsum(-1) - sp) >= top_p * sp.sum(-1, keepdim=True)
+        probs = probs.scatter(-1, idx, sp.masked_fill(drop, 0.0))
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One sample per row of probs [N, V] -> [N]."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

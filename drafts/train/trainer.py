@@ -1,0 +1,199 @@
+"""Step 3+4: stream target features and train EAGLE-3, DFlash and DSpark in lockstep.
+
+One target forward per batch feeds all three drafts, so the three see exactly the same data and
+the same number of optimiser steps (equal budget), and nothing is cached on disk: the 5-layer
+features and the target logits live only for the step that uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from drafts.checkpoint import save_draft
+from drafts.common import DraftConfig, FrozenTargetParts, config_from_target, target_parts
+from drafts.dspark import DSparkModel, block_losses, sample_anchors
+from drafts.eagle3 import Eagle3Model, ttt_losses
+
+METHODS = ("eagle3", "dflash", "dspark")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: Path
+    steps: int  # optimiser steps (one batch each), shared by all methods
+    batch_size: int = 2
+    max_len: int = 384
+    lr: float = 8e-4
+    warmup_frac: float = 0.04
+    time_budget_s: float = 0.0  # >0: the LR schedule and the run also end at this wall time
+    num_anchors: int = 48  # DSpark/DFlash blocks per sequence; EAGLE-3 rows per TTT step
+    block_size: int = 7
+    dspark_layers: int = 2
+    eagle3_layers: int = 1
+    markov_rank: int = 64
+    alpha_ce: float = 0.1
+    alpha_tv: float = 0.9
+    alpha_conf: float = 1.0
+    loss_decay: float = 4.0
+    seed: int = 42
+    save_every: int = 20
+    methods: tuple[str, ...] = METHODS
+
+
+def build_drafts(target: nn.Module, tc: TrainConfig, mask_token_id: int) -> dict[str, nn.Module]:
+    target_config = target.config
+    common = dict(block_size=tc.block_size, mask_token_id=mask_token_id)
+    cfgs: dict[str, DraftConfig] = {
+        "eagle3": config_from_target(target_config, "eagle3", num_layers=tc.eagle3_layers, **common),
+        "dflash": config_from_target(target_config, "dflash", num_layers=tc.dspark_layers, **common),
+        "dspark": config_from_target(target_config, "dspark", num_layers=tc.dspark_layers,
+                                     markov_rank=tc.markov_rank, confidence_head=True, **common),
+    }
+    out: dict[str, nn.Module] = {}
+    for name in tc.methods:
+        torch.manual_seed(tc.seed)
+        out[name] = Eagle3Model(cfgs[name]) if name == "eagle3" else DSparkModel(cfgs[name])
+        # The frozen LM head expects the scale of the target's final norm; starting from it avoids
+        # hugely over-confident random logits in the first steps (a short CPU budget cannot spare them).
+        with torch.no_grad():
+            out[name].norm.weight.copy_(target.model.norm.weight)
+    return out
+
+
+def make_sequences(rows: list[dict[str, Any]], max_len: int) -> list[tuple[list[int], int]]:
+    """(token ids, answer start) per conversation; the answer tokens carry the loss."""
+    seqs = []
+    for r in rows:
+        ids = (r["prompt_ids"] + r["answer_ids"])[:max_len]
+        if len(ids) - len(r["prompt_ids"]) >= 8:
+            seqs.append((ids, len(r["prompt_ids"])))
+    return seqs
+
+
+def collate(batch: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids, _ in batch)
+    ids_t = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (ids, start) in enumerate(batch):
+        ids_t[i, : len(ids)] = torch.tensor(ids)
+        mask[i, start : len(ids)] = 1
+    return ids_t, mask, torch.tensor([len(ids) for ids, _ in batch])
+
+
+@torch.no_grad()
+def target_features(target: nn.Module, ids: torch.Tensor, layer_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of the chosen decoder layers (HF hidden_states[i+1]) and the target logits.
+    Right padding: causal attention keeps padding out of every real position."""
+    out = target(input_ids=ids, output_hidden_states=True, use_cache=False)
+    feats = torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1)
+    return feats.float(), out.logits.float()
+
+
+def lr_factor(progress: float, warmup: float) -> float:
+    if progress < warmup:
+        return max(progress / warmup, 0.02)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+
+def method_loss(name: str, model: nn.Module, parts: FrozenTargetParts, ids: torch.Tensor, mask: torch.Tensor,
+                lengths: torch.Tensor, feats: torch.Tensor, logits: torch.Tensor, tc: TrainConfig,
+                gen: torch.Generator) -> dict[str, torch.Tensor]:
+    if name == "eagle3":
+        assert isinstance(model, Eagle3Model)
+        return ttt_losses(model, parts, ids, mask, feats, logits, tc.num_anchors, generator=gen)
+    assert isinstance(model, DSparkModel)
+    anchors, keep = sample_anchors(mask, lengths, tc.num_anchors, generator=gen)
+    out = model.train_forward(parts, ids, feats, anchors, keep)
+    if name == "dflash":  # DeepSpec's DFlash config: CE only
+        return block_losses(out, ids, mask, logits, anchors, keep, 1.0, 0.0, 0.0, tc.loss_decay)
+    return block_losses(out, ids, mask, logits, anchors, keep, tc.alpha_ce, tc.alpha_tv, tc.alpha_conf,
+                        tc.loss_decay)
+
+
+def train(target: nn.Module, rows: list[dict[str, Any]], tc: TrainConfig, mask_token_id: int,
+          pad_id: int, progress: Any = None) -> dict[str, Any]:
+    """Resumable lockstep training; state in tc.out_dir/state.pt, metrics in metrics.jsonl."""
+    tc.out_dir.mkdir(parents=True, exist_ok=True)
+    target.requires_grad_(False)
+    parts = target_parts(target)
+    models = build_drafts(target, tc, mask_token_id)
+    opts = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=tc.lr, weight_decay=0.0,
+                                 betas=(0.9, 0.95)) for n, m in models.items()}
+    seqs = make_sequences(rows, tc.max_len)
+    random.Random(tc.seed).shuffle(seqs)
+    state_path = tc.out_dir / "state.pt"
+    step, elapsed, cpu, tokens = 0, 0.0, 0.0, 0
+    if state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        for n in models:
+            models[n].load_state_dict(st["models"][n])
+            opts[n].load_state_dict(st["opts"][n])
+        step, elapsed, cpu, tokens = st["step"], st["elapsed"], st["cpu"], st["tokens"]
+    layer_ids = next(iter(models.values())).cfg.aux_layer_ids  # type: ignore[union-attr]
+    gen = torch.Generator().manual_seed(tc.seed + step)
+    bar = progress(total=tc.steps, initial=step) if progress else None
+    metrics_f = (tc.out_dir / "metrics.jsonl").open("a", encoding="utf-8")
+    t_wall, t_cpu = time.time() - elapsed, time.process_time() - cpu
+    while step < tc.steps:
+        frac = step / tc.steps
+        if tc.time_budget_s > 0:
+            frac = max(frac, (time.time() - t_wall) / tc.time_budget_s)
+            if frac >= 1.0:
+                break
+        i0 = (step * tc.batch_size) % len(seqs)
+        batch = [seqs[(i0 + j) % len(seqs)] for j in range(tc.batch_size)]
+        ids, mask, lengths = collate(batch, pad_id)
+        feats, logits = target_features(target, ids, layer_ids)
+        rec: dict[str, Any] = {"step": step, "lr_factor": round(lr_factor(frac, tc.warmup_frac), 4)}
+        for name, model in models.items():
+            for group in opts[name].param_groups:
+                group["lr"] = tc.lr * lr_factor(frac, tc.warmup_frac)
+            res = method_loss(name, model, parts, ids, mask, lengths, feats, logits, tc, gen)
+            opts[name].zero_grad(set_to_none=True)
+            res["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opts[name].step()
+            rec[name] = {k: round(float(v.detach()), 4) for k, v in res.items()}
+        tokens += int(mask.sum())
+        step += 1
+        elapsed, cpu = time.time() - t_wall, time.process_time() - t_cpu
+        rec.update(tokens=tokens, elapsed_s=round(elapsed, 1), cpu_s=round(cpu, 1))
+        metrics_f.write(json.dumps(rec) + "\n")
+        metrics_f.flush()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({n: rec[n]["loss"] for n in models})
+        if step % tc.save_every == 0 or step == tc.steps:
+            _save_state(state_path, models, opts, step, elapsed, cpu, tokens)
+    _save_state(state_path, models, opts, step, elapsed, cpu, tokens)
+    summary = {"steps": step, "train_tokens": tokens, "wall_s": round(elapsed, 1), "cpu_s": round(cpu, 1),
+               "sequences": step * tc.batch_size}
+    for name, model in models.items():
+        save_draft(model, tc.out_dir / name, extra={"training": summary})
+    (tc.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _save_state(path: Path, models: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer], step: int,
+                elapsed: float, cpu: float, tokens: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"models": {n: m.state_dict() for n, m in models.items()},
+                "opts": {n: o.state_dict() for n, o in opts.items()},
+                "step": step, "elapsed": elapsed, "cpu": cpu, "tokens": tokens}, tmp)
+    tmp.replace(path)
+
+
+def cache_size_report(num_tokens: int, hidden: int, num_layers: int) -> str:
+    """What a DeepSpec-style disk cache (bf16 features of m layers + final hidden) would need."""
+    per_tok = (num_layers + 1) * hidden * 2
+    return (f"DeepSpec-style target cache for this run: {num_tokens} tokens x {(num_layers + 1)} x {hidden} x 2 B "
+            f"= {num_tokens * per_tok / 2**30:.2f} GiB (streaming instead: 0 B on disk)")
