@@ -35,9 +35,10 @@ class ScriptedEngine:
         step_s: float = 0.002,
         tokens_per_step: int = 1,
         spec: bool = False,
+        model_name: str = "scripted",
     ) -> None:
         self.tokenizer = tokenizer
-        self.model_name = "scripted"
+        self.model_name = model_name
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset({tokenizer.eos_token_id})
         self.batcher = SimpleNamespace(kv=SimpleNamespace(num_slots=num_slots))

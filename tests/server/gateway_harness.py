@@ -18,7 +18,7 @@ from gateway_doubles import Script, ScriptedEngine, ScriptedThread
 from server.app import AppState, create_app
 from server.settings import ServerSettings
 
-FAKE_SETTINGS = ServerSettings(max_num_seqs=4, max_model_len=512, max_queue=16)
+FAKE_SETTINGS = ServerSettings(max_num_seqs=4, max_model_len=512, max_queue=64)
 
 
 @dataclass
@@ -103,3 +103,11 @@ def scripted_app(script: Script, settings: ServerSettings = FAKE_SETTINGS, **eng
     tok = fake_tokenizer()
     engine = ScriptedEngine(tok, script, **engine_kw)
     return create_app(settings, lambda: engine, thread_factory=ScriptedThread)
+
+
+def fake_text_script(tok: Any) -> Script:
+    """The fake engine's output (scheduler.fake.FAKE_TEXT, one byte per token, then EOS)."""
+    from scheduler.fake import FAKE_TEXT
+
+    ids = [*tok.encode(FAKE_TEXT, add_special_tokens=False), tok.eos_token_id]
+    return lambda req: ids
