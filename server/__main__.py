@@ -9,12 +9,15 @@ process exits with status 1 so a supervisor restarts it.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import uvicorn
 
 from server.app import create_app
+from server.engine_client import ThreadFactory
 from server.settings import ServerSettings, parse_settings
 
 log = logging.getLogger("server")
@@ -32,7 +35,12 @@ def _engine_factory(settings: ServerSettings):  # type: ignore[no-untyped-def]
     return build
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    engine_factory: Callable[[], Any] | None = None,
+    thread_factory: ThreadFactory | None = None,
+) -> int:
+    """Serve until SIGTERM (exit 0) or engine failure (exit 1). The factories are test seams."""
     settings = parse_settings(argv)
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -47,7 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, _engine_factory(settings), on_fatal=on_fatal)
+    app = create_app(
+        settings,
+        engine_factory or _engine_factory(settings),
+        thread_factory=thread_factory,
+        on_fatal=on_fatal,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -57,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         lifespan="on",
     )
     server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it once it has shut down, which would end the
+    # process with -SIGTERM; a finished drain is a clean exit, so absorb it and return 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     if fatal or not server.started:
         return EXIT_ENGINE_FAILED

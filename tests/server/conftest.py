@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from gateway_harness import FAKE_SETTINGS, Running, fake_engine_factory, serve
+from gateway_harness import FAKE_SETTINGS, Running, serve
 
 from server.app import create_app
 

@@ -138,17 +138,21 @@ def test_queue_full_is_429_with_retry_after(guarded: Running) -> None:
     # Two slots, no queue: two long streams fill the server, the third is refused at once.
     body = {"messages": MSGS, "stream": True, "max_tokens": 100}
     before = guarded.metric("dspark_request_rejected_total", reason="queue_full")
-    with httpx.Client(headers=AUTH, timeout=30) as c1, httpx.Client(headers=AUTH, timeout=30) as c2:
-        with c1.stream("POST", guarded.url("/v1/chat/completions"), json=body) as s1, \
-             c2.stream("POST", guarded.url("/v1/chat/completions"), json=body) as s2:
-            lines1, lines2 = s1.iter_lines(), s2.iter_lines()  # keep them: closing ends the stream
-            next(lines1)
-            next(lines2)
-            r = post(guarded, {"messages": MSGS, "max_tokens": 5})
-            assert_openai_error(r, 429, code="queue_full")
-            assert r.headers["Retry-After"] == "1"
-            r = post(guarded, {"prompt": "x", "n": 2}, path="/v1/completions")
-            assert_openai_error(r, 429)
+    url = guarded.url("/v1/chat/completions")
+    with (
+        httpx.Client(headers=AUTH, timeout=30) as c1,
+        httpx.Client(headers=AUTH, timeout=30) as c2,
+        c1.stream("POST", url, json=body) as s1,
+        c2.stream("POST", url, json=body) as s2,
+    ):
+        lines1, lines2 = s1.iter_lines(), s2.iter_lines()  # keep them: closing ends the stream
+        next(lines1)
+        next(lines2)
+        r = post(guarded, {"messages": MSGS, "max_tokens": 5})
+        assert_openai_error(r, 429, code="queue_full")
+        assert r.headers["Retry-After"] == "1"
+        r = post(guarded, {"prompt": "x", "n": 2}, path="/v1/completions")
+        assert_openai_error(r, 429)
     assert guarded.metric("dspark_request_rejected_total", reason="queue_full") == before + 2
     # Capacity comes back once the streams are gone.
     wait_until(lambda: post(guarded, {"messages": MSGS, "max_tokens": 2}).status_code == 200,

@@ -1,0 +1,128 @@
+"""Process lifecycle: SIGTERM drains and exits 0; engine death -> unhealthy, errors, exit 1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from gateway_doubles import ScriptedThread
+from gateway_harness import (
+    fake_text_script,
+    fake_tokenizer,
+    free_port,
+    scripted_app,
+    serve,
+    wait_until,
+)
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+MSGS = [{"role": "user", "content": "hello"}]
+
+
+@contextmanager
+def server_process(*args: str, step_s: float = 0.02) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]),
+           "GATEWAY_TEST_STEP_S": str(step_s)}
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "gateway_proc.py"), "--port", str(port), "--log-level", "warning",
+         *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        try:
+            return httpx.get(base + "/ready").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(ready, 60, "server process ready")
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def test_sigterm_drains_running_requests_then_exits_zero() -> None:
+    with server_process("--drain-timeout-s", "20") as (proc, base):
+        lines: list[str] = []
+        first = threading.Event()
+
+        def consume() -> None:
+            body = {"messages": MSGS, "max_tokens": 60, "stream": True}
+            with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=30) as r:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    first.set()
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        assert first.wait(10)
+        proc.send_signal(signal.SIGTERM)
+        reader.join(30)
+        assert proc.wait(30) == 0
+        # The running stream was allowed to finish (60 tokens at 20 ms, after SIGTERM).
+        events = [line for line in lines if line]
+        assert events[-1] == "data: [DONE]"
+        assert any('"finish_reason":"length"' in line for line in lines)
+        with pytest.raises(httpx.TransportError):  # and the listener is gone
+            httpx.get(base + "/health", timeout=2)
+
+
+def test_engine_death_fails_requests_and_exits_nonzero() -> None:
+    with server_process() as (proc, base):
+        r = httpx.post(base + "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "CRASH"}]}, timeout=30)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert proc.wait(30) == 1
+        out = proc.stdout.read() if proc.stdout else ""
+        assert "engine thread died" in out
+
+
+def test_engine_death_in_process_turns_health_red() -> None:
+    fatal: list[str] = []
+    tok = fake_tokenizer()
+    app = scripted_app(fake_text_script(tok), step_s=0.05)
+    app.state.dspark.on_fatal = fatal.append
+    with serve(app) as running:
+        body = {"messages": MSGS, "max_tokens": 150, "stream": True}
+        with httpx.stream("POST", running.url("/v1/chat/completions"), json=body) as r:
+            lines = r.iter_lines()
+            next(lines)
+            thread = running.state.client.thread  # type: ignore[union-attr]
+            assert isinstance(thread, ScriptedThread)
+            thread.crash_next_step = True
+            rest = list(lines)
+        # The open stream ends with an OpenAI error event, then [DONE].
+        events = [line for line in rest if line]
+        assert any('"error"' in e and "server_error" in e for e in events)
+        assert events[-1] == "data: [DONE]"
+        wait_until(lambda: httpx.get(running.url("/health")).status_code == 503, 5, "unhealthy")
+        assert httpx.get(running.url("/ready")).status_code == 503
+        r2 = httpx.post(running.url("/v1/chat/completions"), json={"messages": MSGS})
+        assert r2.status_code == 503 and r2.json()["error"]["code"] == "engine_unavailable"
+        assert fatal == ["engine thread died"]
+
+
+def test_help_lists_flags_with_environment_twins() -> None:
+    out = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, text=True,
+                         capture_output=True, check=True,
+                         env={**os.environ, "DSPARK_API_KEY": "hidden-value"}).stdout
+    for flag in ("--host", "--port", "--model", "--served-model-name", "--device", "--dtype",
+                 "--max-num-seqs", "--max-model-len", "--max-queue", "--api-key", "--speculative",
+                 "--num-speculative-tokens", "--verify-policy", "--draft-checkpoint"):
+        assert flag in out
+    assert "DSPARK_MAX_QUEUE" in out
+    assert "hidden-value" not in out  # the key from the environment is never echoed
