@@ -51,12 +51,35 @@ _COMPLETION_UNSUPPORTED: dict[str, Any] = {
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
+def _check_unicode(value: Any, depth: int = 0) -> None:
+    """JSON may carry lone surrogates ("\\ud800"); they cannot be tokenized or sent back."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request("the request contains invalid Unicode (a lone surrogate)",
+                              code="invalid_unicode") from None
+    elif depth < 8 and isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k, depth + 1)
+            _check_unicode(v, depth + 1)
+    elif depth < 8 and isinstance(value, list):
+        for v in value:
+            _check_unicode(v, depth + 1)
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _check_unicode(data)
+        return data
 
     model: str | None = None  # optional, as in vLLM: defaults to the served model
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -100,13 +123,13 @@ class _Body(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
