@@ -81,6 +81,9 @@ def ttt_losses(model: Eagle3Model, parts: FrozenTargetParts, input_ids: torch.Te
             total = total + w * loss_k
             stats[f"acc{k}"] = acc.detach()
             stats[f"ce{k}"] = loss_k.detach()
+            # KL = soft CE - target entropy: the part of the loss the draft can still remove
+            ent = -(p_t * p_t.clamp_min(1e-12).log()).sum(-1).mean()
+            stats[f"kl{k}"] = (loss_k - ent).detach()
         hidden = out
     stats["loss"] = total
     return stats

@@ -51,8 +51,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def training_prompts(per_source: int, seed: int = 42) -> list[tuple[str, str]]:
-    """(source, prompt) pairs, `per_source` from each of alpaca, gsm8k train and mbpp train."""
+def training_prompts(per_source: int, seed: int = 42, offset: int = 0) -> list[tuple[str, str]]:
+    """(source, prompt) pairs, `per_source` from each of alpaca, gsm8k train and mbpp train.
+    `offset` skips that many per source (held-out prompts for calibration use offset=per_source)."""
     root = data_dir()
     rng = random.Random(seed)
     alpaca = json.loads((root / "alpaca" / "alpaca_5000.json").read_text(encoding="utf-8"))
@@ -67,7 +68,7 @@ def training_prompts(per_source: int, seed: int = 42) -> list[tuple[str, str]]:
     ):
         picked = list(records)
         rng.shuffle(picked)
-        out.extend((name, fmt(r)) for r in picked[:per_source])
+        out.extend((name, fmt(r)) for r in picked[offset : offset + per_source])
     return out
 
 

@@ -1,0 +1,95 @@
+"""Shapes, masks and proposer behaviour of the three drafts on a tiny random target."""
+
+from __future__ import annotations
+
+import torch
+
+from drafts.common import config_from_target, evenly_spaced_layers, filtered_probs, target_parts
+from drafts.dspark import DSparkModel, block_losses, sample_anchors
+from drafts.eagle3 import Eagle3Model, ttt_losses
+from drafts.offline import speculative_generate, target_generate
+from drafts.proposer import make_proposer
+from scheduler.request import SamplingParams
+
+
+def _dspark(target, **kw) -> DSparkModel:  # type: ignore[no-untyped-def]
+    cfg = config_from_target(target.config, "dspark", num_layers=2, markov_rank=8, confidence_head=True,
+                             aux_layer_ids=[0, 1, 2], mask_token_id=3, **kw)
+    return DSparkModel(cfg)
+
+
+def test_evenly_spaced_layers_match_deepspec_rule() -> None:
+    assert evenly_spaced_layers(36, 5) == [1, 9, 17, 25, 33]  # DeepSpec's Qwen3-4B/8B choice
+    assert evenly_spaced_layers(40, 5) == [1, 10, 19, 28, 37]
+    assert max(evenly_spaced_layers(30, 5)) == 27
+
+
+def test_dspark_train_forward_shapes_and_losses(tiny_target) -> None:  # type: ignore[no-untyped-def]
+    model = _dspark(tiny_target)
+    ids = torch.randint(4, 96, (2, 20))
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    mask[:, 6:] = 1
+    feats = torch.randn(2, 20, 3 * 32)
+    anchors, keep = sample_anchors(mask, torch.tensor([20, 20]), 5)
+    assert bool(((anchors >= 6) | ~keep).all())
+    out = model.train_forward(target_parts(tiny_target), ids, feats, anchors, keep)
+    assert out.logits.shape == (2, 5, 7, 96)
+    assert out.conf_logits is not None and out.conf_logits.shape == (2, 5, 7)
+    logits = torch.randn(2, 20, 96)
+    res = block_losses(out, ids, mask, logits, anchors, keep, 0.1, 0.9, 1.0)
+    assert {"ce", "tv", "conf", "loss"} <= set(res)
+    assert 0.0 <= float(res["tv"]) <= 2.0
+    res["loss"].backward()
+    assert model.fc.weight.grad is not None and model.markov_w1.weight.grad is not None  # type: ignore[union-attr]
+
+
+def test_block_queries_do_not_see_the_future(tiny_target) -> None:  # type: ignore[no-untyped-def]
+    """Changing context at or after an anchor must not change that block's logits."""
+    model = _dspark(tiny_target).eval()
+    parts = target_parts(tiny_target)
+    ids = torch.randint(4, 96, (1, 16))
+    feats = torch.randn(1, 16, 96)
+    anchors, keep = torch.tensor([[8]]), torch.tensor([[True]])
+    a = model.train_forward(parts, ids, feats, anchors, keep).logits
+    feats2 = feats.clone()
+    feats2[:, 8:] = torch.randn(1, 8, 96)
+    ids2 = ids.clone()
+    ids2[:, 9:] = torch.randint(4, 96, (1, 7))
+    b = model.train_forward(parts, ids2, feats2, anchors, keep)
+    # slot 0's previous token is the anchor itself; later Markov biases use the (teacher) ids
+    assert torch.allclose(a[..., 0, :], b.logits[..., 0, :], atol=1e-5)
+
+
+def test_eagle3_ttt_loss_and_backward(tiny_target) -> None:  # type: ignore[no-untyped-def]
+    cfg = config_from_target(tiny_target.config, "eagle3", aux_layer_ids=[0, 1, 2])
+    model = Eagle3Model(cfg)
+    ids = torch.randint(4, 96, (2, 24))
+    mask = torch.zeros(2, 24, dtype=torch.long)
+    mask[:, 5:] = 1
+    res = ttt_losses(model, target_parts(tiny_target), ids, mask, torch.randn(2, 24, 96), torch.randn(2, 24, 96), 6)
+    assert all(f"ce{k}" in res for k in range(7))
+    res["loss"].backward()
+    assert model.fc.weight.grad is not None
+
+
+def test_filtered_probs_respects_top_k_top_p_min_p() -> None:
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert int((filtered_probs(logits, 1.0, top_k=2) > 0).sum()) == 2
+    p = filtered_probs(logits, 1.0, top_p=0.5)
+    assert int((p > 0).sum()) == 1 and abs(float(p.sum()) - 1) < 1e-6
+    assert int((filtered_probs(logits, 1.0, min_p=0.3) > 0).sum()) == 2
+
+
+def test_proposers_return_what_they_sampled_and_stay_lossless(tiny_target) -> None:  # type: ignore[no-untyped-def]
+    prompt = [1, 5, 9, 17, 33, 12, 7, 40]
+    ref = target_generate(tiny_target, prompt, 20, {2})
+    e3 = Eagle3Model(config_from_target(tiny_target.config, "eagle3", aux_layer_ids=[0, 1, 2]))
+    for model in (_dspark(tiny_target), e3):
+        prop = make_proposer(model, tiny_target, 7)
+        assert prop.aux_layer_ids == (0, 1, 2) and prop.max_draft_tokens == 7
+        res = speculative_generate(tiny_target, prop, prompt, SamplingParams(max_tokens=20, temperature=0), 7, {2})
+        assert res.output_ids == ref
+        assert all(r.proposed == 7 for r in res.rounds)
+        sampled = speculative_generate(tiny_target, prop, prompt, SamplingParams(max_tokens=12, temperature=1.0),
+                                       7, {2}, generator=torch.Generator().manual_seed(1))
+        assert len(sampled.output_ids) == 12 or sampled.output_ids[-1] == 2
