@@ -12,7 +12,14 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from gateway_harness import FAKE_SETTINGS, Running, fake_text_script, fake_tokenizer, scripted_app, serve
+from gateway_harness import (
+    FAKE_SETTINGS,
+    Running,
+    fake_text_script,
+    fake_tokenizer,
+    scripted_app,
+    serve,
+)
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig

@@ -1,0 +1,155 @@
+"""Shared pieces of the gateway stress and soak scripts: start a server, classify outcomes.
+
+Every request ends in exactly one outcome:
+  ok        200 and a complete body (non-streaming) or a stream ending in a finish_reason + [DONE]
+  rejected  429 or 503 carrying Retry-After (the documented overload answer)
+  dropped   the client hung up on purpose (disconnect tests)
+  lost      anything else: 5xx, a connection error, a timeout, a truncated stream
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+MSGS = [{"role": "user", "content": "Tell me about speculative decoding."}]
+
+
+@dataclass
+class Outcome:
+    kind: str  # ok | rejected | dropped | lost
+    latency_s: float
+    detail: str = ""
+
+
+@dataclass
+class Tally:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def count(self, kind: str) -> int:
+        return sum(o.kind == kind for o in self.outcomes)
+
+    def latencies(self, kind: str) -> list[float]:
+        return sorted(o.latency_s for o in self.outcomes if o.kind == kind)
+
+    def summary(self) -> dict[str, Any]:
+        lost = [o.detail for o in self.outcomes if o.kind == "lost"]
+        return {
+            "tried": len(self.outcomes),
+            "ok": self.count("ok"),
+            "rejected": self.count("rejected"),
+            "dropped": self.count("dropped"),
+            "lost": len(lost),
+            "lost_examples": lost[:5],
+            "ok_latency_p50_s": pct(self.latencies("ok"), 50),
+            "ok_latency_p99_s": pct(self.latencies("ok"), 99),
+            "reject_latency_p99_s": pct(self.latencies("rejected"), 99),
+        }
+
+
+def pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return round(values[k], 4)
+
+
+async def chat(client: httpx.AsyncClient, base: str, *, stream: bool, max_tokens: int,
+               drop_after_lines: int | None = None, timeout_s: float = 120.0) -> Outcome:
+    body = {"messages": MSGS, "max_tokens": max_tokens, "stream": stream}
+    t0 = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with client.stream("POST", base + "/v1/chat/completions", json=body) as r:
+                if r.status_code in (429, 503):
+                    await r.aread()
+                    ok = "retry-after" in r.headers and "error" in r.json()
+                    kind = "rejected" if ok else "lost"
+                    return Outcome(kind, time.monotonic() - t0, f"{r.status_code} no Retry-After")
+                if r.status_code != 200:
+                    await r.aread()
+                    return Outcome("lost", time.monotonic() - t0, f"{r.status_code} {r.text[:100]}")
+                if not stream:
+                    data = json.loads(await r.aread())
+                    done = bool(data["choices"] and data["choices"][0]["finish_reason"])
+                    return Outcome("ok" if done else "lost", time.monotonic() - t0, "no finish")
+                lines, finished, saw_done = 0, False, False
+                async for line in r.aiter_lines():
+                    if not line:
+                        continue
+                    lines += 1
+                    if drop_after_lines is not None and lines >= drop_after_lines:
+                        return Outcome("dropped", time.monotonic() - t0)
+                    if line == "data: [DONE]":
+                        saw_done = True
+                    elif '"finish_reason":"' in line:
+                        finished = True
+                    elif line.startswith('data: {"error"'):
+                        return Outcome("lost", time.monotonic() - t0, line[:120])
+                ok = finished and saw_done
+                return Outcome("ok" if ok else "lost", time.monotonic() - t0, "truncated stream")
+    except (httpx.HTTPError, TimeoutError, json.JSONDecodeError) as exc:
+        return Outcome("lost", time.monotonic() - t0, f"{type(exc).__name__}: {exc}"[:120])
+
+
+def metric(base: str, name: str) -> float | None:
+    """One unlabelled-or-first sample of a metric from /metrics."""
+    text = httpx.get(base + "/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def rss_mb(base: str) -> float | None:
+    v = metric(base, "process_resident_memory_bytes")
+    return None if v is None else round(v / 2**20, 1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn_server(args: list[str], timeout_s: float = 300.0) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m server <args>` on a free port; returns once /ready says 200."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port),
+                             "--log-level", "warning", *args], cwd=ROOT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(base + "/ready", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+async def wait_idle(base: str, timeout_s: float = 30.0) -> float:
+    """Seconds until the running and waiting gauges read 0 (raises on timeout)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if metric(base, "dspark_num_requests_running") == 0 and \
+                metric(base, "dspark_num_requests_waiting") == 0:
+            return round(time.monotonic() - t0, 3)
+        await asyncio.sleep(0.05)
+    raise TimeoutError("server did not go idle")

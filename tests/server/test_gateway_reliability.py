@@ -1,0 +1,174 @@
+"""Overload, disconnect storms, fault isolation, soak (short), and the security policy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from gateway_harness import (
+    FAKE_SETTINGS,
+    Running,
+    fake_text_script,
+    fake_tokenizer,
+    scripted_app,
+    serve,
+)
+
+from scheduler.request import Request
+
+ROOT = Path(__file__).resolve().parents[2]
+MSGS = [{"role": "user", "content": "hello"}]
+
+
+def run_script(name: str, *args: str, timeout: float = 240) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], text=True,
+                         capture_output=True, timeout=timeout, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def tokens_app(settings: Any, step_s: float, **kw: Any) -> Any:
+    tok = fake_tokenizer()
+    ids = tok.encode("la " * 300, add_special_tokens=False)
+    return scripted_app(lambda req: ids, settings, step_s=step_s, max_model_len=2048, **kw)
+
+
+def test_overload_burst_completes_or_rejects_everything() -> None:
+    settings = replace(FAKE_SETTINGS, max_num_seqs=4, max_queue=4, max_model_len=2048)
+    with serve(tokens_app(settings, step_s=0.01, num_slots=4)) as server:
+        result = run_script("stress.py", "--url", server.base_url, "--capacity", "8",
+                            "--scenario", "burst", "--max-tokens", "16")
+    burst = result["burst"]
+    assert burst["tried"] == 80
+    assert burst["lost"] == 0, burst["lost_examples"]
+    assert burst["ok"] + burst["rejected"] == 80
+    assert burst["ok"] >= 8 and burst["rejected"] > 0
+    assert burst["max_waiting_seen"] <= 4  # the queue stayed bounded
+    assert burst["reject_latency_p99_s"] < 1.0  # refusals are immediate, not queued
+    assert burst["recovered"]
+
+
+def test_disconnect_storm_frees_every_slot() -> None:
+    settings = replace(FAKE_SETTINGS, max_num_seqs=4, max_queue=128, max_model_len=2048)
+    with serve(tokens_app(settings, step_s=0.01, num_slots=4)) as server:
+        result = run_script("stress.py", "--url", server.base_url, "--capacity", "132",
+                            "--scenario", "storm", "--clients", "100", "--max-tokens", "200")
+        assert server.state.client is not None and server.state.client.num_in_flight == 0
+    storm = result["storm"]
+    assert storm["lost"] == 0, storm["lost_examples"]
+    assert storm["dropped"] == 100
+    assert storm["recovered"] and storm["idle_after_s"] < 5
+
+
+def test_soak_short_mode() -> None:
+    settings = replace(FAKE_SETTINGS, max_num_seqs=4, max_queue=32, max_model_len=2048)
+    with serve(tokens_app(settings, step_s=0.005, num_slots=4)) as server:
+        result = run_script("soak.py", "--url", server.base_url, "--duration", "6",
+                            "--calibrate-s", "2", "--max-tokens", "16")
+    assert result["lost"] == 0, result["lost_examples"]
+    assert result["ok"] > 10 and result["tried"] == result["ok"] + result["rejected"]
+    assert result["rss_growth_mb"] is not None
+
+
+@pytest.fixture(scope="module")
+def faulty() -> Iterator[Running]:
+    """fault_hook fails every request whose prompt contains POISON (a per-request fault)."""
+    tok = fake_tokenizer()
+    marker = tok.encode("POISON", add_special_tokens=False)
+    with serve(scripted_app(fake_text_script(tok), step_s=0.005)) as server:
+        engine = server.state.client.engine  # type: ignore[union-attr]
+
+        def hook(req: Request) -> None:
+            p = req.prompt_ids
+            if any(p[i : i + len(marker)] == marker for i in range(len(p))):
+                raise RuntimeError("injected fault")
+
+        engine.fault_hook = hook
+        yield server
+
+
+def test_fault_fails_only_that_request(faulty: Running) -> None:
+    import asyncio
+
+    async def run() -> list[Any]:
+        client = openai.AsyncOpenAI(base_url=faulty.url("/v1"), api_key="x", max_retries=0)
+
+        async def ask(text: str) -> Any:
+            try:
+                return await client.chat.completions.create(
+                    model="scripted", messages=[{"role": "user", "content": text}], max_tokens=30)
+            except openai.APIStatusError as exc:
+                return exc
+
+        return await asyncio.gather(*(ask("POISON" if i == 2 else f"fine {i}") for i in range(6)))
+
+    results = asyncio.run(run())
+    bad = results[2]
+    assert isinstance(bad, openai.InternalServerError)
+    assert bad.status_code == 500 and bad.body["type"] == "server_error"  # type: ignore[index]
+    for i, r in enumerate(results):
+        if i != 2:
+            assert r.choices[0].finish_reason == "length" and len(r.choices[0].message.content) == 30
+    # Streaming: the error arrives as an OpenAI error event, then [DONE].
+    body = {"messages": [{"role": "user", "content": "POISON"}], "stream": True}
+    with httpx.stream("POST", faulty.url("/v1/chat/completions"), json=body) as r:
+        events = [line for line in r.iter_lines() if line]
+    assert json.loads(events[-2][6:])["error"]["type"] == "server_error"
+    assert events[-1] == "data: [DONE]"
+    assert faulty.metric("dspark_request_success_total", finished_reason="error") == 2
+    assert httpx.get(faulty.url("/health")).status_code == 200
+
+
+def test_unexpected_exception_is_a_bare_500(faulty: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    tok = faulty.state.tokenizer
+    assert tok is not None
+
+    def broken(messages: Any) -> list[int]:
+        raise RuntimeError("/srv/secret/config.py: password=hunter2")
+
+    monkeypatch.setattr(tok, "encode_chat", broken)
+    r = httpx.post(faulty.url("/v1/chat/completions"), json={"messages": MSGS})
+    assert r.status_code == 500
+    assert r.json() == {"error": {"message": "internal server error", "type": "server_error",
+                                  "param": None, "code": "internal_error"}}
+
+
+@pytest.mark.parametrize("log_prompts", [False, True])
+def test_prompts_are_logged_only_when_asked(caplog: pytest.LogCaptureFixture, log_prompts: bool) -> None:
+    marker = "zebra-quartz-7781"
+    settings = replace(FAKE_SETTINGS, log_prompts=log_prompts)
+    app = scripted_app(fake_text_script(fake_tokenizer()), settings)
+    with serve(app) as server, caplog.at_level(logging.DEBUG):
+        httpx.post(server.url("/v1/chat/completions"),
+                   json={"messages": [{"role": "user", "content": marker}], "max_tokens": 2})
+        httpx.post(server.url("/v1/completions"), json={"prompt": marker, "max_tokens": 2})
+        httpx.post(server.url("/v1/chat/completions"),  # a rejected one, too
+                   json={"messages": [{"role": "user", "content": marker}], "n": 99})
+    assert (marker in caplog.text) is log_prompts
+
+
+def test_api_key_uses_constant_time_compare(monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.app as app_module
+
+    calls: list[tuple[bytes, bytes]] = []
+    real = app_module.hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(app_module.hmac, "compare_digest", spy)
+    settings = replace(FAKE_SETTINGS, api_key="k3y")
+    with serve(scripted_app(fake_text_script(fake_tokenizer()), settings), wait_ready=False) as s:
+        assert httpx.get(s.url("/v1/models"), headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert calls and calls[-1] == (b"Bearer nope", b"Bearer k3y")
