@@ -231,6 +231,10 @@ class CompletionRequest(_Body):
     @model_validator(mode="before")
     @classmethod
     def _reject_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("echo") is True and data.get("logprobs") is not None:
+            # OpenAI would add the prompt tokens' logprobs; the engine does not compute them.
+            raise bad_request("echo together with logprobs (prompt logprobs) is not supported",
+                              param="logprobs", code="unsupported_parameter")
         return _unsupported(data, _COMPLETION_UNSUPPORTED)
 
     def requested_max_tokens(self) -> int | None:

@@ -98,7 +98,7 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
 @router.post("/v1/chat/completions", responses=_ERROR_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     arrival = time.monotonic()
-    st = _prepare(request, body, num_prompts=1)
+    st = _prepare(request, body)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     assert st.tokenizer is not None
     tokenizer = st.tokenizer
@@ -116,7 +116,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def completions(body: CompletionRequest, request: Request) -> Response:
     arrival = time.monotonic()
     prompts = body.prompts()
-    st = _prepare(request, body, num_prompts=len(prompts))
+    st = _prepare(request, body)
     assert st.tokenizer is not None
     tokenizer = st.tokenizer
 
@@ -154,9 +154,7 @@ def _check_model(st: AppState, model: str | None) -> None:
         )
 
 
-def _prepare(
-    request: Request, body: ChatCompletionRequest | CompletionRequest, num_prompts: int
-) -> AppState:
+def _prepare(request: Request, body: ChatCompletionRequest | CompletionRequest) -> AppState:
     st = _require_ready(_state(request))
     _check_model(st, body.model)
     return st
