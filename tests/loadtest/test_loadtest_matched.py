@@ -1,0 +1,92 @@
+"""The one-command matched-throughput runner in quick mode, end to end against the stub server.
+
+The stub's speculative configuration (3 drafts, acceptance 0.8 per position) emits about 2.95
+tokens per step for a step only slightly dearer than plain decoding, so at matched throughput its
+per-user speed must come out well above the baseline's; the runner must also resume without
+rerunning finished points and refuse to mix workloads in one folder.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loadtest.analysis import Frontier, PointSummary, matched_speedup
+
+REPO = Path(__file__).resolve().parents[2]
+STUB = Path(__file__).resolve().with_name("loadtest_stub.py")
+
+
+def runner(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadtest.matched",
+        "--quick",
+        "--out",
+        str(out),
+        "--server-cmd",
+        f"{{python}} {STUB} --port {{port}}",
+        "--configs",
+        "none=--spec-k 0,spec=--spec-k 3 --accept-prob 0.8",
+        *extra,
+    ]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_quick_mode_end_to_end_and_resume(tmp_path: Path) -> None:
+    out = tmp_path / "matched"
+    res = runner(out)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    points = {
+        n: [
+            PointSummary.from_json(json.loads(p.read_text()))
+            for p in sorted((out / n).glob("rate_*.json"))
+        ]
+        for n in ("none", "spec")
+    }
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["capacity_rps"] > 0
+    for name, ps in points.items():
+        assert len(ps) == 3, name
+        assert [p.offered_rps for p in ps] == [p.offered_rps for p in points["none"]]
+        for p in ps[:2]:  # 25% and 60% of capacity: the load must really be matched
+            assert not p.saturated, (name, p.reasons)
+            assert p.achieved_rps == pytest.approx(p.offered_rps, rel=0.15)
+            assert p.agg_tok_s == pytest.approx(p.offered_rps * 32, rel=0.15)
+    assert all(p.mean_acceptance_length and p.mean_acceptance_length > 2 for p in points["spec"])
+    assert all(p.server["dspark_generation_tokens"] > 0 for p in points["spec"])
+
+    m = matched_speedup(
+        Frontier.from_points(points["none"]),
+        Frontier.from_points(points["spec"]),
+        baseline="none",
+        candidate="spec",
+    )
+    assert m is not None and m.stats()["min"] > 1.5
+    report = (out / "report.md").read_text()
+    assert "**spec** vs none: per-user speedup" in report
+    assert f"{m.stats()['median']:.2f}x" in report
+    for png in ("frontier", "speedup", "latency", "goodput"):
+        data = (out / f"{png}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+    # Resume: everything is on disk, so nothing runs again.
+    logs = {p: p.stat().st_mtime for p in out.glob("*/rate_*.locust.log")}
+    t = time.monotonic()
+    again = runner(out)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("finished earlier, skipping") == 2
+    assert time.monotonic() - t < 30
+    assert {p: p.stat().st_mtime for p in out.glob("*/rate_*.locust.log")} == logs
+
+    # A different workload in the same folder is refused.
+    other = runner(out, "--max-tokens", "16")
+    assert other.returncode != 0 and "different workload" in other.stderr
