@@ -32,7 +32,7 @@ SPEC_ALIASES = {
 @dataclass(frozen=True, slots=True)
 class RequestOptions:
     endpoint: str = "chat"  # chat | completions
-    model: str = "default"
+    model: str = ""  # empty: leave `model` out, the server uses its served model
     max_tokens: int = 128
     temperature: float = 0.0
     ignore_eos: bool = False  # vLLM-style extension: fix the output length across configurations
@@ -45,7 +45,6 @@ class RequestOptions:
 
 def build_body(prompt: Prompt, opts: RequestOptions) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "model": opts.model,
         "max_tokens": opts.max_tokens,
         "temperature": opts.temperature,
         "stream": True,
@@ -57,6 +56,8 @@ def build_body(prompt: Prompt, opts: RequestOptions) -> dict[str, Any]:
         body["prompt"] = prompt.completion
     else:
         raise ValueError(f"unknown endpoint kind {opts.endpoint!r}")
+    if opts.model:
+        body["model"] = opts.model
     if opts.ignore_eos:
         body["ignore_eos"] = True
     body.update(opts.extra)

@@ -48,7 +48,9 @@ def _add_arguments(parser: Any) -> None:
     g = parser.add_argument_group("dspark-serve traffic")
     g.add_argument("--mix", choices=sorted(MIXES), default="chat", help="prompt mix")
     g.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
-    g.add_argument("--model-name", default="default", help="`model` field of each request")
+    g.add_argument(
+        "--model-name", default="", help="`model` field of each request (empty: left out)"
+    )
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument(

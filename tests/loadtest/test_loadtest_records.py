@@ -191,6 +191,8 @@ def test_build_body_chat_and_completions() -> None:
     assert chat["ignore_eos"] is True and chat["max_tokens"] == 5
     comp = build_body(P, RequestOptions(endpoint="completions"))
     assert comp["prompt"] == "hello raw" and "messages" not in comp and "ignore_eos" not in comp
+    assert "model" not in comp  # the server falls back to its served model
+    assert build_body(P, RequestOptions(model="m"))["model"] == "m"
     assert RequestOptions(endpoint="completions").path == "/v1/completions"
     with pytest.raises(ValueError):
         build_body(P, RequestOptions(endpoint="embeddings"))
