@@ -70,7 +70,8 @@ class PointSummary:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PointSummary:
-        return cls(**d)
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in known})  # tolerate added fields
 
 
 def read_records(path: Path) -> tuple[dict[str, Any], list[StreamRecord]]:

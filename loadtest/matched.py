@@ -1,6 +1,6 @@
 """One command: per-user speed at matched aggregate throughput, for several serving configurations.
 
-    python -m loadtest.matched --configs none,fixed4,dspark --out results/matched
+    python -m loadtest.matched --configs none,fixed4,dspark --publish docs/loadtest
     python -m loadtest.matched --quick --model fake --configs none,ngram --out /tmp/quick
 
 For each configuration it starts `python -m server` with that configuration's flags, waits for
@@ -21,218 +21,34 @@ import argparse
 import json
 import shlex
 import shutil
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loadtest.analysis import PointSummary, Slo, read_records, summarize_point
-from loadtest.pacing import pool_size
-from loadtest.records import token_times
-from loadtest.report import write_report
-from loadtest.runtime import ServerProcess, free_port, scrape_counters, subtract
+from loadtest.analysis import PointSummary, Slo
+from loadtest.report import publish, write_report
+from loadtest.runtime import ServerProcess, free_port
+from loadtest.sweep import PointSettings, Workload, config_args, probe_capacity, run_point
 
-TRAFFIC = Path(__file__).resolve().with_name("traffic.py")
-DRAFTERS = ("ngram", "eagle3", "dflash", "dspark")
 QUICK_FRACTIONS = (0.25, 0.6, 1.0)
 FULL_FRACTIONS = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0, 1.2)
-
-
-def config_args(spec: str, drafter: str = "dspark", k: int | None = None) -> tuple[str, list[str]]:
-    """Server flags of a configuration name.
-
-    none | dspark | fixed<K> (drafter --drafter, fixed verify length K) | <drafter> |
-    <drafter>-fixed<K> | <drafter>-dspark | NAME=<raw server flags>
-    """
-    if "=" in spec:
-        name, raw = spec.split("=", 1)
-        return name.strip(), raw.split()
-    kk = ["--num-speculative-tokens", str(k)] if k else []
-    if spec == "none":
-        return spec, ["--speculative", "none", "--verify-policy", "none"]
-    if spec == "dspark":
-        return spec, ["--speculative", "dspark", "--verify-policy", "dspark", *kk]
-    head, _, tail = spec.partition("-")
-    if head.startswith("fixed") and head[5:].isdigit() and not tail:
-        return spec, [
-            "--speculative",
-            drafter,
-            "--verify-policy",
-            "fixed",
-            "--num-speculative-tokens",
-            head[5:],
-        ]
-    if head in DRAFTERS:
-        if not tail:
-            return spec, ["--speculative", head, *kk]
-        if tail == "dspark":
-            return spec, ["--speculative", head, "--verify-policy", "dspark", *kk]
-        if tail.startswith("fixed") and tail[5:].isdigit():
-            return spec, [
-                "--speculative",
-                head,
-                "--verify-policy",
-                "fixed",
-                "--num-speculative-tokens",
-                tail[5:],
-            ]
-    raise ValueError(f"unknown configuration {spec!r} (see --help)")
-
-
-@dataclass(frozen=True)
-class Workload:
-    """Everything that must be identical across configurations and reruns."""
-
-    mix: str
-    endpoint: str
-    max_tokens: int
-    temperature: float
-    ignore_eos: bool
-    prompt_max_chars: int
-    arrival: str
-    warmup_s: float
-    duration_s: float
-    model: str
-
-
-def locust_cmd(
-    host: str, rate: float, wl: Workload, records: Path, *, drain_s: float, e2e_budget_s: float
-) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "locust",
-        "-f",
-        str(TRAFFIC),
-        "--headless",
-        "-H",
-        host,
-        "--only-summary",
-        "--loglevel",
-        "WARNING",
-        "--csv",
-        str(records.with_suffix("")),
-        "--load-shape",
-        "constant-rate",
-        "--request-rate",
-        f"{rate:g}",
-        "--load-duration",
-        f"{wl.warmup_s + wl.duration_s:g}",
-        "--drain-timeout",
-        f"{drain_s:g}",
-        "--max-users",
-        str(pool_size(rate, e2e_budget_s)),
-        "--arrival",
-        wl.arrival,
-        "--mix",
-        wl.mix,
-        "--endpoint",
-        wl.endpoint,
-        "--max-tokens",
-        str(wl.max_tokens),
-        "--temperature",
-        f"{wl.temperature:g}",
-        "--prompt-max-chars",
-        str(wl.prompt_max_chars),
-        "--records-file",
-        str(records),
-    ]
-    return cmd + (["--ignore-eos"] if wl.ignore_eos else [])
-
-
-def run_point(
-    server: ServerProcess, name: str, rate: float, wl: Workload, out: Path, a: argparse.Namespace
-) -> PointSummary:
-    records = out / f"rate_{rate:g}.jsonl"
-    before = scrape_counters(server.url)
-    cmd = locust_cmd(
-        server.url, rate, wl, records, drain_s=a.drain_timeout, e2e_budget_s=a.e2e_budget
-    )
-    limit = wl.warmup_s + wl.duration_s + a.drain_timeout + 60
-    log = out / f"rate_{rate:g}.locust.log"
-    with open(log, "w") as f:
-        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=limit, check=False)
-    if not records.exists():
-        raise RuntimeError(f"locust wrote no records for {name} at {rate:g} rps; see {log}")
-    _, recs = read_records(records)
-    point = summarize_point(
-        recs,
-        config=name,
-        offered_rps=rate,
-        warmup_s=wl.warmup_s,
-        duration_s=wl.duration_s,
-        slo=Slo(a.slo_ttft, a.slo_tpot),
-        tol=a.tolerance,
-    )
-    point.server = subtract(scrape_counters(server.url), before)
-    return point
-
-
-def _closed_loop_tok_s(
-    server: ServerProcess, wl: Workload, records: Path, users: int, seconds: float, drain_s: float
-) -> tuple[float, float]:
-    """(output tok/s, mean output tokens per request) over the second half of a closed-loop run.
-
-    In-flight requests are allowed to finish after the run (--stop-timeout): their tokens inside
-    the window count, and only finished requests are recorded.
-    """
-    cmd = locust_cmd(server.url, 1.0, wl, records, drain_s=0, e2e_budget_s=1)
-    cmd[cmd.index("--load-shape") + 1] = "users"
-    cmd += [
-        "-u",
-        str(users),
-        "-r",
-        str(users),
-        "--load-duration",
-        f"{seconds:g}",
-        "--stop-timeout",
-        f"{drain_s:g}",
-    ]
-    subprocess.run(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=seconds + drain_s + 120,
-        check=False,
-    )
-    _, recs = read_records(records)
-    half = seconds / 2  # skip the ramp
-    tokens = sum(n for r in recs for t, n in token_times(r) if half <= t < seconds)
-    done = [r.n_tokens for r in recs if r.ok]
-    return tokens / half, (sum(done) / len(done) if done else float(wl.max_tokens))
-
-
-def probe_capacity(server: ServerProcess, wl: Workload, out: Path, a: argparse.Namespace) -> float:
-    """Requests/s the first configuration sustains: closed-loop runs doubling the users until
-    token throughput stops growing by 10%. Cached in <out>/probe.json."""
-    cached = out / "probe.json"
-    if cached.exists():
-        return float(json.loads(cached.read_text())["capacity_rps"])
-    stages: list[dict[str, float]] = []
-    users = 2
-    while users <= a.probe_users:
-        tok_s, mean_tokens = _closed_loop_tok_s(
-            server, wl, out / f"probe_u{users}.jsonl", users, a.probe_seconds, a.drain_timeout
-        )
-        stages.append({"users": users, "tok_s": tok_s, "rps": tok_s / max(mean_tokens, 1.0)})
-        print(f"  probe: {users} users -> {tok_s:.1f} tok/s", flush=True)
-        if len(stages) > 1 and tok_s < 1.1 * stages[-2]["tok_s"]:
-            break
-        users *= 2
-    capacity = max(s["rps"] for s in stages)
-    if capacity <= 0:
-        raise RuntimeError("capacity probe completed no requests; is the server working?")
-    cached.write_text(json.dumps({"capacity_rps": capacity, "stages": stages}, indent=1))
-    return capacity
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--out", type=Path, required=True, help="results folder (resumable)")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/loadtest/matched"), help="results folder (resumable)"
+    )
+    p.add_argument(
+        "--publish",
+        type=Path,
+        default=None,
+        help="also copy report.md, plots and points.json here (e.g. docs/loadtest)",
+    )
     p.add_argument(
         "--configs",
         default="none,dspark",
@@ -316,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = a.out
     if a.report_only:
         write_report(out)
+        if a.publish:
+            publish(out, a.publish)
         return 0
     wl = Workload(
         a.mix,
@@ -328,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         a.warmup,
         a.duration,
         a.model,
+    )
+    settings = PointSettings(
+        a.drain_timeout, a.e2e_budget, Slo(a.slo_ttft, a.slo_tpot), a.tolerance
     )
     configs = [config_args(s.strip(), a.drafter, a.k) for s in a.configs.split(",") if s.strip()]
     run_file = out / "run.json"
@@ -365,7 +186,14 @@ def main(argv: list[str] | None = None) -> int:
         with ServerProcess(cmd, free_port(), cdir / "server.log", a.ready_timeout) as server:
             print(f"[{name}] ready at {server.url} ({' '.join(args)})", flush=True)
             if rates is None:  # only ever the baseline: the probe is cached after it runs
-                capacity = probe_capacity(server, wl, out, a)
+                capacity = probe_capacity(
+                    server,
+                    wl,
+                    out,
+                    max_users=a.probe_users,
+                    seconds=a.probe_seconds,
+                    drain_s=a.drain_timeout,
+                )
                 rates = _rates(a, capacity)
                 print(f"[{name}] probed capacity {capacity:.3f} rps -> rates {rates}", flush=True)
             n_sat = 0
@@ -375,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                     point = PointSummary.from_json(json.loads(path.read_text()))
                 else:
                     t = time.monotonic()
-                    point = run_point(server, name, rate, wl, cdir, a)
+                    point = run_point(server, name, rate, wl, cdir, settings)
                     tmp = path.with_suffix(".tmp")
                     tmp.write_text(json.dumps(point.to_json(), indent=1))
                     tmp.replace(path)
@@ -385,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                     break
     report = write_report(out)
     print(f"report: {report}", flush=True)
+    if a.publish:
+        print(f"published: {publish(out, a.publish)}", flush=True)
     return 0
 
 

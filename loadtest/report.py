@@ -5,10 +5,12 @@ python -m loadtest.report results/matched       # rewrites results/matched/repor
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from loadtest.analysis import (
     max_goodput_rate,
 )
 
+PLOTS = ("frontier.png", "speedup.png", "latency.png", "goodput.png")
 CLAIM = "DeepSeek report 1.60-1.85x (V4-Flash) and 1.57-1.78x (V4-Pro) in production"
 
 
@@ -203,10 +206,10 @@ def write_report(out: Path) -> Path:
         if (m := matched_speedup(frontiers[baseline], frontiers[n], baseline=baseline, candidate=n))
         is not None
     ]
-    plot_frontier(points, names, out / "frontier.png")
-    plot_speedup(matched, names, out / "speedup.png")
-    plot_latency(points, names, out / "latency.png")
-    plot_goodput(points, names, slo, out / "goodput.png")
+    plot_frontier(points, names, out / PLOTS[0])
+    plot_speedup(matched, names, out / PLOTS[1])
+    plot_latency(points, names, out / PLOTS[2])
+    plot_goodput(points, names, slo, out / PLOTS[3])
 
     wl = run.get("workload", {})
     md = ["# Matched-throughput load test", ""]
@@ -292,7 +295,27 @@ def write_report(out: Path) -> Path:
     return path
 
 
+def publish(out: Path, dest: Path) -> Path:
+    """Copy the report and plots to `dest` (e.g. docs/loadtest), plus every point's summary in
+    one `points.json`; the raw per-request records stay in `out`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("report.md", *PLOTS):
+        shutil.copyfile(out / name, dest / name)
+    points = {n: [p.to_json() for p in ps] for n, ps in load_points(out).items()}
+    run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    (dest / "points.json").write_text(json.dumps({"run": run, "points": points}, indent=1) + "\n")
+    return dest / "report.md"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Rewrite the report of a matched-throughput run.")
+    p.add_argument("out", type=Path, help="results folder of loadtest.matched")
+    p.add_argument("--publish", type=Path, help="also copy report + plots here")
+    a = p.parse_args(argv)
+    print(write_report(a.out))
+    if a.publish:
+        print(publish(a.out, a.publish))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m loadtest.report RESULTS_DIR")
-    print(write_report(Path(sys.argv[1])))
+    main()

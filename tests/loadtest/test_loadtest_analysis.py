@@ -13,8 +13,8 @@ from loadtest.analysis import (
     max_goodput_rate,
     summarize_point,
 )
-from loadtest.matched import config_args
 from loadtest.records import StreamRecord
+from loadtest.sweep import config_args
 
 
 def synth(

@@ -42,7 +42,7 @@ def runner(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_quick_mode_end_to_end_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "matched"
-    res = runner(out)
+    res = runner(out, "--publish", str(tmp_path / "docs"))
     assert res.returncode == 0, res.stdout + res.stderr
 
     points = {
@@ -77,6 +77,10 @@ def test_quick_mode_end_to_end_and_resume(tmp_path: Path) -> None:
     for png in ("frontier", "speedup", "latency", "goodput"):
         data = (out / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        assert (tmp_path / "docs" / f"{png}.png").read_bytes() == data
+    assert (tmp_path / "docs" / "report.md").read_text() == report
+    published = json.loads((tmp_path / "docs" / "points.json").read_text())
+    assert len(published["points"]["spec"]) == 3 and published["run"]["baseline"] == "none"
 
     # Resume: everything is on disk, so nothing runs again.
     logs = {p: p.stat().st_mtime for p in out.glob("*/rate_*.locust.log")}
