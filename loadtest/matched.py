@@ -21,6 +21,7 @@ import argparse
 import json
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -174,48 +175,76 @@ def main(argv: list[str] | None = None) -> int:
 
     probe = out / "probe.json"
     capacity = json.loads(probe.read_text())["capacity_rps"] if probe.exists() else None
-    for name, args in configs:
-        cdir = out / name
-        cdir.mkdir(exist_ok=True)
-        rates = _rates(a, capacity) if (a.rates != "auto" or capacity is not None) else None
-        if rates is not None and _nothing_left(cdir, rates, a.stop_after_saturated):
-            print(f"[{name}] finished earlier, skipping", flush=True)
+    failed: dict[str, str] = {}
+    for i, (name, args) in enumerate(configs):
+        if capacity is None and a.rates == "auto" and i > 0:
+            failed[name] = "no rates: the baseline's capacity probe did not run"
             continue
-        cmd = a.server_cmd.format(python=sys.executable, port="{port}").split()
-        cmd += (["--model", a.model] if a.model else []) + a.server_args.split() + args
-        with ServerProcess(cmd, free_port(), cdir / "server.log", a.ready_timeout) as server:
-            print(f"[{name}] ready at {server.url} ({' '.join(args)})", flush=True)
-            if rates is None:  # only ever the baseline: the probe is cached after it runs
-                capacity = probe_capacity(
-                    server,
-                    wl,
-                    out,
-                    max_users=a.probe_users,
-                    seconds=a.probe_seconds,
-                    drain_s=a.drain_timeout,
-                )
-                rates = _rates(a, capacity)
-                print(f"[{name}] probed capacity {capacity:.3f} rps -> rates {rates}", flush=True)
-            n_sat = 0
-            for rate in rates:
-                path = cdir / f"rate_{rate:g}.json"
-                if path.exists():
-                    point = PointSummary.from_json(json.loads(path.read_text()))
-                else:
-                    t = time.monotonic()
-                    point = run_point(server, name, rate, wl, cdir, settings)
-                    tmp = path.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(point.to_json(), indent=1))
-                    tmp.replace(path)
-                    print(_describe(point, time.monotonic() - t), flush=True)
-                n_sat += point.saturated
-                if n_sat >= a.stop_after_saturated:
-                    break
+        try:
+            capacity = sweep_config(name, args, capacity, wl, settings, a)
+        except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as e:
+            # One broken configuration (say, a drafter without a checkpoint) must not cost the
+            # others; its finished points stay on disk and a rerun retries the rest.
+            failed[name] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(
+                f"[{name}] FAILED: {failed[name]} (server log: {out / name / 'server.log'})",
+                flush=True,
+            )
+    run_info["failed"] = failed
+    run_file.write_text(json.dumps(run_info, indent=2))
     report = write_report(out)
     print(f"report: {report}", flush=True)
     if a.publish:
         print(f"published: {publish(out, a.publish)}", flush=True)
-    return 0
+    return 1 if failed else 0
+
+
+def sweep_config(
+    name: str,
+    args: list[str],
+    capacity: float | None,
+    wl: Workload,
+    settings: PointSettings,
+    a: argparse.Namespace,
+) -> float | None:
+    """Run the configuration's missing points; returns the capacity (probed if needed)."""
+    cdir = a.out / name
+    cdir.mkdir(exist_ok=True)
+    rates = _rates(a, capacity) if (a.rates != "auto" or capacity is not None) else None
+    if rates is not None and _nothing_left(cdir, rates, a.stop_after_saturated):
+        print(f"[{name}] finished earlier, skipping", flush=True)
+        return capacity
+    cmd = a.server_cmd.format(python=sys.executable, port="{port}").split()
+    cmd += (["--model", a.model] if a.model else []) + a.server_args.split() + args
+    with ServerProcess(cmd, free_port(), cdir / "server.log", a.ready_timeout) as server:
+        print(f"[{name}] ready at {server.url} ({' '.join(args)})", flush=True)
+        if rates is None:  # only ever the baseline: the probe is cached after it runs
+            capacity = probe_capacity(
+                server,
+                wl,
+                a.out,
+                max_users=a.probe_users,
+                seconds=a.probe_seconds,
+                drain_s=a.drain_timeout,
+            )
+            rates = _rates(a, capacity)
+            print(f"[{name}] probed capacity {capacity:.3f} rps -> rates {rates}", flush=True)
+        n_sat = 0
+        for rate in rates:
+            path = cdir / f"rate_{rate:g}.json"
+            if path.exists():
+                point = PointSummary.from_json(json.loads(path.read_text()))
+            else:
+                t = time.monotonic()
+                point = run_point(server, name, rate, wl, cdir, settings)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(point.to_json(), indent=1))
+                tmp.replace(path)
+                print(_describe(point, time.monotonic() - t), flush=True)
+            n_sat += point.saturated
+            if n_sat >= a.stop_after_saturated:
+                break
+    return capacity
 
 
 def _describe(p: PointSummary, took_s: float) -> str:

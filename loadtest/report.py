@@ -232,6 +232,8 @@ def write_report(out: Path) -> Path:
             f"{s['x_hi']:.1f} aggregate tok/s, the range where both are unsaturated."
         )
     md += ["", f"For scale: {CLAIM}; their baseline is MTP-1, not plain decoding.", ""]
+    for n, why in run.get("failed", {}).items():
+        md += [f"- **{n} failed**: {why} (see `{n}/server.log` in the results folder)"]
     md += ["![per-user vs aggregate](frontier.png)", "", "![speedup](speedup.png)", ""]
     md += ["![latency](latency.png)", "", "![goodput](goodput.png)", ""]
     md += [

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.analysis import Frontier, PointSummary, matched_speedup
+from loadtest.analysis import Frontier, PointSummary, matched_speedup, read_records
 
 REPO = Path(__file__).resolve().parents[2]
 STUB = Path(__file__).resolve().with_name("loadtest_stub.py")
 
 
-def runner(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def runner(
+    out: Path, *extra: str, configs: str = "none=--spec-k 0,spec=--spec-k 3 --accept-prob 0.8"
+) -> subprocess.CompletedProcess[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -33,7 +35,7 @@ def runner(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
         "--server-cmd",
         f"{{python}} {STUB} --port {{port}}",
         "--configs",
-        "none=--spec-k 0,spec=--spec-k 3 --accept-prob 0.8",
+        configs,
         *extra,
     ]
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -62,7 +64,11 @@ def test_quick_mode_end_to_end_and_resume(tmp_path: Path) -> None:
             assert p.achieved_rps == pytest.approx(p.offered_rps, rel=0.15)
             assert p.agg_tok_s == pytest.approx(p.offered_rps * 32, rel=0.15)
     assert all(p.mean_acceptance_length and p.mean_acceptance_length > 2 for p in points["spec"])
-    assert all(p.server["dspark_generation_tokens"] > 0 for p in points["spec"])
+    # The client's token count (usage chunks) agrees exactly with the server's counter delta.
+    for name, ps in points.items():
+        for p in ps:
+            _, recs = read_records(out / name / f"rate_{p.offered_rps:g}.jsonl")
+            assert p.server["dspark_generation_tokens"] == sum(r.n_tokens for r in recs)
 
     m = matched_speedup(
         Frontier.from_points(points["none"]),
@@ -94,3 +100,21 @@ def test_quick_mode_end_to_end_and_resume(tmp_path: Path) -> None:
     # A different workload in the same folder is refused.
     other = runner(out, "--max-tokens", "16")
     assert other.returncode != 0 and "different workload" in other.stderr
+
+
+def test_a_broken_configuration_does_not_stop_the_others(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    res = runner(
+        out,
+        "--rates",
+        "2",
+        "--warmup",
+        "1",
+        "--duration",
+        "3",
+        configs="broken=--no-such-flag,none=--spec-k 0",
+    )
+    assert res.returncode == 1
+    assert "[broken] FAILED: server exited with 2" in res.stdout
+    assert (out / "none" / "rate_2.json").exists()
+    assert "**broken failed**" in (out / "report.md").read_text()
