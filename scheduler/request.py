@@ -111,6 +111,10 @@ class RequestOutput:
     num_output_tokens: int = 0  # cumulative, after this output
     spec: SpecStats | None = None  # cumulative, when the request was drafted for
     error: str | None = None  # set with FinishReason.ERROR; a message safe to show clients
+    # Set on the finished output (engine clock, seconds): arrival -> first scheduled, and
+    # first scheduled -> first token (the prefill). None when the request never ran.
+    queue_time_s: float | None = None
+    prefill_time_s: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,205 @@
+"""Continuous batching: which requests run this step, with how many tokens each.
+
+Pure Python (no torch, no asyncio, no I/O); tests drive it with hand-written StepResults.
+
+The counter rule (vLLM v1): a request needs `num_tokens - num_computed_tokens` more tokens of
+KV. `schedule()` hands out the step's token budget so requests catch up:
+
+    1. running requests that are decoding (exactly one uncomputed token: the anchor) get 1 token
+       each, first, so admitting new work never stalls a stream;
+    2. running requests still prefilling get the next chunk of their prompt;
+    3. waiting requests are admitted while a KV slot is free and budget remains, FIFO, their
+       first chunk possibly partial (chunked prefill).
+
+Draft tokens are added afterwards by the engine (they need the proposer and the verify policy)
+within whatever budget is left. `update()` applies the runner's result: advance
+`num_computed_tokens` past the computed tokens and the *accepted* drafts only (that is the whole
+KV rollback), append the new tokens, and stop on EOS, stop ids, max_tokens or max_model_len.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable
+
+from scheduler.kv_slots import KVSlotManager
+from scheduler.plan import RequestResult, ScheduledRequest, StepPlan, StepResult
+from scheduler.request import FinishReason, Request, RequestOutput, TokenLogprob
+
+FaultHook = Callable[[Request], None]
+
+
+class ContinuousBatcher:
+    def __init__(
+        self,
+        max_num_seqs: int,
+        max_model_len: int,
+        max_num_batched_tokens: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.kv = KVSlotManager(max_num_seqs, max_model_len)
+        self.clock = clock
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # resident (own a KV slot), in admission order
+        self.fault_hook: FaultHook | None = None  # test hook: raising fails that request only
+
+    # -- intake ---------------------------------------------------------------------------
+    def add(self, req: Request) -> RequestOutput | None:
+        """Queue a request; returns a finished output right away if it can never run."""
+        if req.num_prompt_tokens >= self.max_model_len:
+            req.finish_reason = FinishReason.LENGTH
+            return self._output(req, [])
+        self.waiting.append(req)
+        return None
+
+    def abort(self, req_id: str) -> RequestOutput | None:
+        for req in self.waiting:
+            if req.req_id == req_id:
+                self.waiting.remove(req)
+                req.finish_reason = FinishReason.ABORT
+                return self._output(req, [])
+        for req in self.running:
+            if req.req_id == req_id:
+                req.finish_reason = FinishReason.ABORT
+                self._release(req)
+                return self._output(req, [])
+        return None
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """The engine is going down: finish every request with an error."""
+        outputs = []
+        for req in [*self.running, *self.waiting]:
+            req.finish_reason, req.error = FinishReason.ERROR, message
+            outputs.append(self._output(req, []))
+        self.running.clear()
+        self.waiting.clear()
+        return outputs
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # -- schedule -------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        prefilling: list[Request] = []
+        for req in self.running:
+            if req.num_uncomputed_tokens == 1 and budget > 0:
+                scheduled.append(ScheduledRequest(req, 1))
+                budget -= 1
+            elif req.num_uncomputed_tokens > 1:
+                prefilling.append(req)
+        for req in prefilling:
+            if budget == 0:
+                break
+            chunk = min(req.num_uncomputed_tokens, budget)
+            scheduled.append(ScheduledRequest(req, chunk))
+            budget -= chunk
+        while self.waiting and budget > 0:
+            slot = self.kv.try_allocate()
+            if slot is None:
+                break  # requests wait for a free KV slot
+            req = self.waiting.popleft()
+            req.slot = slot
+            req.first_scheduled_s = self.clock()
+            self.running.append(req)
+            chunk = min(req.num_uncomputed_tokens, budget)
+            scheduled.append(ScheduledRequest(req, chunk))
+            budget -= chunk
+        return StepPlan(scheduled)
+
+    def max_draft_tokens(self, s: ScheduledRequest) -> int:
+        """Most drafts worth verifying for a sampling request: room in max_tokens and the cache."""
+        req = s.req
+        room_in_output = req.remaining_tokens - 1  # the bonus token always comes on top
+        room_in_cache = self.max_model_len - req.num_tokens
+        return max(0, min(room_in_output, room_in_cache))
+
+    # -- update ---------------------------------------------------------------------------
+    def update(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        now = self.clock()
+        for s, r in zip(plan.scheduled, result.results, strict=True):
+            req = s.req
+            if req.is_finished:  # aborted while the step ran
+                continue
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook(req)
+                if r.error is not None:
+                    raise RuntimeError(r.error)
+                out = self._apply(s, r, now)
+            except Exception:  # noqa: BLE001 - isolate one request's failure
+                req.finish_reason = FinishReason.ERROR
+                req.error = "internal error while processing this request"
+                self._release(req)
+                outputs.append(self._output(req, []))
+                continue
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _apply(self, s: ScheduledRequest, r: RequestResult, now: float) -> RequestOutput | None:
+        req = s.req
+        samples = s.samples  # read before the counters move
+        req.num_computed_tokens += s.num_new_tokens + r.num_accepted_drafts
+        if not samples:
+            return None  # a prefill chunk: nothing to emit yet
+        if s.draft_ids:
+            req.spec.num_drafts += 1
+            req.spec.num_draft_tokens += len(s.draft_ids)
+            req.spec.num_accepted_tokens += r.num_accepted_drafts
+        emitted: list[int] = []
+        for token in r.token_ids:
+            emitted.append(token)
+            req.append_output([token])
+            reason = self._stop_reason(req, token)
+            if reason is not None:
+                req.finish_reason = reason
+                break
+        if req.first_token_s is None and emitted:
+            req.first_token_s = now
+        logprobs = r.logprobs[: len(emitted)] if r.logprobs is not None else None
+        if req.is_finished:
+            self._release(req)
+        return self._output(req, emitted, logprobs)
+
+    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
+        if token in req.params.stop_token_ids:
+            return FinishReason.STOP
+        if not req.params.ignore_eos and token in req.eos_token_ids:
+            return FinishReason.STOP
+        if req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    # -- helpers --------------------------------------------------------------------------
+    def _release(self, req: Request) -> None:
+        if req.slot is not None:
+            self.kv.free(req.slot)
+            req.slot = None
+        if req in self.running:
+            self.running.remove(req)
+
+    def _output(
+        self, req: Request, new_ids: list[int], logprobs: list[TokenLogprob] | None = None
+    ) -> RequestOutput:
+        out = RequestOutput(
+            req_id=req.req_id,
+            new_token_ids=new_ids,
+            finish_reason=req.finish_reason,
+            logprobs=logprobs,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens,
+            spec=req.spec if req.spec.num_drafts else None,
+            error=req.error,
+        )
+        if req.is_finished and req.first_scheduled_s is not None:
+            out.queue_time_s = req.first_scheduled_s - req.arrival_s
+            if req.first_token_s is not None:
+                out.prefill_time_s = req.first_token_s - req.first_scheduled_s
+        return out

@@ -1,0 +1,131 @@
+"""Assemble an LLMEngine from an EngineConfig: model, runner, drafter, verify policy, profile."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from scheduler.batching import ContinuousBatcher
+from scheduler.config import EngineConfig
+from scheduler.engine import LLMEngine
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(config: EngineConfig) -> LLMEngine:
+    if config.model == "fake":
+        return _build_fake(config)
+    from pathlib import Path
+
+    from drafts.registry import build_proposer
+    from scheduler.loader import load_target
+    from scheduler.runner import TorchModelRunner
+
+    loaded = load_target(
+        config.model, config.device, config.dtype, Path(config.cache_dir) if config.cache_dir else None
+    )
+    proposer = build_proposer(
+        config.speculative, loaded.hf_model, config.draft_checkpoint, config.num_speculative_tokens
+    )
+    runner = TorchModelRunner(
+        loaded.hf_model,
+        num_slots=config.max_num_seqs,
+        max_model_len=config.max_model_len,
+        aux_layer_ids=tuple(proposer.aux_layer_ids) if proposer is not None else (),
+        seed=config.seed,
+    )
+    engine = LLMEngine(
+        runner=runner,
+        batcher=_batcher(config),
+        tokenizer=loaded.tokenizer,
+        model_name=loaded.name,
+        eos_token_ids=_eos_ids(loaded.hf_model, loaded.tokenizer),
+        proposer=proposer,
+    )
+    _attach_scheduling(engine, config)
+    if config.profile_on_start and engine.profile is not None:
+        _measure_profile(engine, runner, config)
+    return engine
+
+
+def _batcher(config: EngineConfig) -> ContinuousBatcher:
+    return ContinuousBatcher(config.max_num_seqs, config.max_model_len, config.max_num_batched_tokens)
+
+
+def _attach_scheduling(engine: LLMEngine, config: EngineConfig) -> None:
+    """Verify policy, throughput profile and online acceptance estimator (when drafting)."""
+    if engine.proposer is None:
+        return
+    from scheduler.acceptance import OnlineAcceptanceEstimator
+    from scheduler.profiler import ThroughputProfile
+    from scheduler.verify_policy import build_policy
+
+    engine.profile = ThroughputProfile(config.max_num_batched_tokens)
+    engine.policy = build_policy(config.verify_policy, config.num_speculative_tokens, engine.profile)
+    engine.estimator = OnlineAcceptanceEstimator()
+
+
+def _eos_ids(hf_model, tokenizer) -> frozenset[int]:  # noqa: ANN001 - transformers objects
+    ids: set[int] = set()
+    eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _measure_profile(engine: LLMEngine, runner, config: EngineConfig) -> None:  # noqa: ANN001
+    """Time real target steps of several sizes on unallocated slots (their KV is scratch)."""
+    import torch
+
+    from scheduler.model import build_packed_batch
+    from scheduler.profiler import default_profile_sizes, measure_profile
+
+    model = runner.model
+    context = min(256, config.max_model_len // 2)
+    max_query = 1 + engine.proposer.max_draft_tokens
+
+    def run_step(num_tokens: int) -> float:
+        # Decode-shaped: requests of up to 1 + gamma tokens each over a realistic context.
+        queries, left, slot = [], num_tokens, 0
+        while left > 0:
+            n = min(left, max_query)
+            queries.append((slot % config.max_num_seqs, context, [0] * n))
+            left, slot = left - n, slot + 1
+        batch = build_packed_batch(queries, list(range(len(queries))), model.device)
+        t = time.perf_counter()
+        model.forward(batch)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    sizes = default_profile_sizes(
+        config.max_num_seqs, engine.proposer.max_draft_tokens, config.max_num_batched_tokens
+    )
+    points = measure_profile(run_step, sizes, repeats=3)
+    engine.profile.seed(points)
+    log.info("throughput profile (tokens, steps/s): %s", engine.profile.table())
+
+
+def _build_fake(config: EngineConfig) -> LLMEngine:
+    from drafts.registry import build_proposer
+    from scheduler.fake import FAKE_TEXT, FakeRunner, build_fake_tokenizer
+
+    tokenizer = build_fake_tokenizer()
+    fake_ids = tokenizer.encode(FAKE_TEXT, add_special_tokens=False)
+    eos = tokenizer.eos_token_id
+    runner = FakeRunner(fake_ids, eos)
+    proposer = build_proposer(config.speculative, None, config.draft_checkpoint, config.num_speculative_tokens)
+    engine = LLMEngine(
+        runner=runner,
+        batcher=_batcher(config),
+        tokenizer=tokenizer,
+        model_name="fake",
+        eos_token_ids=frozenset({eos}),
+        proposer=proposer,
+    )
+    _attach_scheduling(engine, config)
+    return engine

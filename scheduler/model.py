@@ -1,0 +1,226 @@
+"""The target's forward pass over the packed tokens of a whole step, with a static KV cache.
+
+The weights and the per-layer modules (projections, norms, MLP, rotary embedding) are the
+transformers model's own, so any Llama-family architecture (Llama, Qwen2 with qkv bias, Qwen3
+with q/k norms, Mistral, SmolLM2) runs unchanged. What this file owns is the part transformers
+cannot do for us: one forward over a step whose requests each bring a different number of new
+tokens at different positions, writing into and reading from one KV row per request.
+
+Layouts:
+    packed activations        [T, hidden]              T = tokens scheduled this step
+    k_cache, v_cache (each)   [layers, slots, kv_heads, max_model_len, head_dim]
+
+Attention pads only where it is cheap. Requests with few new tokens (decode, verification) are
+attended together over the view `cache[:, :num_slots]` with queries padded to the longest of
+them; long prefill chunks are attended one by one against their own cache row. Projections and
+the MLP always run on the packed tokens, so cost follows the tokens actually computed, and the
+LM head runs only on the rows that need logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Requests with at most this many query tokens share one padded attention call.
+SMALL_QUERY_MAX = 16
+
+
+@dataclass
+class SmallGroup:
+    """Short-query requests attended together (decode and draft verification)."""
+
+    rows: torch.Tensor  # [n] rows of the packed batch that belong to the group
+    slot_ids: torch.Tensor  # [n] KV slot of each row
+    query_idx: torch.Tensor  # [n] index of each row within its request's query
+    num_slots: int  # attend over slots [0, num_slots)
+    query_max: int
+    kv_max: int
+    mask: torch.Tensor  # [num_slots, 1, query_max, kv_max] bool, True = may attend
+
+
+@dataclass
+class LongQuery:
+    """One prefill chunk attended on its own."""
+
+    row_start: int  # first row in the packed batch
+    num_rows: int
+    slot: int
+    start_pos: int  # position of the first query token
+    mask: torch.Tensor  # [num_rows, start_pos + num_rows] bool causal-with-offset
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_ids: torch.Tensor  # [T] int64
+    logits_rows: torch.Tensor  # [N] rows whose logits are needed
+    small: SmallGroup | None
+    long: list[LongQuery]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class TargetModel:
+    """Wraps a transformers *ForCausalLM; owns the KV cache."""
+
+    def __init__(
+        self, hf_model: torch.nn.Module, num_slots: int, max_model_len: int
+    ) -> None:
+        cfg = hf_model.config
+        self.hf_model = hf_model
+        self.decoder = hf_model.model
+        self.layers = list(hf_model.model.layers)
+        self.lm_head = hf_model.lm_head
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.hidden_size = cfg.hidden_size
+        self.vocab_size = cfg.vocab_size
+        self.num_layers = len(self.layers)
+        param = next(hf_model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        shape = (self.num_layers, num_slots, self.num_kv_heads, max_model_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward(
+        self, batch: PackedBatch, aux_layer_ids: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (logits [N, vocab] float32 at batch.logits_rows, aux [T, m*hidden] or None)."""
+        h = self.decoder.embed_tokens(batch.input_ids)  # [T, hidden]
+        cos, sin = self.decoder.rotary_emb(h, batch.positions[None])
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]
+        aux: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            x = layer.input_layernorm(h)
+            h = h + self._attention(i, layer.self_attn, x, cos, sin, batch)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if i in aux_layer_ids:
+                aux.append(h)
+        last = self.decoder.norm(h[batch.logits_rows])
+        logits = self.lm_head(last).float()
+        aux_hidden = None
+        if aux_layer_ids:
+            by_id = dict(zip([i for i in range(self.num_layers) if i in aux_layer_ids], aux))
+            aux_hidden = torch.cat([by_id[i] for i in aux_layer_ids], dim=-1)
+        return logits, aux_hidden
+
+    def _attention(
+        self,
+        layer_idx: int,
+        attn: torch.nn.Module,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: PackedBatch,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q = attn.q_proj(x).view(T, self.num_heads, self.head_dim)
+        k = attn.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]
+        k_cache[batch.slot_ids, :, batch.positions] = k
+        v_cache[batch.slot_ids, :, batch.positions] = v
+        scale = getattr(attn, "scaling", self.head_dim**-0.5)
+        gqa = self.num_heads != self.num_kv_heads
+        out = torch.empty_like(q)  # [T, heads, head_dim]
+        g = batch.small
+        if g is not None:
+            qp = q.new_zeros(g.num_slots, g.query_max, self.num_heads, self.head_dim)
+            qp[g.slot_ids, g.query_idx] = q[g.rows]
+            o = F.scaled_dot_product_attention(
+                qp.transpose(1, 2),  # [slots, heads, query_max, head_dim]
+                k_cache[: g.num_slots, :, : g.kv_max],
+                v_cache[: g.num_slots, :, : g.kv_max],
+                attn_mask=g.mask,
+                scale=scale,
+                enable_gqa=gqa,
+            )
+            out[g.rows] = o.transpose(1, 2)[g.slot_ids, g.query_idx]
+        for lq in batch.long:
+            rows = slice(lq.row_start, lq.row_start + lq.num_rows)
+            kv_len = lq.start_pos + lq.num_rows
+            o = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1)[None],  # [1, heads, rows, head_dim]
+                k_cache[lq.slot : lq.slot + 1, :, :kv_len],
+                v_cache[lq.slot : lq.slot + 1, :, :kv_len],
+                attn_mask=lq.mask,
+                scale=scale,
+                enable_gqa=gqa,
+            )
+            out[rows] = o[0].transpose(0, 1)
+        return attn.o_proj(out.view(T, self.num_heads * self.head_dim))
+
+
+def build_packed_batch(
+    queries: list[tuple[int, int, list[int]]],
+    logits_rows: list[int],
+    device: torch.device,
+) -> PackedBatch:
+    """queries: per request (slot, start_pos, token ids), in packed order."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slot_ids: list[int] = []
+    small_rows: list[int] = []
+    small_slots: list[int] = []
+    small_qidx: list[int] = []
+    small_spans: list[tuple[int, int, int]] = []  # (slot, start_pos, num_rows)
+    long: list[LongQuery] = []
+    for slot, start, ids in queries:
+        row0, n = len(input_ids), len(ids)
+        input_ids.extend(ids)
+        positions.extend(range(start, start + n))
+        slot_ids.extend([slot] * n)
+        if n <= SMALL_QUERY_MAX:
+            small_rows.extend(range(row0, row0 + n))
+            small_slots.extend([slot] * n)
+            small_qidx.extend(range(n))
+            small_spans.append((slot, start, n))
+        else:
+            q_pos = torch.arange(start, start + n)[:, None]
+            mask = torch.arange(start + n)[None, :] <= q_pos
+            long.append(LongQuery(row0, n, slot, start, mask.to(device)))
+    small = None
+    if small_spans:
+        num_slots = max(s for s, _, _ in small_spans) + 1
+        query_max = max(n for _, _, n in small_spans)
+        kv_max = max(start + n for _, start, n in small_spans)
+        # Unused (slot, query) cells may attend position 0 only, so no row is all -inf (NaN).
+        mask = torch.zeros(num_slots, 1, query_max, kv_max, dtype=torch.bool)
+        mask[:, :, :, 0] = True
+        kv = torch.arange(kv_max)
+        for slot, start, n in small_spans:
+            q_pos = torch.arange(start, start + n)[:, None]
+            mask[slot, 0, :n] = kv[None, :] <= q_pos
+        small = SmallGroup(
+            rows=torch.tensor(small_rows, device=device),
+            slot_ids=torch.tensor(small_slots, device=device),
+            query_idx=torch.tensor(small_qidx, device=device),
+            num_slots=num_slots,
+            query_max=query_max,
+            kv_max=kv_max,
+            mask=mask.to(device),
+        )
+    def longs(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return PackedBatch(
+        input_ids=longs(input_ids),
+        positions=longs(positions),
+        slot_ids=longs(slot_ids),
+        logits_rows=longs(logits_rows),
+        small=small,
+        long=long,
+    )

@@ -1,0 +1,81 @@
+"""The data that crosses the batcher <-> runner boundary each step. Plain dataclasses.
+
+For a scheduled request the step feeds the target these tokens, at consecutive positions
+starting at `req.num_computed_tokens`:
+
+    all_token_ids[num_computed : num_computed + num_new_tokens]  +  draft_ids
+
+A request *samples* when those committed tokens reach the end of what it has (its last token is
+the anchor). Then the runner needs logits at the anchor and at every draft position
+(1 + len(draft_ids) rows) and returns the accepted drafts plus one bonus/recovered token.
+A prefill chunk that stops short of the end samples nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from scheduler.request import Request, TokenLogprob
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    req: Request
+    num_new_tokens: int  # committed tokens whose KV this step computes
+    draft_ids: list[int] = field(default_factory=list)  # drafts verified after them
+    # [len(draft_ids), vocab] distribution each draft was drawn from; None = deterministic draft.
+    draft_probs: torch.Tensor | None = None
+    predicted_survival: list[float] = field(default_factory=list)  # per verified draft position
+
+    @property
+    def start_pos(self) -> int:
+        return self.req.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        return self.req.num_computed_tokens + self.num_new_tokens == self.req.num_tokens
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.num_new_tokens + len(self.draft_ids)
+
+    def input_ids(self) -> list[int]:
+        start = self.req.num_computed_tokens
+        return self.req.all_token_ids[start : start + self.num_new_tokens] + self.draft_ids
+
+
+@dataclass(slots=True)
+class StepPlan:
+    scheduled: list[ScheduledRequest]
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_query_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(slots=True)
+class RequestResult:
+    """What the runner produced for one scheduled request."""
+
+    token_ids: list[int] = field(default_factory=list)  # accepted drafts + bonus/recovered
+    num_accepted_drafts: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None  # per-request failure; the request ends with FinishReason.ERROR
+
+
+@dataclass(slots=True)
+class StepResult:
+    results: list[RequestResult]  # aligned with StepPlan.scheduled
+    forward_time_s: float = 0.0
+    # Per scheduled request: [num committed positions this step, feature dim] target features
+    # for the proposer, or None when no proposer needs them.
+    aux_hidden: list[Any] | None = None

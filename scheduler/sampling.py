@@ -1,0 +1,137 @@
+"""Sampling and lossless verification of draft tokens.
+
+Every distribution the target samples from is built by `target_probs`: penalties on the raw
+logits, then temperature, then top-k / top-p / min-p (vLLM's order). Drafters apply the same
+`process_logits` to their own logits, so the rejection test compares like with like.
+
+Verification of drafts d_1..d_k after an anchor, with target distributions p_0..p_k (p_j is the
+distribution of the token that follows position j of the query):
+
+    greedy      accept d_j while d_j == argmax p_{j-1}; the first mismatch is replaced by that
+                argmax; if all k match, the *bonus* token is argmax p_k.
+    sampling    accept d_j with probability min(1, p_{j-1}(d_j) / q_j(d_j)); on the first
+                rejection the *recovered* token is drawn from norm(max(0, p_{j-1} - q_j)); if
+                all k are accepted the bonus token is drawn from p_k. (Leviathan et al. 2023,
+                Chen et al. 2023: the emitted tokens are distributed exactly as p.)
+
+A deterministic drafter's q_j is one-hot on d_j. Each request draws from its own
+torch.Generator, so a seeded request produces the same tokens alone or in a busy batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from scheduler.request import SamplingParams, TokenLogprob
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p on logits [n, vocab] -> probabilities [n, vocab] float32.
+
+    For temperature 0 (greedy) returns the one-hot of the argmax.
+    """
+    logits = logits.float()
+    if params.is_greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked before it already cover top_p (the first stays).
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    if params.min_p > 0.0:
+        floor = params.min_p * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prompt_ids: Sequence[int],
+    output_counts: Mapping[int, int],
+    draft_ids: Sequence[int] = (),
+) -> torch.Tensor:
+    """Penalties for rows [k+1, vocab]: row j also counts drafts d_1..d_j as already emitted."""
+    logits = logits.float().clone()
+    counts = dict(output_counts)
+    for row in range(logits.shape[0]):
+        if row > 0:
+            token = draft_ids[row - 1]
+            counts[token] = counts.get(token, 0) + 1
+        if not counts and params.repetition_penalty == 1.0:
+            continue
+        if params.repetition_penalty != 1.0:  # prompt and output tokens, on the raw logit
+            seen = torch.tensor(sorted(set(prompt_ids) | counts.keys()), device=logits.device)
+            vals = logits[row, seen]
+            rp = params.repetition_penalty
+            logits[row, seen] = torch.where(vals > 0, vals / rp, vals * rp)
+        if counts:  # frequency and presence: output tokens only
+            ids = torch.tensor(list(counts.keys()), dtype=torch.long, device=logits.device)
+            n = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+            logits[row, ids] -= params.frequency_penalty * n + params.presence_penalty
+    return logits
+
+
+def target_probs(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prompt_ids: Sequence[int],
+    output_counts: Mapping[int, int],
+    draft_ids: Sequence[int] = (),
+) -> torch.Tensor:
+    if params.has_penalties:
+        logits = apply_penalties(logits, params, prompt_ids, output_counts, draft_ids)
+    return process_logits(logits, params)
+
+
+def rejection_sample(
+    probs: torch.Tensor,
+    draft_ids: Sequence[int],
+    draft_probs: torch.Tensor | None,
+    generator: torch.Generator,
+) -> tuple[int, list[int]]:
+    """probs: target [k+1, vocab]; draft_probs: [k, vocab] or None (one-hot drafts)."""
+    k = len(draft_ids)
+    for j, d in enumerate(draft_ids):
+        p = probs[j]
+        q_d = 1.0 if draft_probs is None else float(draft_probs[j, d])
+        u = float(torch.rand((), generator=generator, device=probs.device))
+        if q_d > 0 and u * q_d < float(p[d]):
+            continue
+        # Rejected at j: resample from the residual max(0, p - q).
+        if draft_probs is None:
+            residual = p.clone()
+            residual[d] = 0.0
+        else:
+            residual = (p - draft_probs[j]).clamp_min(0.0)
+        if float(residual.sum()) <= 1e-12:  # p == q up to rounding: the residual is p itself
+            residual = p
+        token = int(torch.multinomial(residual, 1, generator=generator))
+        return j, [*draft_ids[:j], token]
+    bonus = int(torch.multinomial(probs[k], 1, generator=generator))
+    return k, [*draft_ids, bonus]
+
+
+def top_logprobs(
+    logits: torch.Tensor, token_ids: Sequence[int], num_top: int
+) -> list[TokenLogprob]:
+    """Raw model log-probabilities (before penalties and temperature) of the emitted tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for row, token in enumerate(token_ids):
+        top: list[tuple[int, float]] = []
+        if num_top > 0:
+            vals, ids = torch.topk(logp[row], num_top)
+            top = list(zip(ids.tolist(), vals.tolist()))
+        out.append(TokenLogprob(token, float(logp[row, token]), top))
+    return out
