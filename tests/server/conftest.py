@@ -12,18 +12,14 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from gateway_harness import FAKE_SETTINGS, Running, serve
+from gateway_harness import FAKE_SETTINGS, Running, fake_engine_factory, serve
 
 from server.app import create_app
 
 
 @pytest.fixture(scope="module")
 def fake_server() -> Iterator[Running]:
-    # Interim: the scripted double replays the fake engine's output until scheduler/fake.py lands.
-    from gateway_harness import fake_text_script, fake_tokenizer, scripted_app
-
-    app = scripted_app(fake_text_script(fake_tokenizer()), model_name="fake")
-    with serve(app) as running:
+    with serve(create_app(FAKE_SETTINGS, fake_engine_factory())) as running:
         yield running
 
 

@@ -85,12 +85,19 @@ def fake_engine_factory(step_s: float = 0.002, **config: Any) -> Callable[[], An
         from scheduler.engine import build_engine
 
         cfg = {"model": "fake", "max_num_seqs": 4, "max_model_len": 512,
-               "max_num_batched_tokens": 64, **config}
+               "max_num_batched_tokens": 64, "profile_on_start": False, **config}
         engine = build_engine(EngineConfig(**cfg))
         engine.runner.step_time_s = step_s  # a few ms per step: realistic interleaving
         return engine
 
     return build
+
+
+def fake_app(settings: ServerSettings = FAKE_SETTINGS, step_s: float = 0.002, **config: Any) -> FastAPI:
+    """The real engine (scheduler.engine) around the torch-free FakeRunner."""
+    factory = fake_engine_factory(step_s, max_num_seqs=settings.max_num_seqs,
+                                  max_model_len=settings.max_model_len, **config)
+    return create_app(settings, factory)
 
 
 def fake_tokenizer() -> Any:

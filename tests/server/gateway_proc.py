@@ -1,9 +1,9 @@
-"""`python -m server`'s main() around a scripted engine, for process-level tests.
+"""`python -m server`'s main() around the fake engine, for process-level tests.
 
     GATEWAY_TEST_STEP_S=0.02 python tests/server/gateway_proc.py --port 8123
 
-The engine thread dies when a prompt contains the text CRASH (the script raises on the engine
-thread), which is how the tests make the process exit non-zero.
+The engine step raises (killing the engine thread) when a scheduled prompt contains the text
+CRASH; that is how the tests make the process exit non-zero.
 """
 
 from __future__ import annotations
@@ -12,27 +12,29 @@ import os
 import sys
 from typing import Any
 
-from gateway_doubles import ScriptedEngine, ScriptedThread
-
-from scheduler.fake import build_fake_tokenizer
-from scheduler.request import Request
+from scheduler.config import EngineConfig
+from scheduler.engine import LLMEngine, build_engine
 from server.__main__ import main
 
 
-def build() -> ScriptedEngine:
-    tok = build_fake_tokenizer()
-    ids = tok.encode("la " * 400, add_special_tokens=False)
-    marker = tok.encode("CRASH", add_special_tokens=False)
+def build() -> LLMEngine:
+    engine = build_engine(EngineConfig(model="fake", max_num_seqs=4, max_model_len=2048,
+                                       max_num_batched_tokens=64))
+    runner: Any = engine.runner
+    runner.step_time_s = float(os.environ.get("GATEWAY_TEST_STEP_S", "0.02"))
+    marker = engine.tokenizer.encode("CRASH", add_special_tokens=False)
+    execute = runner.execute
 
-    def script(req: Request) -> list[Any]:
-        p = req.prompt_ids
-        if any(p[i : i + len(marker)] == marker for i in range(len(p))):
-            raise RuntimeError("scripted engine failure")
-        return ids
+    def execute_or_crash(plan: Any) -> Any:
+        for s in plan.scheduled:
+            p = s.req.prompt_ids
+            if any(p[i : i + len(marker)] == marker for i in range(len(p))):
+                raise RuntimeError("injected engine step failure")
+        return execute(plan)
 
-    return ScriptedEngine(tok, script, step_s=float(os.environ.get("GATEWAY_TEST_STEP_S", "0.02")),
-                          max_model_len=2048, num_slots=4)
+    runner.execute = execute_or_crash
+    return engine
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], engine_factory=build, thread_factory=ScriptedThread))
+    sys.exit(main(sys.argv[1:], engine_factory=build))

@@ -15,20 +15,21 @@ from dataclasses import replace
 import httpx
 import openai
 import pytest
-from gateway_harness import FAKE_SETTINGS, Running, fake_tokenizer, scripted_app, serve, wait_until
+from gateway_harness import FAKE_SETTINGS, Running, fake_app, serve, wait_until
 
 STEP_S = 0.05
 MSGS = [{"role": "user", "content": "talk"}]
 
 
+# ignore_eos: the fake model's text ends after ~190 tokens; past it, it keeps emitting.
+LONG = {"max_tokens": 900, "extra_body": {"ignore_eos": True}}
+
+
 @pytest.fixture(scope="module")
 def slow() -> Iterator[Running]:
-    """Four slots, 50 ms steps, 1000-token outputs: requests run until someone stops them."""
-    tok = fake_tokenizer()
-    ids = tok.encode("la " * 400, add_special_tokens=False)[:1000]
+    """Four slots, 50 ms steps: requests with ignore_eos run until someone stops them."""
     settings = replace(FAKE_SETTINGS, max_num_seqs=4, max_model_len=2048)
-    with serve(scripted_app(lambda req: ids, settings, num_slots=4, step_s=STEP_S,
-                            max_model_len=2048)) as running:
+    with serve(fake_app(settings, step_s=STEP_S)) as running:
         yield running
 
 
@@ -45,8 +46,8 @@ def aborted(server: Running) -> float:
 def test_sdk_stream_close_frees_slots_and_they_are_reused(slow: Running) -> None:
     client = openai.OpenAI(base_url=slow.url("/v1"), api_key="x", max_retries=0)
     before = aborted(slow)
-    streams = [client.chat.completions.create(model="scripted", messages=MSGS, stream=True,  # type: ignore[arg-type]
-                                              max_tokens=900) for _ in range(4)]
+    streams = [client.chat.completions.create(model="fake", messages=MSGS, stream=True,  # type: ignore[arg-type]
+                                              **LONG) for _ in range(4)]
     for s in streams:
         for _, chunk in zip(range(3), s):  # a few chunks: the request is running
             assert chunk.id
@@ -58,7 +59,7 @@ def test_sdk_stream_close_frees_slots_and_they_are_reused(slow: Running) -> None
     assert time.monotonic() - t0 < 1.0  # a handful of 50 ms steps, not the 45 s the rest would take
     assert aborted(slow) == before + 4
     # The freed slots serve new requests to completion.
-    for s in [client.chat.completions.create(model="scripted", messages=MSGS, max_tokens=5)  # type: ignore[arg-type]
+    for s in [client.chat.completions.create(model="fake", messages=MSGS, max_tokens=5)  # type: ignore[arg-type]
               for _ in range(4)]:
         assert s.choices[0].finish_reason == "length" and s.usage and s.usage.completion_tokens == 5
 
@@ -66,7 +67,7 @@ def test_sdk_stream_close_frees_slots_and_they_are_reused(slow: Running) -> None
 def test_non_streaming_client_timeout_aborts(slow: Running) -> None:
     before = aborted(slow)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(slow.url("/v1/chat/completions"), json={"messages": MSGS, "max_tokens": 900},
+        httpx.post(slow.url("/v1/chat/completions"), json={"messages": MSGS, "max_tokens": 900, "ignore_eos": True},
                    timeout=httpx.Timeout(5.0, read=0.3))
     wait_until(lambda: idle(slow), 5, "non-streaming request aborted")
     assert aborted(slow) == before + 1
@@ -75,7 +76,8 @@ def test_non_streaming_client_timeout_aborts(slow: Running) -> None:
 def test_raw_socket_close_mid_stream(slow: Running) -> None:
     before = aborted(slow)
     host, port = slow.base_url.removeprefix("http://").split(":")
-    body = json.dumps({"messages": MSGS, "max_tokens": 900, "stream": True}).encode()
+    body = json.dumps({"messages": MSGS, "max_tokens": 900, "stream": True,
+                       "ignore_eos": True}).encode()
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Type: application/json\r\nContent-Length: "
@@ -88,8 +90,8 @@ def test_raw_socket_close_mid_stream(slow: Running) -> None:
 
 def test_queued_request_is_dropped_when_its_client_leaves(slow: Running) -> None:
     client = openai.OpenAI(base_url=slow.url("/v1"), api_key="x", max_retries=0)
-    streams = [client.chat.completions.create(model="scripted", messages=MSGS, stream=True,  # type: ignore[arg-type]
-                                              max_tokens=900) for _ in range(4)]
+    streams = [client.chat.completions.create(model="fake", messages=MSGS, stream=True,  # type: ignore[arg-type]
+                                              **LONG) for _ in range(4)]
     for s in streams:
         next(iter(s))
     # A fifth request waits for a slot; its client gives up while it is queued.

@@ -14,9 +14,8 @@ import pytest
 from gateway_harness import (
     FAKE_SETTINGS,
     Running,
-    fake_text_script,
-    fake_tokenizer,
-    scripted_app,
+    fake_app,
+    fake_engine_factory,
     serve,
     wait_until,
 )
@@ -50,7 +49,7 @@ def guarded() -> Iterator[Running]:
     """API key set, 4 KiB body limit, 2 slots and no queue, slow steps (so requests overlap)."""
     settings = replace(FAKE_SETTINGS, api_key=KEY, max_body_bytes=4096, max_num_seqs=2,
                        max_queue=0)
-    app = scripted_app(fake_text_script(fake_tokenizer()), settings, num_slots=2, step_s=0.02)
+    app = fake_app(settings, step_s=0.02)
     with serve(app) as running:
         yield running
 
@@ -166,17 +165,13 @@ def test_unknown_route_and_method_use_the_error_shape(guarded: Running) -> None:
 
 def test_not_ready_while_loading() -> None:
     release = threading.Event()
-    tok = fake_tokenizer()
+    build = fake_engine_factory()
 
     def slow_factory() -> Any:
-        from gateway_doubles import ScriptedEngine
-
         release.wait(30)
-        return ScriptedEngine(tok, fake_text_script(tok))
+        return build()
 
-    from gateway_doubles import ScriptedThread
-
-    app = create_app(FAKE_SETTINGS, slow_factory, thread_factory=ScriptedThread)
+    app = create_app(FAKE_SETTINGS, slow_factory)
     with serve(app, wait_ready=False) as running:
         assert httpx.get(running.url("/health")).status_code == 200  # alive while loading
         assert httpx.get(running.url("/ready")).status_code == 503

@@ -12,14 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from gateway_harness import (
-    FAKE_SETTINGS,
-    Running,
-    fake_text_script,
-    fake_tokenizer,
-    scripted_app,
-    serve,
-)
+from gateway_harness import FAKE_SETTINGS, Running, fake_app, serve
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
@@ -27,7 +20,7 @@ from schemathesis.generation import GenerationMode
 
 from server.app import create_app
 
-SETTINGS = replace(FAKE_SETTINGS, max_body_bytes=256 * 1024)
+SETTINGS = replace(FAKE_SETTINGS, max_body_bytes=256 * 1024, max_model_len=256)
 TIMEOUT = httpx.Timeout(15.0)
 
 
@@ -46,7 +39,7 @@ schema = _schema()
 
 @pytest.fixture(scope="module")
 def target() -> Iterator[Running]:
-    app = scripted_app(fake_text_script(fake_tokenizer()), SETTINGS, step_s=0.0, max_model_len=256)
+    app = fake_app(SETTINGS, step_s=0.0)
     with serve(app) as running:
         yield running
 

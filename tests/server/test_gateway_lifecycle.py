@@ -13,15 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gateway_doubles import ScriptedThread
-from gateway_harness import (
-    fake_text_script,
-    fake_tokenizer,
-    free_port,
-    scripted_app,
-    serve,
-    wait_until,
-)
+from gateway_harness import fake_app, free_port, serve, wait_until
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -93,17 +85,19 @@ def test_engine_death_fails_requests_and_exits_nonzero() -> None:
 
 def test_engine_death_in_process_turns_health_red() -> None:
     fatal: list[str] = []
-    tok = fake_tokenizer()
-    app = scripted_app(fake_text_script(tok), step_s=0.05)
+    app = fake_app(step_s=0.05)
     app.state.dspark.on_fatal = fatal.append
     with serve(app) as running:
-        body = {"messages": MSGS, "max_tokens": 150, "stream": True}
+        body = {"messages": MSGS, "max_tokens": 150, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", running.url("/v1/chat/completions"), json=body) as r:
             lines = r.iter_lines()
             next(lines)
-            thread = running.state.client.thread  # type: ignore[union-attr]
-            assert isinstance(thread, ScriptedThread)
-            thread.crash_next_step = True
+            next(lines)
+
+            def broken_step(plan: object) -> None:
+                raise RuntimeError("injected step failure")
+
+            running.state.client.engine.runner.execute = broken_step  # type: ignore[union-attr]
             rest = list(lines)
         # The open stream ends with an OpenAI error event, then [DONE].
         events = [line for line in rest if line]

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from gateway_harness import Running, fake_text_script, fake_tokenizer, scripted_app, serve
+from gateway_harness import Running, fake_app, fake_text_script, fake_tokenizer, scripted_app, serve
 
 from scheduler.fake import FAKE_TEXT
 from scheduler.request import Request
@@ -226,3 +226,21 @@ def test_speculation_metrics_extra_field(recording_server: tuple[Running, list[R
                       json={**body, "stream": True}) as r:
         lines = [line for line in r.iter_lines() if line.startswith("data: {")]
     assert '"speculative_decoding"' in lines[-1] and '"finish_reason":"length"' in lines[-1]
+
+
+def test_speculation_metrics_and_opt_out_with_the_ngram_drafter() -> None:
+    with serve(fake_app(step_s=0.0, speculative="ngram", num_speculative_tokens=4)) as server:
+        # The prompt repeats the fake model's text, so n-gram drafts find continuations.
+        body = {"messages": [{"role": "user", "content": FAKE_TEXT[:100]}], "max_tokens": 60,
+                "temperature": 0}
+        resp = httpx.post(server.url("/v1/chat/completions"), json=body).json()
+        assert resp["choices"][0]["message"]["content"] == FAKE_TEXT[:60]  # lossless
+        spec = resp["metrics"]["speculative_decoding"]
+        assert spec["num_spec_steps"] > 0
+        assert 0 < spec["num_accepted_draft_tokens"] <= spec["num_draft_tokens"]
+        assert spec["mean_acceptance_length"] == pytest.approx(
+            1 + spec["num_accepted_draft_tokens"] / spec["num_spec_steps"])
+        assert server.metric("dspark_spec_decode_num_draft_tokens_total") >= spec["num_draft_tokens"]
+        plain = httpx.post(server.url("/v1/chat/completions"), json={**body, "speculative": False})
+        assert plain.json()["choices"][0]["message"]["content"] == FAKE_TEXT[:60]
+        assert "metrics" not in plain.json()  # this request was decoded without drafting

@@ -15,14 +15,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from gateway_harness import (
-    FAKE_SETTINGS,
-    Running,
-    fake_text_script,
-    fake_tokenizer,
-    scripted_app,
-    serve,
-)
+from gateway_harness import FAKE_SETTINGS, Running, fake_app, fake_tokenizer, serve
 
 from scheduler.request import Request
 
@@ -37,15 +30,11 @@ def run_script(name: str, *args: str, timeout: float = 240) -> dict[str, Any]:
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
-def tokens_app(settings: Any, step_s: float, **kw: Any) -> Any:
-    tok = fake_tokenizer()
-    ids = tok.encode("la " * 300, add_special_tokens=False)
-    return scripted_app(lambda req: ids, settings, step_s=step_s, max_model_len=2048, **kw)
 
 
 def test_overload_burst_completes_or_rejects_everything() -> None:
     settings = replace(FAKE_SETTINGS, max_num_seqs=4, max_queue=4, max_model_len=2048)
-    with serve(tokens_app(settings, step_s=0.01, num_slots=4)) as server:
+    with serve(fake_app(settings, step_s=0.01)) as server:
         result = run_script("stress.py", "--url", server.base_url, "--capacity", "8",
                             "--scenario", "burst", "--max-tokens", "16")
     burst = result["burst"]
@@ -60,7 +49,7 @@ def test_overload_burst_completes_or_rejects_everything() -> None:
 
 def test_disconnect_storm_frees_every_slot() -> None:
     settings = replace(FAKE_SETTINGS, max_num_seqs=4, max_queue=128, max_model_len=2048)
-    with serve(tokens_app(settings, step_s=0.01, num_slots=4)) as server:
+    with serve(fake_app(settings, step_s=0.01)) as server:
         result = run_script("stress.py", "--url", server.base_url, "--capacity", "132",
                             "--scenario", "storm", "--clients", "100", "--max-tokens", "200")
         assert server.state.client is not None and server.state.client.num_in_flight == 0
@@ -72,7 +61,7 @@ def test_disconnect_storm_frees_every_slot() -> None:
 
 def test_soak_short_mode() -> None:
     settings = replace(FAKE_SETTINGS, max_num_seqs=4, max_queue=32, max_model_len=2048)
-    with serve(tokens_app(settings, step_s=0.005, num_slots=4)) as server:
+    with serve(fake_app(settings, step_s=0.005)) as server:
         result = run_script("soak.py", "--url", server.base_url, "--duration", "6",
                             "--calibrate-s", "2", "--max-tokens", "16")
     assert result["lost"] == 0, result["lost_examples"]
@@ -82,10 +71,9 @@ def test_soak_short_mode() -> None:
 
 @pytest.fixture(scope="module")
 def faulty() -> Iterator[Running]:
-    """fault_hook fails every request whose prompt contains POISON (a per-request fault)."""
-    tok = fake_tokenizer()
-    marker = tok.encode("POISON", add_special_tokens=False)
-    with serve(scripted_app(fake_text_script(tok), step_s=0.005)) as server:
+    """LLMEngine.fault_hook fails every request whose prompt contains POISON."""
+    marker = fake_tokenizer().encode("POISON", add_special_tokens=False)
+    with serve(fake_app(step_s=0.005)) as server:
         engine = server.state.client.engine  # type: ignore[union-attr]
 
         def hook(req: Request) -> None:
@@ -106,7 +94,7 @@ def test_fault_fails_only_that_request(faulty: Running) -> None:
         async def ask(text: str) -> Any:
             try:
                 return await client.chat.completions.create(
-                    model="scripted", messages=[{"role": "user", "content": text}], max_tokens=30)
+                    model="fake", messages=[{"role": "user", "content": text}], max_tokens=30)
             except openai.APIStatusError as exc:
                 return exc
 
@@ -147,8 +135,7 @@ def test_unexpected_exception_is_a_bare_500(faulty: Running, monkeypatch: pytest
 def test_prompts_are_logged_only_when_asked(caplog: pytest.LogCaptureFixture, log_prompts: bool) -> None:
     marker = "zebra-quartz-7781"
     settings = replace(FAKE_SETTINGS, log_prompts=log_prompts)
-    app = scripted_app(fake_text_script(fake_tokenizer()), settings)
-    with serve(app) as server, caplog.at_level(logging.DEBUG):
+    with serve(fake_app(settings)) as server, caplog.at_level(logging.DEBUG):
         httpx.post(server.url("/v1/chat/completions"),
                    json={"messages": [{"role": "user", "content": marker}], "max_tokens": 2})
         httpx.post(server.url("/v1/completions"), json={"prompt": marker, "max_tokens": 2})
@@ -169,6 +156,6 @@ def test_api_key_uses_constant_time_compare(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(app_module.hmac, "compare_digest", spy)
     settings = replace(FAKE_SETTINGS, api_key="k3y")
-    with serve(scripted_app(fake_text_script(fake_tokenizer()), settings), wait_ready=False) as s:
+    with serve(fake_app(settings), wait_ready=False) as s:
         assert httpx.get(s.url("/v1/models"), headers={"Authorization": "Bearer nope"}).status_code == 401
     assert calls and calls[-1] == (b"Bearer nope", b"Bearer k3y")
