@@ -86,7 +86,8 @@ def overview() -> Panel:
             "Time per output token (per request)",
             quantiles("dspark_request_time_per_output_token_seconds"),
             "s",
-            desc="Per-request mean decode time per token: the fair speed measure under speculation.",
+            desc="Per-request mean decode time per token: the fair speed measure under "
+            "speculation.",
         ),
         timeseries(
             "Inter-token latency",
@@ -219,7 +220,8 @@ def speculation() -> Panel:
                 target(f"{rate(PROPOSED)} - {rate(DRAFT_TOKENS)}", "trimmed by verify policy"),
             ],
             "short",
-            desc="Proposed = drafted; verified = sent to the target after the verify policy trimmed.",
+            desc="Proposed = drafted; verified = sent to the target after the verify policy "
+            "trimmed.",
         ),
         timeseries(
             "Inter-token latency next to acceptance length",

@@ -134,10 +134,24 @@ def series_names(name: str, kind: str) -> set[str]:
     return {name}
 
 
+_DECLARED_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "summary": ("", "_sum", "_count"),
+}
+
+
 def exported_samples(metrics_text: str) -> dict[str, set[str]]:
-    """sample name -> label names seen, parsed from a /metrics body."""
+    """sample name -> label names seen, parsed from a /metrics body.
+
+    A family declared by HELP/TYPE but without samples yet (a labelled counter before its first
+    increment, e.g. rejections by reason) is exported too: its sample names are listed with no
+    labels, because PromQL over it is valid and fills in once the first sample appears.
+    """
     out: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(metrics_text):
+        for suffix in _DECLARED_SUFFIXES.get(family.type, ("",)):
+            out.setdefault(family.name + suffix, set())
         for sample in family.samples:
             out.setdefault(sample.name, set()).update(sample.labels)
     return out

@@ -142,8 +142,17 @@ def test_build_conversion_then_offline_start(tmp_path: Path) -> None:
         timeout=600,
     )
     assert convert.returncode == 0, convert.stderr[-3000:]
-    assert (cache / "models" / "SmolLM2-135M-Instruct" / "config.json").is_file()
-    offline = {"DSPARK_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    baked = cache / "models" / "SmolLM2-135M-Instruct"
+    assert (baked / "config.json").is_file()
+    stamps = {p.name: p.stat().st_mtime_ns for p in baked.iterdir()}
+    # Any other cache the server might fall back to is empty, so using it would show up below.
+    elsewhere = tmp_path / "xdg"
+    offline = {
+        "DSPARK_CACHE_DIR": str(cache),
+        "XDG_CACHE_HOME": str(elsewhere),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     server = start_server(tmp_path, ["--max-model-len", "256"], env=offline, ready_timeout_s=600)
     try:
         model = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
@@ -156,4 +165,6 @@ def test_build_conversion_then_offline_start(tmp_path: Path) -> None:
         assert r.json()["usage"]["completion_tokens"] >= 1
     finally:
         stop(server.proc)
+    assert {p.name: p.stat().st_mtime_ns for p in baked.iterdir()} == stamps, "cache rewritten"
     assert not list(cache.glob("models/*.tmp")), "the server converted again instead of reusing"
+    assert not (elsewhere / "dspark-serve").exists(), "the server used a cache outside the image's"
