@@ -254,13 +254,15 @@ class PrometheusProcess:
 
 
 def start_prometheus(
-    binary: str, work: Path, target: str, scrape_s: float = 1
+    binary: str, work: Path, target: str, scrape_s: float = 1, config_text: str | None = None
 ) -> PrometheusProcess:
-    """A real Prometheus on a free loopback port scraping `target` (host:port) every scrape_s."""
+    """A real Prometheus on a free loopback port scraping `target` (host:port) every scrape_s,
+    or running `config_text` as given."""
     port = free_port()
     config = work / "prometheus.yml"
     config.write_text(
-        "global:\n"
+        config_text
+        or "global:\n"
         f"  scrape_interval: {scrape_s}s\n"
         f"  scrape_timeout: {scrape_s}s\n"
         "scrape_configs:\n"

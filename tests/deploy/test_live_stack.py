@@ -35,7 +35,8 @@ from .support import (
 )
 
 # n-gram drafting over a prompt that already holds the fake model's output text makes drafts
-# that the target accepts, so the speculation series have samples, not just zeros.
+# that the target accepts, and the DSpark verify policy predicts their acceptance, so the
+# speculation and calibration series have samples, not just zeros (as in the compose default).
 SERVER_ARGS = [
     "--model",
     "fake",
@@ -44,7 +45,7 @@ SERVER_ARGS = [
     "--num-speculative-tokens",
     "4",
     "--verify-policy",
-    "fixed",
+    "dspark",
 ]
 PROMPT = f"Repeat this: {FAKE_TEXT}"
 
@@ -254,6 +255,8 @@ def test_every_dashboard_query_evaluates_on_prometheus(
         "speculation/Acceptance by draft position (of verified positions)/A",
         "scheduling/Verify length distribution/A",
         "scheduling/Verified tokens per step against batch size/A",
+        "scheduling/Predicted vs realised acceptance by position/A",
+        "scheduling/Predicted vs realised acceptance by position/B",
     }
     assert must_show <= showing, f"no data after traffic: {sorted(must_show - showing)}"
 
