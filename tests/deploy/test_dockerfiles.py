@@ -84,6 +84,7 @@ def test_copied_sources_exist_and_pass_the_context_whitelist(dockerfile: Path) -
     }
     assert needed <= set(sources), f"not copied: {needed - set(sources)}"
     for src in sources:
+        assert (REPO / src).exists(), f"{dockerfile.name} copies {src}, which does not exist"
         assert included(ignore, src), f"{src} is excluded by {ignore.name}"
         probe = src if (REPO / src).is_file() else f"{src}/__init__.py"
         assert included(ignore, probe), f"{probe} is excluded by {ignore.name}"
