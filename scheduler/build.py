@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from scheduler.batching import ContinuousBatcher
 from scheduler.config import EngineConfig
 from scheduler.engine import LLMEngine
+
+if TYPE_CHECKING:
+    from scheduler.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -17,13 +21,17 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         return _build_fake(config)
     from pathlib import Path
 
-    from drafts.registry import build_proposer
     from scheduler.loader import load_target
+
+    cache_dir = Path(config.cache_dir) if config.cache_dir else None
+    return assemble_engine(load_target(config.model, config.device, config.dtype, cache_dir), config)
+
+
+def assemble_engine(loaded: LoadedModel, config: EngineConfig) -> LLMEngine:
+    """An engine around an already loaded target (benchmarks build several per model)."""
+    from drafts.registry import build_proposer
     from scheduler.runner import TorchModelRunner
 
-    loaded = load_target(
-        config.model, config.device, config.dtype, Path(config.cache_dir) if config.cache_dir else None
-    )
     proposer = build_proposer(
         config.speculative, loaded.hf_model, config.draft_checkpoint, config.num_speculative_tokens
     )
