@@ -157,15 +157,27 @@ def histogram_bars(title: str, hist: str, *, desc: str = "", w: int = 12, h: int
 def barchart(
     title: str, expr: str, x_label: str, unit: str, *, desc: str = "", w: int = 12
 ) -> Panel:
-    """One bar per value of label `x_label` (instant query), sorted numerically by that label."""
+    """One bar per value of label `x_label` (instant query), sorted numerically by that label.
+
+    The label is made a number to sort (as text "16" < "2"), then text again: the bar chart
+    takes its categories from a string field.
+    """
     p = _panel("barchart", title, [target(expr, instant=True, fmt="table")], w, 8, desc)
-    p["transformations"] = [
-        {
+
+    def convert(kind: str) -> Panel:
+        return {
             "id": "convertFieldType",
-            "options": {"conversions": [{"targetField": x_label, "destinationType": "number"}]},
-        },
+            "options": {"conversions": [{"targetField": x_label, "destinationType": kind}]},
+        }
+
+    p["transformations"] = [
+        convert("number"),
         {"id": "sortBy", "options": {"sort": [{"field": x_label, "desc": False}]}},
-        {"id": "organize", "options": {"excludeByName": {"Time": True}}},
+        convert("string"),
+        {
+            "id": "organize",
+            "options": {"excludeByName": {"Time": True}, "renameByName": {"Value": title}},
+        },
     ]
     p["options"] = {"xField": x_label, "orientation": "vertical", "showValue": "auto"}
     p["fieldConfig"] = {"defaults": {"unit": unit}, "overrides": []}
