@@ -29,27 +29,36 @@ def build_model(cfg: DraftConfig) -> nn.Module:
     return DSparkModel(cfg)
 
 
-def save_draft(model: nn.Module, out_dir: Path, dtype: torch.dtype = torch.bfloat16,
-               extra: dict[str, Any] | None = None) -> Path:
+def save_draft(
+    model: nn.Module,
+    out_dir: Path,
+    dtype: torch.dtype = torch.bfloat16,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg: DraftConfig = model.cfg  # type: ignore[assignment]
     if extra:
         cfg.extra.update(extra)
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+    (out_dir / "config.json").write_text(
+        json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8"
+    )
     return out_dir
 
 
-def load_draft(path: str | Path, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_draft(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Module:
     path = Path(path)
     cfg = DraftConfig.from_dict(json.loads((path / "config.json").read_text(encoding="utf-8")))
     model = build_model(cfg)
     state = load_file(str(path / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match its config: missing={missing} unexpected={unexpected}")
+        raise ValueError(
+            f"checkpoint {path} does not match its config: missing={missing} unexpected={unexpected}"
+        )
     return model.to(device=device, dtype=dtype).eval()
 
 

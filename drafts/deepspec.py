@@ -73,14 +73,17 @@ def rename(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if k in _FROZEN:
             continue
         k = k.removeprefix("model.")
-        k = k.replace("markov_head.markov_w1.", "markov_w1.").replace("markov_head.markov_w2.", "markov_w2.")
+        k = k.replace("markov_head.markov_w1.", "markov_w1.").replace(
+            "markov_head.markov_w2.", "markov_w2."
+        )
         k = k.replace("confidence_head.proj.", "confidence.")
         out[k] = v
     return out
 
 
-def load_deepspec(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-                  ) -> DSparkModel:
+def load_deepspec(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> DSparkModel:
     path = Path(path)
     cfg = config_from_deepspec(json.loads((path / "config.json").read_text(encoding="utf-8")))
     files = sorted(path.glob("*.safetensors"))
@@ -92,14 +95,18 @@ def load_deepspec(path: str | Path, device: torch.device | str = "cpu", dtype: t
     model = DSparkModel(cfg)
     missing, unexpected = model.load_state_dict(rename(state), strict=False)
     if missing or unexpected:
-        raise ValueError(f"DeepSpec checkpoint {path} does not match: missing={missing} unexpected={unexpected}")
+        raise ValueError(
+            f"DeepSpec checkpoint {path} does not match: missing={missing} unexpected={unexpected}"
+        )
     return model.to(device=device, dtype=dtype).eval()
 
 
 def check_target(model: DSparkModel, target: nn.Module) -> None:
     tc = target.config
     if int(tc.hidden_size) != model.cfg.hidden_size or int(tc.vocab_size) != model.cfg.vocab_size:
-        raise ValueError("the DeepSpec draft was trained for a different target (hidden size / vocabulary)")
+        raise ValueError(
+            "the DeepSpec draft was trained for a different target (hidden size / vocabulary)"
+        )
     if max(model.cfg.aux_layer_ids) >= int(tc.num_hidden_layers) - 1:
         raise ValueError("target_layer_ids must not include the target's last layer")
 

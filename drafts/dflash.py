@@ -13,8 +13,9 @@ from drafts.dspark import DSparkModel
 
 
 def dflash_config(target_config: Any, num_layers: int = 2, **kw: Any) -> DraftConfig:
-    return config_from_target(target_config, "dflash", num_layers=num_layers, markov_rank=0,
-                              confidence_head=False, **kw)
+    return config_from_target(
+        target_config, "dflash", num_layers=num_layers, markov_rank=0, confidence_head=False, **kw
+    )
 
 
 def build(cfg: DraftConfig) -> DSparkModel:

@@ -44,8 +44,13 @@ class DSparkModel(nn.Module):
         """Fused target features H_ctx = RMSNorm(W_c [H(l1); ...; H(lm)])."""
         return self.hidden_norm(self.fc(feats))
 
-    def backbone(self, x: torch.Tensor, pos: torch.Tensor,
-                 ctx_kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor | None) -> torch.Tensor:
+    def backbone(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        ctx_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         """x: block embeddings [B, Q, d]; ctx_kv: per-layer roped context K/V. Returns normed h."""
         h = x
         for layer, kv in zip(self.layers, ctx_kv, strict=True):
@@ -53,7 +58,9 @@ class DSparkModel(nn.Module):
             h = layer.mlp_block(h)
         return self.norm(h)
 
-    def ctx_kv(self, ctx: torch.Tensor, pos: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def ctx_kv(
+        self, ctx: torch.Tensor, pos: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [layer.self_attn.kv(ctx, pos) for layer in self.layers]
 
     def markov_bias(self, prev_ids: torch.Tensor) -> torch.Tensor | None:
@@ -68,8 +75,14 @@ class DSparkModel(nn.Module):
         return self.confidence(torch.cat(parts, dim=-1)).squeeze(-1)
 
     # --- training (teacher-forced, many anchors per sequence) -----------------------------
-    def train_forward(self, parts: FrozenTargetParts, input_ids: torch.Tensor, feats: torch.Tensor,
-                      anchors: torch.Tensor, keep: torch.Tensor) -> BlockOutput:
+    def train_forward(
+        self,
+        parts: FrozenTargetParts,
+        input_ids: torch.Tensor,
+        feats: torch.Tensor,
+        anchors: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> BlockOutput:
         """input_ids [B,S], feats [B,S,m*d], anchors/keep [B,N] -> logits [B,N,gamma,V]."""
         b, s = input_ids.shape
         n, g = anchors.shape[1], self.cfg.block_size
@@ -82,7 +95,9 @@ class DSparkModel(nn.Module):
         block_ids[:, :, 0] = input_ids.gather(1, anchors)
         x = parts.embed(block_ids.reshape(b, n * g))
         # query in block j sees context strictly before its anchor and every slot of its own block
-        ctx_ok = (torch.arange(s, device=dev)[None, None, :] < anchors[:, :, None]) & keep[:, :, None]
+        ctx_ok = (torch.arange(s, device=dev)[None, None, :] < anchors[:, :, None]) & keep[
+            :, :, None
+        ]
         ctx_ok = ctx_ok[:, :, None, :].expand(b, n, g, s).reshape(b, n * g, s)
         blk = torch.arange(n, device=dev).repeat_interleave(g)
         own = (blk[:, None] == blk[None, :]).expand(b, n * g, n * g)
@@ -97,11 +112,17 @@ class DSparkModel(nn.Module):
         return BlockOutput(logits, self.conf_logits(h, prev_ids))
 
 
-def sample_anchors(loss_mask: torch.Tensor, lengths: torch.Tensor, num_anchors: int,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_anchors(
+    loss_mask: torch.Tensor,
+    lengths: torch.Tensor,
+    num_anchors: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Anchors p with loss_mask[p] and loss_mask[p+1] (anchor and first label in the answer)."""
-    b, s = loss_mask.shape
-    valid = loss_mask.bool() & torch.cat([loss_mask[:, 1:].bool(), torch.zeros_like(loss_mask[:, :1]).bool()], 1)
+    b = loss_mask.shape[0]
+    valid = loss_mask.bool() & torch.cat(
+        [loss_mask[:, 1:].bool(), torch.zeros_like(loss_mask[:, :1]).bool()], 1
+    )
     anchors = torch.zeros((b, num_anchors), dtype=torch.long)
     keep = torch.zeros((b, num_anchors), dtype=torch.bool)
     for i in range(b):
@@ -119,10 +140,18 @@ def position_weights(gamma: int, decay: float, device: torch.device) -> torch.Te
     return torch.exp(-torch.arange(gamma, device=device, dtype=torch.float32) / decay)
 
 
-def block_losses(out: BlockOutput, input_ids: torch.Tensor, loss_mask: torch.Tensor,
-                 target_logits: torch.Tensor, anchors: torch.Tensor, keep: torch.Tensor,
-                 alpha_ce: float, alpha_tv: float, alpha_conf: float, decay: float = 4.0
-                 ) -> dict[str, torch.Tensor]:
+def block_losses(
+    out: BlockOutput,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    target_logits: torch.Tensor,
+    anchors: torch.Tensor,
+    keep: torch.Tensor,
+    alpha_ce: float,
+    alpha_tv: float,
+    alpha_conf: float,
+    decay: float = 4.0,
+) -> dict[str, torch.Tensor]:
     """CE + L1 (2 x TV) + confidence BCE, each = sum(w * mask * term) / sum(w * mask) (dspark.md §1.4)."""
     b, n, g, v = out.logits.shape
     s = input_ids.shape[1]
@@ -147,7 +176,9 @@ def block_losses(out: BlockOutput, input_ids: torch.Tensor, loss_mask: torch.Ten
         result["tv"] = (l1 * w).sum() / denom
         if out.conf_logits is not None:
             accept = torch.minimum(p_d, p_t).sum(-1).detach().clamp(0.0, 1.0)
-            bce = F.binary_cross_entropy_with_logits(out.conf_logits.float(), accept, reduction="none")
+            bce = F.binary_cross_entropy_with_logits(
+                out.conf_logits.float(), accept, reduction="none"
+            )
             result["conf"] = (bce * w).sum() / denom
             result["accept_rate"] = (accept * w).sum() / denom
     loss = alpha_ce * result["ce"]
@@ -163,14 +194,16 @@ def block_losses(out: BlockOutput, input_ids: torch.Tensor, loss_mask: torch.Ten
 def sts_apply(conf_logits: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
     """Calibrated per-position confidences sigma(z_k / T_k); positions past the table use T=1."""
     g = conf_logits.shape[-1]
-    t = torch.tensor([temperatures[k] if k < len(temperatures) else 1.0 for k in range(g)],
-                     dtype=conf_logits.dtype, device=conf_logits.device)
+    t = torch.tensor(
+        [temperatures[k] if k < len(temperatures) else 1.0 for k in range(g)],
+        dtype=conf_logits.dtype,
+        device=conf_logits.device,
+    )
     return torch.sigmoid(conf_logits / t)
 
 
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
 
 
 def load_proposer(target: nn.Module, checkpoint: str | None, num_speculative_tokens: int):  # type: ignore[no-untyped-def]

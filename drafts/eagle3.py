@@ -23,9 +23,14 @@ class Eagle3Model(nn.Module):
         self.norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps)
         init_weights(self)
 
-    def step(self, emb: torch.Tensor, hidden: torch.Tensor, pos: torch.Tensor,
-             prefix_kv: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None
-             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def step(
+        self,
+        emb: torch.Tensor,
+        hidden: torch.Tensor,
+        pos: torch.Tensor,
+        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """One draft-layer pass. Returns the output hidden (pre final norm) and this input's K/V."""
         layer = self.layers[0]
         x = torch.cat([layer.input_layernorm(emb), self.hidden_norm(hidden)], dim=-1)
@@ -34,10 +39,17 @@ class Eagle3Model(nn.Module):
         return layer.mlp_block(h), own_kv
 
 
-def ttt_losses(model: Eagle3Model, parts: FrozenTargetParts, input_ids: torch.Tensor,
-               loss_mask: torch.Tensor, feats: torch.Tensor, target_logits: torch.Tensor,
-               rows_per_step: int, step_decay: float = 0.8,
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def ttt_losses(
+    model: Eagle3Model,
+    parts: FrozenTargetParts,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    feats: torch.Tensor,
+    target_logits: torch.Tensor,
+    rows_per_step: int,
+    step_decay: float = 0.8,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
     """Training-time test: step 0 row t pairs target features of t with token t+1 (predicting t+2);
     step k replaces the features by the draft's own step k-1 output, shifts tokens by k, and
     attends causally to step-0 keys plus the diagonal keys of steps 1..k (SpecForge layout).
@@ -48,7 +60,7 @@ def ttt_losses(model: Eagle3Model, parts: FrozenTargetParts, input_ids: torch.Te
     g = model.cfg.block_size
     hidden = model.fc(feats)
     rows = torch.arange(s, device=dev)
-    causal = (rows[None, :] <= rows[:, None])  # [S, S]
+    causal = rows[None, :] <= rows[:, None]  # [S, S]
     diag = torch.eye(s, dtype=torch.bool, device=dev)
     keys: list[torch.Tensor] = []
     vals: list[torch.Tensor] = []
@@ -77,7 +89,7 @@ def ttt_losses(model: Eagle3Model, parts: FrozenTargetParts, input_ids: torch.Te
             logp = F.log_softmax(logits, dim=-1)
             loss_k = -(p_t * logp).sum(-1).mean()
             acc = (logits.argmax(-1) == p_t.argmax(-1)).float().mean()
-            w = step_decay ** k
+            w = step_decay**k
             total = total + w * loss_k
             stats[f"acc{k}"] = acc.detach()
             stats[f"ce{k}"] = loss_k.detach()
@@ -97,8 +109,9 @@ def _ttt_mask(causal: torch.Tensor, diag: torch.Tensor, num_prev: int) -> torch.
     return torch.cat([causal] + [diag] * num_prev, dim=1)
 
 
-def _sample_rows(valid: torch.Tensor, per_sample: int, generator: torch.Generator | None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_rows(
+    valid: torch.Tensor, per_sample: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     bs, ts = [], []
     for i in range(valid.shape[0]):
         cand = valid[i].nonzero().squeeze(-1)

@@ -25,8 +25,10 @@ from drafts.train.sts import per_position_ece
 from scheduler.request import SamplingParams
 
 SEED = 980406
-HUMANEVAL_TEMPLATE = ("Write a solution to the following problem and make sure that it passes the tests:\n"
-                      "```python\n{prompt}\n```")
+HUMANEVAL_TEMPLATE = (
+    "Write a solution to the following problem and make sure that it passes the tests:\n"
+    "```python\n{prompt}\n```"
+)
 
 
 def standard_sets(limit: int) -> dict[str, list[str]]:
@@ -35,8 +37,10 @@ def standard_sets(limit: int) -> dict[str, list[str]]:
     sets = {
         "mt_bench": [prompt_of(r) for r in read_jsonl(root / "mt_bench" / "question.jsonl")],
         "gsm8k": [prompt_of(r) + MATH_SUFFIX for r in read_jsonl(root / "gsm8k" / "test.jsonl")],
-        "humaneval": [HUMANEVAL_TEMPLATE.format(prompt=r["prompt"])
-                      for r in read_jsonl(root / "humaneval" / "HumanEval.jsonl.gz")],
+        "humaneval": [
+            HUMANEVAL_TEMPLATE.format(prompt=r["prompt"])
+            for r in read_jsonl(root / "humaneval" / "HumanEval.jsonl.gz")
+        ],
     }
     for v in sets.values():
         random.Random(SEED).shuffle(v)
@@ -54,7 +58,9 @@ def load(drafter: str, target: Any, checkpoint: str | None, gamma: int) -> Any:
     return mod.load_proposer(target, checkpoint, gamma)
 
 
-def summarize(results: list[GenResult], gamma: int, sts_temps: list[float] | None) -> dict[str, Any]:
+def summarize(
+    results: list[GenResult], gamma: int, sts_temps: list[float] | None
+) -> dict[str, Any]:
     rounds = [r for res in results for r in res.rounds]
     n = max(len(rounds), 1)
     proposed = [sum(1 for r in rounds if r.proposed > k) for k in range(gamma)]
@@ -64,10 +70,18 @@ def summarize(results: list[GenResult], gamma: int, sts_temps: list[float] | Non
         "rounds": len(rounds),
         "output_tokens": sum(len(res.output_ids) for res in results),
         "accept_unconditional": [a / p if p else None for a, p in zip(acc, proposed, strict=True)],
-        "accept_conditional": [acc[k] / (acc[k - 1] if k else proposed[0]) if (acc[k - 1] if k else proposed[0])
-                               else None for k in range(gamma)],
+        "accept_conditional": [
+            acc[k] / (acc[k - 1] if k else proposed[0])
+            if (acc[k - 1] if k else proposed[0])
+            else None
+            for k in range(gamma)
+        ],
     }
-    full = [r for r in rounds if r.conf_logits is not None and r.proposed == gamma and len(r.conf_logits) == gamma]
+    full = [
+        r
+        for r in rounds
+        if r.conf_logits is not None and r.proposed == gamma and len(r.conf_logits) == gamma
+    ]
     if full:
         z = torch.tensor([r.conf_logits for r in full])
         a = torch.tensor([r.accepted for r in full])
@@ -78,26 +92,55 @@ def summarize(results: list[GenResult], gamma: int, sts_temps: list[float] | Non
     return out
 
 
-def run_set(target: Any, proposer: Any, tokenizer: Any, prompts: list[str], temperature: float, max_tokens: int,
-            gamma: int, seed: int, progress: Any = None) -> list[GenResult]:
+def run_set(
+    target: Any,
+    proposer: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    temperature: float,
+    max_tokens: int,
+    gamma: int,
+    seed: int,
+    progress: Any = None,
+) -> list[GenResult]:
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
     gen = torch.Generator().manual_seed(seed)
     eos = {int(tokenizer.eos_token_id)}
     it = progress(prompts) if progress else prompts
-    return [speculative_generate(target, proposer, encode_chat(tokenizer, p), params, gamma, eos, f"eval-{i}", gen)
-            for i, p in enumerate(it)]
+    return [
+        speculative_generate(
+            target, proposer, encode_chat(tokenizer, p), params, gamma, eos, f"eval-{i}", gen
+        )
+        for i, p in enumerate(it)
+    ]
 
 
-def evaluate(drafter: str, target: Any, tokenizer: Any, sets: dict[str, list[str]], temperature: float,
-             max_tokens: int, gamma: int = 7, checkpoint: str | None = None, seed: int = SEED,
-             progress: Any = None) -> dict[str, Any]:
+def evaluate(
+    drafter: str,
+    target: Any,
+    tokenizer: Any,
+    sets: dict[str, list[str]],
+    temperature: float,
+    max_tokens: int,
+    gamma: int = 7,
+    checkpoint: str | None = None,
+    seed: int = SEED,
+    progress: Any = None,
+) -> dict[str, Any]:
     proposer = load(drafter, target, checkpoint, gamma)
     sts = list(getattr(proposer.cfg, "sts_temperatures", []) or []) or None
-    report: dict[str, Any] = {"drafter": drafter, "temperature": temperature, "gamma": gamma,
-                              "max_tokens": max_tokens, "datasets": {}}
+    report: dict[str, Any] = {
+        "drafter": drafter,
+        "temperature": temperature,
+        "gamma": gamma,
+        "max_tokens": max_tokens,
+        "datasets": {},
+    }
     for name, prompts in sets.items():
         t0 = time.time()
-        res = run_set(target, proposer, tokenizer, prompts, temperature, max_tokens, gamma, seed, progress)
+        res = run_set(
+            target, proposer, tokenizer, prompts, temperature, max_tokens, gamma, seed, progress
+        )
         s = summarize(res, gamma, sts)
         s.update(prompts=len(prompts), wall_s=round(time.time() - t0, 1))
         report["datasets"][name] = s
@@ -107,11 +150,15 @@ def evaluate(drafter: str, target: Any, tokenizer: Any, sets: dict[str, list[str
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--drafter", required=True, choices=["eagle3", "dflash", "dspark"])
     ap.add_argument("--checkpoint", default=None, help="draft folder (default: the shipped one)")
     ap.add_argument("--model", default=None, help="target model (default: the embedded SmolLM2)")
-    ap.add_argument("--prompts", type=Path, default=None, help="JSONL; omitted: MT-bench, GSM8K, HumanEval")
+    ap.add_argument(
+        "--prompts", type=Path, default=None, help="JSONL; omitted: MT-bench, GSM8K, HumanEval"
+    )
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--limit", type=int, default=10, help="prompts per dataset")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -127,10 +174,23 @@ def main(argv: list[str] | None = None) -> None:
     from scheduler.loader import DEFAULT_MODEL, load_target
 
     m = load_target(args.model or DEFAULT_MODEL, dtype="float32")
-    sets = ({args.prompts.stem: load_prompts(args.prompts, args.limit)} if args.prompts
-            else standard_sets(args.limit))
-    rep = evaluate(args.drafter, m.hf_model, m.tokenizer, sets, args.temperature, args.max_tokens,
-                   args.gamma, args.checkpoint, args.seed, progress=tqdm)
+    sets = (
+        {args.prompts.stem: load_prompts(args.prompts, args.limit)}
+        if args.prompts
+        else standard_sets(args.limit)
+    )
+    rep = evaluate(
+        args.drafter,
+        m.hf_model,
+        m.tokenizer,
+        sets,
+        args.temperature,
+        args.max_tokens,
+        args.gamma,
+        args.checkpoint,
+        args.seed,
+        progress=tqdm,
+    )
     text = json.dumps(rep, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -40,18 +40,33 @@ def _target_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 @torch.no_grad()
-def speculative_generate(target: Any, proposer: Any, prompt_ids: list[int], params: SamplingParams,
-                         gamma: int, eos_ids: set[int], req_id: str = "offline",
-                         generator: torch.Generator | None = None) -> GenResult:
+def speculative_generate(
+    target: Any,
+    proposer: Any,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    gamma: int,
+    eos_ids: set[int],
+    req_id: str = "offline",
+    generator: torch.Generator | None = None,
+) -> GenResult:
     """Generate up to params.max_tokens tokens; lossless for any proposer (greedy: exact match)."""
     dev = target.get_input_embeddings().weight.device
     greedy = params.temperature <= 0
     cache = DynamicCache()
-    out = target(input_ids=torch.tensor([prompt_ids], device=dev), cache=cache,
-                 use_cache=True, output_hidden_states=True)
+    out = target(
+        input_ids=torch.tensor([prompt_ids], device=dev),
+        cache=cache,
+        use_cache=True,
+        output_hidden_states=True,
+    )
     proposer.observe(req_id, 0, _aux(out.hidden_states, proposer.aux_layer_ids))
     last = out.logits[0, -1].float()
-    first = int(last.argmax()) if greedy else int(sample_from(_target_probs(last[None], params), generator))
+    first = (
+        int(last.argmax())
+        if greedy
+        else int(sample_from(_target_probs(last[None], params), generator))
+    )
     tokens = list(prompt_ids) + [first]
     result = GenResult([first])
     try:
@@ -66,7 +81,9 @@ def speculative_generate(target: Any, proposer: Any, prompt_ids: list[int], para
             accepted, nxt = _verify(logits, drafts, q, params, greedy, generator)
             new = drafts[:accepted] + [nxt]
             _crop_cache(cache, base + accepted + 1)
-            proposer.observe(req_id, base, _aux(out.hidden_states, proposer.aux_layer_ids)[: accepted + 1])
+            proposer.observe(
+                req_id, base, _aux(out.hidden_states, proposer.aux_layer_ids)[: accepted + 1]
+            )
             hit_eos = [i for i, t in enumerate(new) if t in eos_ids]
             if hit_eos:
                 new = new[: hit_eos[0] + 1]
@@ -89,8 +106,14 @@ def _crop_cache(cache: DynamicCache, keep: int) -> None:
         cache.crop(-extra)  # transformers 5: a negative value removes that many tokens
 
 
-def _verify(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: SamplingParams,
-            greedy: bool, generator: torch.Generator | None) -> tuple[int, int]:
+def _verify(
+    logits: torch.Tensor,
+    drafts: list[int],
+    q: torch.Tensor | None,
+    params: SamplingParams,
+    greedy: bool,
+    generator: torch.Generator | None,
+) -> tuple[int, int]:
     """Standard speculative sampling: accept d_i w.p. min(1, p(d_i)/q(d_i)); residual on reject."""
     if greedy:
         best = logits.argmax(-1).tolist()
@@ -101,7 +124,11 @@ def _verify(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, par
     p_all = _target_probs(logits, params)
     for i, d in enumerate(drafts):
         p = p_all[i]
-        qi = q[i] if q is not None else torch.nn.functional.one_hot(torch.tensor(d), p.numel()).float()
+        qi = (
+            q[i]
+            if q is not None
+            else torch.nn.functional.one_hot(torch.tensor(d), p.numel()).float()
+        )
         ratio = float(p[d]) / max(float(qi[d]), 1e-8)
         u = float(torch.rand((), generator=generator))
         if u >= min(1.0, ratio):
@@ -112,7 +139,9 @@ def _verify(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, par
 
 
 @torch.no_grad()
-def target_generate(target: Any, prompt_ids: list[int], max_tokens: int, eos_ids: set[int]) -> list[int]:
+def target_generate(
+    target: Any, prompt_ids: list[int], max_tokens: int, eos_ids: set[int]
+) -> list[int]:
     """Plain greedy decoding, one token per forward (the reference for the lossless test)."""
     dev = target.get_input_embeddings().weight.device
     cache = DynamicCache()

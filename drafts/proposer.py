@@ -28,21 +28,29 @@ class _State:
     generator: torch.Generator | None = None
 
 
-def _crop(kv: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _crop(
+    kv: list[tuple[torch.Tensor, torch.Tensor]], n: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(k[:, :, :n], v[:, :, :n]) for k, v in kv]
 
 
-def _append(kv: list[tuple[torch.Tensor, torch.Tensor]] | None, new: list[tuple[torch.Tensor, torch.Tensor]]
-            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _append(
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None, new: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if kv is None:
         return new
-    return [(torch.cat([k, nk], 2), torch.cat([v, nv], 2)) for (k, v), (nk, nv) in zip(kv, new, strict=True)]
+    return [
+        (torch.cat([k, nk], 2), torch.cat([v, nv], 2))
+        for (k, v), (nk, nv) in zip(kv, new, strict=True)
+    ]
 
 
 class _FeatureProposer:
     """Shared request bookkeeping; subclasses implement _draft() for one request."""
 
-    def __init__(self, model: nn.Module, parts: FrozenTargetParts, num_speculative_tokens: int) -> None:
+    def __init__(
+        self, model: nn.Module, parts: FrozenTargetParts, num_speculative_tokens: int
+    ) -> None:
         self.model = model
         self.parts = parts
         self.cfg = model.cfg  # type: ignore[attr-defined]
@@ -82,7 +90,9 @@ class _FeatureProposer:
         st.pending = [(s, h) for s, h in st.pending if s + h.shape[0] > pos]
         return st.ctx_len, (torch.cat(chunks) if chunks else None)
 
-    def _sample(self, logits: torch.Tensor, req: DraftRequest, st: _State) -> tuple[int, torch.Tensor | None]:
+    def _sample(
+        self, logits: torch.Tensor, req: DraftRequest, st: _State
+    ) -> tuple[int, torch.Tensor | None]:
         p = req.params
         if p.temperature <= 0:
             return int(logits.argmax()), None
@@ -105,8 +115,9 @@ class _FeatureProposer:
         has_conf = any(c is not None for c in confs)
         return DraftProposal(ids, probs, [c or [] for c in confs] if has_conf else None)
 
-    def _draft(self, req: DraftRequest, st: _State, k: int
-               ) -> tuple[list[int], list[torch.Tensor | None], list[float] | None]:
+    def _draft(
+        self, req: DraftRequest, st: _State, k: int
+    ) -> tuple[list[int], list[torch.Tensor | None], list[float] | None]:
         raise NotImplementedError
 
 
@@ -115,7 +126,9 @@ class DSparkProposer(_FeatureProposer):
 
     model: DSparkModel
 
-    def __init__(self, model: DSparkModel, parts: FrozenTargetParts, num_speculative_tokens: int) -> None:
+    def __init__(
+        self, model: DSparkModel, parts: FrozenTargetParts, num_speculative_tokens: int
+    ) -> None:
         super().__init__(model, parts, num_speculative_tokens)
         self.last_conf_logits: dict[str, list[float]] = {}  # raw head outputs, for calibration
 
@@ -127,8 +140,9 @@ class DSparkProposer(_FeatureProposer):
             st.ctx_len = start + feats.shape[0]
         return st.ctx_len == anchor_pos and st.kv is not None
 
-    def _draft(self, req: DraftRequest, st: _State, k: int
-               ) -> tuple[list[int], list[torch.Tensor | None], list[float] | None]:
+    def _draft(
+        self, req: DraftRequest, st: _State, k: int
+    ) -> tuple[list[int], list[torch.Tensor | None], list[float] | None]:
         m, g = self.model, self.cfg.block_size
         anchor_pos = len(req.token_ids) - 1
         if not self._absorb(st, anchor_pos):
@@ -173,15 +187,17 @@ class Eagle3Proposer(_FeatureProposer):
             mask = torch.ones((n, c + n), dtype=torch.bool, device=self.device)
             mask[:, c:] = torch.tril(mask[:, c:])
             prefix = st.kv[0] if st.kv is not None else None
-            out, kv = self.model.step(self.parts.embed(tok), self.model.fc(feats[None]), pos,
-                                      prefix, mask[None, None])
+            out, kv = self.model.step(
+                self.parts.embed(tok), self.model.fc(feats[None]), pos, prefix, mask[None, None]
+            )
             st.kv = _append(st.kv, [kv])
             st.ctx_len = start + n
             st.last_out = out[:, -1:]
         return st.ctx_len == anchor_pos and st.last_out is not None
 
-    def _draft(self, req: DraftRequest, st: _State, k: int
-               ) -> tuple[list[int], list[torch.Tensor | None], list[float] | None]:
+    def _draft(
+        self, req: DraftRequest, st: _State, k: int
+    ) -> tuple[list[int], list[torch.Tensor | None], list[float] | None]:
         if not self._absorb(req, st):
             return [], [], None
         assert st.kv is not None and st.last_out is not None
@@ -204,7 +220,9 @@ class Eagle3Proposer(_FeatureProposer):
         return toks, prb, None
 
 
-def make_proposer(model: nn.Module, target: nn.Module, num_speculative_tokens: int) -> _FeatureProposer:
+def make_proposer(
+    model: nn.Module, target: nn.Module, num_speculative_tokens: int
+) -> _FeatureProposer:
     emb = target.get_input_embeddings().weight
     model = model.to(device=emb.device, dtype=emb.dtype).eval()
     parts = target_parts(target)

@@ -30,8 +30,15 @@ def _mark(run: Path, step: str) -> None:
     (run / f".done-{step}").write_text("ok\n")
 
 
-def calibrate(run: Path, target: torch.nn.Module, tokenizer: object, n_prompts: int, per_source: int,
-              max_tokens: int, temperature: float) -> dict[str, object]:
+def calibrate(
+    run: Path,
+    target: torch.nn.Module,
+    tokenizer: object,
+    n_prompts: int,
+    per_source: int,
+    max_tokens: int,
+    temperature: float,
+) -> dict[str, object]:
     """Roll out the DSpark draft with full-length verification on held-out prompts; fit STS."""
     from drafts.evaluate import run_set, summarize
     from drafts.proposer import make_proposer
@@ -39,44 +46,78 @@ def calibrate(run: Path, target: torch.nn.Module, tokenizer: object, n_prompts: 
 
     model = load_draft(run / "train" / "dspark")
     proposer = make_proposer(model, target, model.cfg.block_size)  # type: ignore[attr-defined]
-    prompts = [p for _, p in data.training_prompts(n_prompts // 3 + 1, offset=per_source)][:n_prompts]
-    res = run_set(target, proposer, tokenizer, prompts, temperature, max_tokens, model.cfg.block_size, 7,  # type: ignore[attr-defined]
-                  progress=lambda x: tqdm(x, desc="STS rollouts"))
+    prompts = [p for _, p in data.training_prompts(n_prompts // 3 + 1, offset=per_source)][
+        :n_prompts
+    ]
+    res = run_set(
+        target,
+        proposer,
+        tokenizer,
+        prompts,
+        temperature,
+        max_tokens,
+        model.cfg.block_size,
+        7,  # type: ignore[attr-defined]
+        progress=lambda x: tqdm(x, desc="STS rollouts"),
+    )
     g = model.cfg.block_size  # type: ignore[attr-defined]
     full = [r for x in res for r in x.rounds if r.conf_logits is not None and r.proposed == g]
     z = torch.tensor([r.conf_logits for r in full])
     a = torch.tensor([r.accepted for r in full])
     temps = fit_sts(z, a)
     model.cfg.sts_temperatures = temps  # type: ignore[attr-defined]
-    info = {"rounds": len(full), "temperature": temperature, "sts_temperatures": temps,
-            "ece_before": per_position_ece(z, a, [1.0] * g), "ece_after": per_position_ece(z, a, temps),
-            "heldout_tau": summarize(res, g, temps)["tau"]}
+    info = {
+        "rounds": len(full),
+        "temperature": temperature,
+        "sts_temperatures": temps,
+        "ece_before": per_position_ece(z, a, [1.0] * g),
+        "ece_after": per_position_ece(z, a, temps),
+        "heldout_tau": summarize(res, g, temps)["tau"],
+    }
     save_draft(model, run / "train" / "dspark", extra={"sts": info})
     return info
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--run-dir", type=Path, default=Path("runs/drafts"))
     ap.add_argument("--per-source", type=int, default=256, help="training prompts per source")
-    ap.add_argument("--max-rows", type=int, default=0, help="use at most this many answers (0: all)")
+    ap.add_argument(
+        "--max-rows", type=int, default=0, help="use at most this many answers (0: all)"
+    )
     ap.add_argument("--gen-max-tokens", type=int, default=192)
-    ap.add_argument("--gen-batch", type=int, default=48)
+    ap.add_argument("--gen-batch", type=int, default=32)
+    ap.add_argument(
+        "--generator",
+        choices=["engine", "hf"],
+        default="engine",
+        help="answer regeneration: our engine (continuous batching) or transformers generate",
+    )
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--time-budget-min", type=float, default=0.0)
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--markov-rank", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2, help="DFlash/DSpark backbone layers")
     ap.add_argument("--calib-prompts", type=int, default=24)
     ap.add_argument("--eval-limit", type=int, default=10)
     ap.add_argument("--eval-max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--ship", action="store_true", help="copy the checkpoints to drafts/checkpoints/")
+    ap.add_argument(
+        "--ship", action="store_true", help="copy the checkpoints to drafts/checkpoints/"
+    )
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument(
+        "--train-while-generating",
+        action="store_true",
+        help="train on the answers generated so far (generation runs in another process)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from scheduler.loader import DEFAULT_MODEL, load_target, resolve_model_path
+    from scheduler.loader import DEFAULT_MODEL, load_target
 
     run: Path = args.run_dir
     run.mkdir(parents=True, exist_ok=True)
@@ -85,15 +126,25 @@ def main(argv: list[str] | None = None) -> None:
     target.requires_grad_(False)
 
     prompts = data.training_prompts(args.per_source)
-    print(f"[1/6] prompts: {len(prompts)} ({args.per_source} each from alpaca, gsm8k train, mbpp train)")
+    print(
+        f"[1/6] prompts: {len(prompts)} ({args.per_source} each from alpaca, gsm8k train, mbpp train)"
+    )
 
     answers = run / "data" / "answers.jsonl"
-    if not _done(run, "answers"):
-        gen = data.engine_generate_fn(str(resolve_model_path(DEFAULT_MODEL)[0]), args.gen_max_tokens, 0.2, 0.9)
-        how = "engine" if gen is not None else "transformers generate (engine offline helper not available)"
-        gen = gen or data.hf_generate_fn(target, int(tok.eos_token_id), args.gen_max_tokens, 0.2, 0.9)
+    if not _done(run, "answers") and not args.train_while_generating:
+        gen = None
+        if args.generator == "engine":
+            gen = data.engine_generate_fn(
+                DEFAULT_MODEL, args.gen_max_tokens, 0.2, 0.9, args.gen_batch
+            )
+        how = "our engine" if gen is not None else "transformers generate"
+        gen = gen or data.hf_generate_fn(
+            target, int(tok.eos_token_id), args.gen_max_tokens, 0.2, 0.9
+        )
         print(f"[2/6] regenerating answers with the target via {how}, batch {args.gen_batch}")
-        data.regenerate_answers(prompts, tok, gen, answers, args.gen_batch, progress=lambda x: tqdm(x, desc="answers"))
+        data.regenerate_answers(
+            prompts, tok, gen, answers, args.gen_batch, progress=lambda x: tqdm(x, desc="answers")
+        )
         _mark(run, "answers")
     rows = data.read_jsonl(answers)
     if args.max_rows:
@@ -101,18 +152,33 @@ def main(argv: list[str] | None = None) -> None:
     n_tok = sum(len(r["prompt_ids"]) + len(r["answer_ids"]) for r in rows)
     print(f"[2/6] answers: {len(rows)} conversations, {n_tok} tokens")
 
-    tc = TrainConfig(out_dir=run / "train", steps=args.steps, batch_size=args.batch_size,
-                     time_budget_s=args.time_budget_min * 60, markov_rank=args.markov_rank,
-                     dspark_layers=args.layers)
+    tc = TrainConfig(
+        out_dir=run / "train",
+        steps=args.steps,
+        batch_size=args.batch_size,
+        time_budget_s=args.time_budget_min * 60,
+        lr=args.lr,
+        markov_rank=args.markov_rank,
+        dspark_layers=args.layers,
+    )
     print("[3/6] " + cache_size_report(n_tok, int(target.config.hidden_size), 5))
     if not _done(run, "train"):
-        summary = train(target, rows, tc, mask_token_id=16, pad_id=int(tok.eos_token_id),
-                        progress=lambda **kw: tqdm(desc="train", **kw))
+        source = (lambda: data.read_jsonl(answers)) if args.train_while_generating else rows
+        summary = train(
+            target,
+            source,
+            tc,
+            mask_token_id=16,
+            pad_id=int(tok.eos_token_id),
+            progress=lambda **kw: tqdm(desc="train", **kw),
+        )
         print(f"[4/6] trained: {json.dumps(summary)}")
         _mark(run, "train")
 
     if not _done(run, "sts"):
-        info = calibrate(run, target, tok, args.calib_prompts, args.per_source, args.eval_max_tokens, 1.0)
+        info = calibrate(
+            run, target, tok, args.calib_prompts, args.per_source, args.eval_max_tokens, 1.0
+        )
         (run / "sts.json").write_text(json.dumps(info, indent=2))
         _mark(run, "sts")
     print("[5/6] STS: " + (run / "sts.json").read_text())
@@ -135,9 +201,16 @@ def main(argv: list[str] | None = None) -> None:
                 out = run / "eval" / f"{name}_T{temp:g}.json"
                 if out.exists():
                     continue
-                rep = evaluate(name, target, tok, sets, temp, args.eval_max_tokens,
-                               checkpoint=str(run / "train" / name),
-                               progress=lambda x, n=name, t=temp: tqdm(x, desc=f"eval {n} T={t:g}"))
+                rep = evaluate(
+                    name,
+                    target,
+                    tok,
+                    sets,
+                    temp,
+                    args.eval_max_tokens,
+                    checkpoint=str(run / "train" / name),
+                    progress=lambda x, n=name, t=temp: tqdm(x, desc=f"eval {n} T={t:g}"),
+                )
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(rep, indent=2))
         print("[6/6] " + write_table(run))

@@ -33,7 +33,7 @@ def prompt_of(record: dict[str, Any]) -> str:
     """The user prompt of one JSONL record (`prompt`, first of `turns`, `question`, instruction+input)."""
     if "prompt" in record and isinstance(record["prompt"], str):
         return record["prompt"]
-    if "turns" in record and record["turns"]:
+    if record.get("turns"):
         return str(record["turns"][0])
     if "question" in record:
         return str(record["question"])
@@ -64,7 +64,11 @@ def training_prompts(per_source: int, seed: int = 42, offset: int = 0) -> list[t
     for name, records, fmt in (
         ("alpaca", alpaca, prompt_of),
         ("gsm8k", gsm, lambda r: prompt_of(r) + MATH_SUFFIX),
-        ("mbpp", mbpp, lambda r: f"{r['text']}\nYour code should pass this test:\n{r['test_list'][0]}"),
+        (
+            "mbpp",
+            mbpp,
+            lambda r: f"{r['text']}\nYour code should pass this test:\n{r['test_list'][0]}",
+        ),
     ):
         picked = list(records)
         rng.shuffle(picked)
@@ -82,7 +86,9 @@ def encode_chat(tokenizer: Any, prompt: str) -> list[int]:
 GenerateFn = Callable[[list[list[int]]], list[list[int]]]
 
 
-def hf_generate_fn(model: Any, eos_id: int, max_new_tokens: int, temperature: float, top_p: float) -> GenerateFn:
+def hf_generate_fn(
+    model: Any, eos_id: int, max_new_tokens: int, temperature: float, top_p: float
+) -> GenerateFn:
     """Batched generation with transformers (left padding); the fallback when no engine exists."""
 
     @torch.no_grad()
@@ -97,8 +103,12 @@ def hf_generate_fn(model: Any, eos_id: int, max_new_tokens: int, temperature: fl
         if temperature > 0:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-            eos_token_id=eos_id, pad_token_id=eos_id, **kwargs,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_id,
+            pad_token_id=eos_id,
+            **kwargs,
         )
         answers = []
         for row in out[:, width:].tolist():
@@ -109,20 +119,27 @@ def hf_generate_fn(model: Any, eos_id: int, max_new_tokens: int, temperature: fl
     return generate
 
 
-def engine_generate_fn(model_path: str, max_new_tokens: int, temperature: float, top_p: float) -> GenerateFn | None:
-    """Generation through the serving engine, when the engine offers its offline helper."""
+def engine_generate_fn(
+    model: str, max_new_tokens: int, temperature: float, top_p: float, max_num_seqs: int = 32
+) -> GenerateFn | None:
+    """Generation through our serving engine (continuous batching, no drafting), if it builds."""
     try:
-        from scheduler.engine import EngineConfig, build_engine  # type: ignore[attr-defined]
+        from scheduler.config import EngineConfig
+        from scheduler.engine import build_engine
         from scheduler.request import SamplingParams
     except ImportError:
         return None
-    try:
-        engine = build_engine(EngineConfig(model=model_path, drafter=None))  # type: ignore[call-arg]
-    except TypeError:
-        return None
-    if not hasattr(engine, "generate"):
-        return None
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    cfg = EngineConfig(
+        model=model,
+        device="cpu",
+        dtype="float32",
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max(512, max_num_seqs),
+        speculative="none",
+        profile_on_start=False,
+    )
+    engine = build_engine(cfg)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=0)
 
     def generate(batch: list[list[int]]) -> list[list[int]]:
         return [list(x) for x in engine.generate(batch, params)]
@@ -154,8 +171,13 @@ def regenerate_answers(
             t0 = time.time()
             answers = generate([e[2] for e in batch])
             for (i, src, pid), ans in zip(batch, answers, strict=True):
-                row = {"index": i, "source": src, "prompt_ids": pid, "answer_ids": ans,
-                       "gen_s": round((time.time() - t0) / len(batch), 3)}
+                row = {
+                    "index": i,
+                    "source": src,
+                    "prompt_ids": pid,
+                    "answer_ids": ans,
+                    "gen_s": round((time.time() - t0) / len(batch), 3),
+                }
                 done[i] = row
                 f.write(json.dumps(row) + "\n")
             f.flush()

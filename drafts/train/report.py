@@ -24,36 +24,64 @@ def write_table(run: Path) -> str:
     if not evals:
         return "no evaluation results"
     datasets = list(next(iter(evals.values()))["datasets"])
-    lines = ["| method | T | " + " | ".join(datasets) + " | macro tau |",
-             "|---|---|" + "---|" * len(datasets) + "---|"]
+    lines = [
+        "| method | T | " + " | ".join(datasets) + " | macro tau |",
+        "|---|---|" + "---|" * len(datasets) + "---|",
+    ]
     for name in METHODS:
         for t in (0.0, 1.0):
             rep = evals.get((name, t))
             if rep is None:
                 continue
             cells = [_fmt(rep["datasets"][d]["tau"]) for d in datasets]
-            lines.append(f"| {name} | {t:g} | " + " | ".join(cells) + f" | {_fmt(rep['macro_tau'])} |")
+            lines.append(
+                f"| {name} | {t:g} | " + " | ".join(cells) + f" | {_fmt(rep['macro_tau'])} |"
+            )
     lines += ["", "| T | DSpark / EAGLE-3 | DSpark / DFlash |", "|---|---|---|"]
     for t in (0.0, 1.0):
         ds, e3, dfl = (evals.get((n, t)) for n in ("dspark", "eagle3", "dflash"))
         if ds and e3 and dfl:
-            lines.append(f"| {t:g} | {ds['macro_tau'] / e3['macro_tau']:.3f} | {ds['macro_tau'] / dfl['macro_tau']:.3f} |")
-    lines += ["", "Per-position acceptance (conditional, pooled over datasets):", "",
-              "| method | T | " + " | ".join(f"k={k + 1}" for k in range(7)) + " |", "|---|---|" + "---|" * 7]
+            lines.append(
+                f"| {t:g} | {ds['macro_tau'] / e3['macro_tau']:.3f} | {ds['macro_tau'] / dfl['macro_tau']:.3f} |"
+            )
+    lines += [
+        "",
+        "Per-position acceptance (conditional, pooled over datasets):",
+        "",
+        "| method | T | " + " | ".join(f"k={k + 1}" for k in range(7)) + " |",
+        "|---|---|" + "---|" * 7,
+    ]
     for (name, t), rep in sorted(evals.items()):
         pooled = []
         for k in range(7):
-            vals = [d["accept_conditional"][k] for d in rep["datasets"].values() if d["accept_conditional"][k] is not None]
+            vals = [
+                d["accept_conditional"][k]
+                for d in rep["datasets"].values()
+                if d["accept_conditional"][k] is not None
+            ]
             pooled.append(sum(vals) / len(vals) if vals else None)
         lines.append(f"| {name} | {t:g} | " + " | ".join(_fmt(v, True) for v in pooled) + " |")
-    cal = [(t, d, rep["datasets"][d]) for (n, t), rep in sorted(evals.items()) if n == "dspark"
-           for d in rep["datasets"] if "calibration_error_before" in rep["datasets"][d]]
+    cal = [
+        (t, d, rep["datasets"][d])
+        for (n, t), rep in sorted(evals.items())
+        if n == "dspark"
+        for d in rep["datasets"]
+        if "calibration_error_before" in rep["datasets"][d]
+    ]
     if cal:
-        lines += ["", "DSpark per-position calibration error (ECE of the cumulative confidence, before -> after STS):", "",
-                  "| T | dataset | " + " | ".join(f"k={k + 1}" for k in range(7)) + " |", "|---|---|" + "---|" * 7]
+        lines += [
+            "",
+            "DSpark per-position calibration error (ECE of the cumulative confidence, before -> after STS):",
+            "",
+            "| T | dataset | " + " | ".join(f"k={k + 1}" for k in range(7)) + " |",
+            "|---|---|" + "---|" * 7,
+        ]
         for t, d, s in cal:
             after = s.get("calibration_error_after") or [None] * 7
-            cells = [f"{_fmt(b, True)} -> {_fmt(a, True)}" for b, a in zip(s["calibration_error_before"], after, strict=True)]
+            cells = [
+                f"{_fmt(b, True)} -> {_fmt(a, True)}"
+                for b, a in zip(s["calibration_error_before"], after, strict=True)
+            ]
             lines.append(f"| {t:g} | {d} | " + " | ".join(cells) + " |")
     sizes = ["", "| method | layers | draft params | checkpoint MB |", "|---|---|---|---|"]
     for name in METHODS:
@@ -67,9 +95,14 @@ def write_table(run: Path) -> str:
     summary = run / "train" / "summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())
-        lines += ["", f"Training (shared by the three methods): {s['steps']} steps, {s['sequences']} sequences, "
-                      f"{s['train_tokens']} answer tokens, {s['wall_s'] / 3600:.2f} h wall, "
-                      f"{s['cpu_s'] / 3600:.2f} CPU h (process time, all three drafts + target streaming)."]
+        lines += [
+            "",
+            (
+                f"Training (shared by the three methods): {s['steps']} steps, {s['sequences']} sequences, "
+                f"{s['train_tokens']} answer tokens, {s['wall_s'] / 3600:.2f} h wall, "
+                f"{s['cpu_s'] / 3600:.2f} CPU h (process time, all three drafts + target streaming)."
+            ),
+        ]
     text = "\n".join(lines) + "\n"
     (run / "results.md").write_text(text)
     return text

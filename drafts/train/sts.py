@@ -30,7 +30,9 @@ def survival_labels(accepted: torch.Tensor, gamma: int) -> torch.Tensor:
     return (torch.arange(gamma)[None, :] < accepted[:, None]).float()
 
 
-def per_position_ece(conf_logits: torch.Tensor, accepted: torch.Tensor, temps: list[float]) -> list[float]:
+def per_position_ece(
+    conf_logits: torch.Tensor, accepted: torch.Tensor, temps: list[float]
+) -> list[float]:
     """ECE of the cumulative survival estimate at each position under temperatures `temps`."""
     g = conf_logits.shape[1]
     t = torch.tensor([temps[k] if k < len(temps) else 1.0 for k in range(g)])
@@ -39,7 +41,9 @@ def per_position_ece(conf_logits: torch.Tensor, accepted: torch.Tensor, temps: l
     return [ece(cum[:, k], labels[:, k]) for k in range(g)]
 
 
-def fit_sts(conf_logits: torch.Tensor, accepted: torch.Tensor, grid: list[float] | None = None) -> list[float]:
+def fit_sts(
+    conf_logits: torch.Tensor, accepted: torch.Tensor, grid: list[float] | None = None
+) -> list[float]:
     """conf_logits [R, gamma] raw head outputs of R full-length rounds; accepted [R] drafts accepted."""
     grid = grid or GRID
     g = conf_logits.shape[1]

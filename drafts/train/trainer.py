@@ -7,10 +7,11 @@ features and the target logits live only for the step that uses them.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,25 +48,37 @@ class TrainConfig:
     seed: int = 42
     save_every: int = 20
     methods: tuple[str, ...] = METHODS
+    bf16_target: bool = True
 
 
 def build_drafts(target: nn.Module, tc: TrainConfig, mask_token_id: int) -> dict[str, nn.Module]:
     target_config = target.config
-    common = dict(block_size=tc.block_size, mask_token_id=mask_token_id)
+    common = {"block_size": tc.block_size, "mask_token_id": mask_token_id}
     cfgs: dict[str, DraftConfig] = {
-        "eagle3": config_from_target(target_config, "eagle3", num_layers=tc.eagle3_layers, **common),
-        "dflash": config_from_target(target_config, "dflash", num_layers=tc.dspark_layers, **common),
-        "dspark": config_from_target(target_config, "dspark", num_layers=tc.dspark_layers,
-                                     markov_rank=tc.markov_rank, confidence_head=True, **common),
+        "eagle3": config_from_target(
+            target_config, "eagle3", num_layers=tc.eagle3_layers, **common
+        ),
+        "dflash": config_from_target(
+            target_config, "dflash", num_layers=tc.dspark_layers, **common
+        ),
+        "dspark": config_from_target(
+            target_config,
+            "dspark",
+            num_layers=tc.dspark_layers,
+            markov_rank=tc.markov_rank,
+            confidence_head=True,
+            **common,
+        ),
     }
     out: dict[str, nn.Module] = {}
     for name in tc.methods:
         torch.manual_seed(tc.seed)
         out[name] = Eagle3Model(cfgs[name]) if name == "eagle3" else DSparkModel(cfgs[name])
-        # The frozen LM head expects the scale of the target's final norm; starting from it avoids
-        # hugely over-confident random logits in the first steps (a short CPU budget cannot spare them).
+        # Start from a tenth of the target's final-norm scale: random directions through the frozen
+        # LM head at full scale give wildly over-confident logits (CE ~60 nats); at 0.1x the first
+        # distributions are near uniform, which a short CPU budget recovers from much faster.
         with torch.no_grad():
-            out[name].norm.weight.copy_(target.model.norm.weight)
+            out[name].norm.weight.copy_(0.1 * target.model.norm.weight)
     return out
 
 
@@ -79,7 +92,9 @@ def make_sequences(rows: list[dict[str, Any]], max_len: int) -> list[tuple[list[
     return seqs
 
 
-def collate(batch: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(
+    batch: list[tuple[list[int], int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids, _ in batch)
     ids_t = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -90,7 +105,9 @@ def collate(batch: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def target_features(target: nn.Module, ids: torch.Tensor, layer_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def target_features(
+    target: nn.Module, ids: torch.Tensor, layer_ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs of the chosen decoder layers (HF hidden_states[i+1]) and the target logits.
     Right padding: causal attention keeps padding out of every real position."""
     out = target(input_ids=ids, output_hidden_states=True, use_cache=False)
@@ -104,9 +121,18 @@ def lr_factor(progress: float, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
 
 
-def method_loss(name: str, model: nn.Module, parts: FrozenTargetParts, ids: torch.Tensor, mask: torch.Tensor,
-                lengths: torch.Tensor, feats: torch.Tensor, logits: torch.Tensor, tc: TrainConfig,
-                gen: torch.Generator) -> dict[str, torch.Tensor]:
+def method_loss(
+    name: str,
+    model: nn.Module,
+    parts: FrozenTargetParts,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    lengths: torch.Tensor,
+    feats: torch.Tensor,
+    logits: torch.Tensor,
+    tc: TrainConfig,
+    gen: torch.Generator,
+) -> dict[str, torch.Tensor]:
     if name == "eagle3":
         assert isinstance(model, Eagle3Model)
         return ttt_losses(model, parts, ids, mask, feats, logits, tc.num_anchors, generator=gen)
@@ -115,21 +141,51 @@ def method_loss(name: str, model: nn.Module, parts: FrozenTargetParts, ids: torc
     out = model.train_forward(parts, ids, feats, anchors, keep)
     if name == "dflash":  # DeepSpec's DFlash config: CE only
         return block_losses(out, ids, mask, logits, anchors, keep, 1.0, 0.0, 0.0, tc.loss_decay)
-    return block_losses(out, ids, mask, logits, anchors, keep, tc.alpha_ce, tc.alpha_tv, tc.alpha_conf,
-                        tc.loss_decay)
+    return block_losses(
+        out,
+        ids,
+        mask,
+        logits,
+        anchors,
+        keep,
+        tc.alpha_ce,
+        tc.alpha_tv,
+        tc.alpha_conf,
+        tc.loss_decay,
+    )
 
 
-def train(target: nn.Module, rows: list[dict[str, Any]], tc: TrainConfig, mask_token_id: int,
-          pad_id: int, progress: Any = None) -> dict[str, Any]:
-    """Resumable lockstep training; state in tc.out_dir/state.pt, metrics in metrics.jsonl."""
+def train(
+    target: nn.Module,
+    rows: list[dict[str, Any]] | Callable[[], list[dict[str, Any]]],
+    tc: TrainConfig,
+    mask_token_id: int,
+    pad_id: int,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Resumable lockstep training; state in tc.out_dir/state.pt, metrics in metrics.jsonl.
+
+    `rows` may be a callable returning the answers generated so far: training then starts while
+    generation is still running and takes in new conversations, in file order, as they appear
+    (after the last one it wraps around)."""
     tc.out_dir.mkdir(parents=True, exist_ok=True)
     target.requires_grad_(False)
-    parts = target_parts(target)
+    # Features, target logits and the frozen LM head run in bf16 (as DeepSpec's bf16 cache);
+    # the drafts and their optimiser state stay fp32.
+    fast = copy.deepcopy(target).to(torch.bfloat16) if tc.bf16_target else target
+    parts = target_parts(fast, act_dtype=torch.float32)
     models = build_drafts(target, tc, mask_token_id)
-    opts = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=tc.lr, weight_decay=0.0,
-                                 betas=(0.9, 0.95)) for n, m in models.items()}
-    seqs = make_sequences(rows, tc.max_len)
-    random.Random(tc.seed).shuffle(seqs)
+    opts = {
+        n: torch.optim.AdamW(
+            [p for p in m.parameters() if p.requires_grad],
+            lr=tc.lr,
+            weight_decay=0.0,
+            betas=(0.9, 0.95),
+        )
+        for n, m in models.items()
+    }
+    load_rows = rows if callable(rows) else (lambda: rows)
+    seqs = make_sequences(load_rows(), tc.max_len)
     state_path = tc.out_dir / "state.pt"
     step, elapsed, cpu, tokens = 0, 0.0, 0.0, 0
     if state_path.exists():
@@ -149,10 +205,12 @@ def train(target: nn.Module, rows: list[dict[str, Any]], tc: TrainConfig, mask_t
             frac = max(frac, (time.time() - t_wall) / tc.time_budget_s)
             if frac >= 1.0:
                 break
+        if (step + 1) * tc.batch_size > len(seqs):
+            seqs = make_sequences(load_rows(), tc.max_len)
         i0 = (step * tc.batch_size) % len(seqs)
         batch = [seqs[(i0 + j) % len(seqs)] for j in range(tc.batch_size)]
         ids, mask, lengths = collate(batch, pad_id)
-        feats, logits = target_features(target, ids, layer_ids)
+        feats, logits = target_features(fast, ids, layer_ids)
         rec: dict[str, Any] = {"step": step, "lr_factor": round(lr_factor(frac, tc.warmup_frac), 4)}
         for name, model in models.items():
             for group in opts[name].param_groups:
@@ -175,25 +233,47 @@ def train(target: nn.Module, rows: list[dict[str, Any]], tc: TrainConfig, mask_t
         if step % tc.save_every == 0 or step == tc.steps:
             _save_state(state_path, models, opts, step, elapsed, cpu, tokens)
     _save_state(state_path, models, opts, step, elapsed, cpu, tokens)
-    summary = {"steps": step, "train_tokens": tokens, "wall_s": round(elapsed, 1), "cpu_s": round(cpu, 1),
-               "sequences": step * tc.batch_size}
+    summary = {
+        "steps": step,
+        "train_tokens": tokens,
+        "wall_s": round(elapsed, 1),
+        "cpu_s": round(cpu, 1),
+        "sequences": step * tc.batch_size,
+    }
     for name, model in models.items():
         save_draft(model, tc.out_dir / name, extra={"training": summary})
     (tc.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _save_state(path: Path, models: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer], step: int,
-                elapsed: float, cpu: float, tokens: int) -> None:
+def _save_state(
+    path: Path,
+    models: dict[str, nn.Module],
+    opts: dict[str, torch.optim.Optimizer],
+    step: int,
+    elapsed: float,
+    cpu: float,
+    tokens: int,
+) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"models": {n: m.state_dict() for n, m in models.items()},
-                "opts": {n: o.state_dict() for n, o in opts.items()},
-                "step": step, "elapsed": elapsed, "cpu": cpu, "tokens": tokens}, tmp)
+    torch.save(
+        {
+            "models": {n: m.state_dict() for n, m in models.items()},
+            "opts": {n: o.state_dict() for n, o in opts.items()},
+            "step": step,
+            "elapsed": elapsed,
+            "cpu": cpu,
+            "tokens": tokens,
+        },
+        tmp,
+    )
     tmp.replace(path)
 
 
 def cache_size_report(num_tokens: int, hidden: int, num_layers: int) -> str:
     """What a DeepSpec-style disk cache (bf16 features of m layers + final hidden) would need."""
     per_tok = (num_layers + 1) * hidden * 2
-    return (f"DeepSpec-style target cache for this run: {num_tokens} tokens x {(num_layers + 1)} x {hidden} x 2 B "
-            f"= {num_tokens * per_tok / 2**30:.2f} GiB (streaming instead: 0 B on disk)")
+    return (
+        f"DeepSpec-style target cache for this run: {num_tokens} tokens x {(num_layers + 1)} x {hidden} x 2 B "
+        f"= {num_tokens * per_tok / 2**30:.2f} GiB (streaming instead: 0 B on disk)"
+    )

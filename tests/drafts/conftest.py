@@ -9,9 +9,19 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 def tiny_llama(seed: int = 0, vocab: int = 96, layers: int = 6) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
-                      eos_token_id=2, pad_token_id=2, bos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
+        eos_token_id=2,
+        pad_token_id=2,
+        bos_token_id=1,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 

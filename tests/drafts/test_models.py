@@ -13,8 +13,16 @@ from scheduler.request import SamplingParams
 
 
 def _dspark(target, **kw) -> DSparkModel:  # type: ignore[no-untyped-def]
-    cfg = config_from_target(target.config, "dspark", num_layers=2, markov_rank=8, confidence_head=True,
-                             aux_layer_ids=[0, 1, 2], mask_token_id=3, **kw)
+    cfg = config_from_target(
+        target.config,
+        "dspark",
+        num_layers=2,
+        markov_rank=8,
+        confidence_head=True,
+        aux_layer_ids=[0, 1, 2],
+        mask_token_id=3,
+        **kw,
+    )
     return DSparkModel(cfg)
 
 
@@ -66,7 +74,15 @@ def test_eagle3_ttt_loss_and_backward(tiny_target) -> None:  # type: ignore[no-u
     ids = torch.randint(4, 96, (2, 24))
     mask = torch.zeros(2, 24, dtype=torch.long)
     mask[:, 5:] = 1
-    res = ttt_losses(model, target_parts(tiny_target), ids, mask, torch.randn(2, 24, 96), torch.randn(2, 24, 96), 6)
+    res = ttt_losses(
+        model,
+        target_parts(tiny_target),
+        ids,
+        mask,
+        torch.randn(2, 24, 96),
+        torch.randn(2, 24, 96),
+        6,
+    )
     assert all(f"ce{k}" in res for k in range(7))
     res["loss"].backward()
     assert model.fc.weight.grad is not None
@@ -87,9 +103,18 @@ def test_proposers_return_what_they_sampled_and_stay_lossless(tiny_target) -> No
     for model in (_dspark(tiny_target), e3):
         prop = make_proposer(model, tiny_target, 7)
         assert prop.aux_layer_ids == (0, 1, 2) and prop.max_draft_tokens == 7
-        res = speculative_generate(tiny_target, prop, prompt, SamplingParams(max_tokens=20, temperature=0), 7, {2})
+        res = speculative_generate(
+            tiny_target, prop, prompt, SamplingParams(max_tokens=20, temperature=0), 7, {2}
+        )
         assert res.output_ids == ref
         assert all(r.proposed == 7 for r in res.rounds)
-        sampled = speculative_generate(tiny_target, prop, prompt, SamplingParams(max_tokens=12, temperature=1.0),
-                                       7, {2}, generator=torch.Generator().manual_seed(1))
+        sampled = speculative_generate(
+            tiny_target,
+            prop,
+            prompt,
+            SamplingParams(max_tokens=12, temperature=1.0),
+            7,
+            {2},
+            generator=torch.Generator().manual_seed(1),
+        )
         assert len(sampled.output_ids) == 12 or sampled.output_ids[-1] == 2
