@@ -85,7 +85,7 @@ class Metrics:
                                        "Prompt tokens per request.", tok)
         self.gen_tokens_hist = hist("dspark_request_generation_tokens",
                                     "Generated tokens per request.", tok)
-        self.iteration_tokens = hist("dspark_iteration_tokens_total",
+        self.iteration_tokens = hist("dspark_iteration_tokens",
                                      "Tokens through the target per engine step.", ITERATION_BUCKETS)
         self.running = gauge("dspark_num_requests_running", "Requests resident in the engine.")
         self.waiting = gauge("dspark_num_requests_waiting", "Requests queued for a slot.")

@@ -128,7 +128,7 @@ def overview() -> Panel:
         ),
         timeseries(
             "Tokens per engine step",
-            quantiles("dspark_iteration_tokens_total", (0.5, 0.95)),
+            quantiles("dspark_iteration_tokens", (0.5, 0.95)),
             "short",
             desc="Prompt plus verified tokens processed by one target forward.",
         ),

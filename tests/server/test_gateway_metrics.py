@@ -82,7 +82,7 @@ def test_observe_step_maps_speculation_and_engine_stats() -> None:
     assert value("dspark_spec_decode_realised_acceptance_total", {**lbl, "position": "1"}) == 1
     assert value("dspark_spec_decode_verified_positions_total", {**lbl, "position": "1"}) == 2
     assert value("dspark_throughput_profile_steps_per_second", {**lbl, "tokens": "64"}) == 25.0
-    assert value("dspark_iteration_tokens_total_sum", lbl) == 12
+    assert value("dspark_iteration_tokens_sum", lbl) == 12
     assert value("dspark_scheduler_verified_tokens_per_step_sum", lbl) == 5
     assert value("dspark_num_preemptions_total", lbl) == 1
 
