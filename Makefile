@@ -18,10 +18,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-serve: $(STAMP)
-	$(PY) -m server $(ARGS)
+# DSpark drafting with confidence-scheduled verification is the shipped default.
+SERVE_ARGS ?= --speculative dspark --verify-policy dspark
 
+serve: $(STAMP)
+	$(PY) -m server $(SERVE_ARGS) $(ARGS)
+
+# The deploy tests need Debian's prometheus package (promtool and a real server).
 test: $(STAMP)
+	bash tests/deploy/ensure_prometheus.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
