@@ -9,6 +9,10 @@ on_step callback. Through HTTP: `python -m server` with the same engine flags in
 an httpx streaming client here; token times are chunk arrival times. Per-token time is the
 decode-phase mean (last - first token) / (tokens - 1) per request, averaged over requests;
 the end-to-end figure divides request latency by its tokens.
+
+Rounds alternate engine-alone and HTTP (A/B/A/B...) and the figures are medians over rounds,
+with the overhead taken as the median of per-round paired differences, so a noisy shared
+machine shifts both sides alike instead of biasing one.
 """
 
 from __future__ import annotations
@@ -85,21 +89,15 @@ def _engine_round(engine: Any, tag: str, concurrency: int, params: Any) -> list[
     return list(state.values())
 
 
-def engine_alone(engine: Any, concurrency: int, max_tokens: int, rounds: int) -> dict[str, float]:
+def engine_round(engine: Any, concurrency: int, max_tokens: int, tag: str) -> dict[str, float]:
     from scheduler.request import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    records: list[tuple[float, float, float, int]] = []
-    for r in range(rounds + 1):  # round 0 warms up
-        got = _engine_round(engine, f"c{concurrency}r{r}", concurrency, params)
-        if r:
-            records += [(t0, first, last, n) for t0, first, last, n, _ in got]
-    return summarize(records)
+    got = _engine_round(engine, tag, concurrency, params)
+    return summarize([(t0, first, last, n) for t0, first, last, n, _ in got])
 
 
-async def http_run(base: str, concurrency: int, max_tokens: int, rounds: int) -> dict[str, float]:
-    records: list[tuple[float, float, float, int]] = []
-
+async def http_round(base: str, concurrency: int, max_tokens: int) -> dict[str, float]:
     async def one(client: httpx.AsyncClient, text: str) -> tuple[float, float, float, int]:
         body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
                 "temperature": 0, "ignore_eos": True, "stream": True,
@@ -123,11 +121,30 @@ async def http_run(base: str, concurrency: int, max_tokens: int, rounds: int) ->
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        for r in range(rounds + 1):
-            got = await asyncio.gather(*(one(client, t) for t in prompts(concurrency)))
-            if r:
-                records += got
-    return summarize(records)
+        got = await asyncio.gather(*(one(client, t) for t in prompts(concurrency)))
+    return summarize(list(got))
+
+
+def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(statistics.median(r[k] for r in rounds), 3) for k in rounds[0]}
+
+
+def compare(engine: Any, base: str, concurrency: int, max_tokens: int, rounds: int) -> dict[str, Any]:
+    engine_round(engine, concurrency, max_tokens, f"warm{concurrency}")
+    asyncio.run(http_round(base, concurrency, max_tokens))
+    a, b = [], []
+    for r in range(rounds):
+        a.append(engine_round(engine, concurrency, max_tokens, f"c{concurrency}r{r}"))
+        b.append(asyncio.run(http_round(base, concurrency, max_tokens)))
+    diffs = [y["per_token_ms"] - x["per_token_ms"] for x, y in zip(a, b, strict=True)]
+    ratios = [y["per_token_ms"] / x["per_token_ms"] - 1 for x, y in zip(a, b, strict=True)]
+    return {
+        "engine": median_of(a),
+        "http": median_of(b),
+        "overhead_per_token_ms": round(statistics.median(diffs), 3),
+        "overhead_pct": round(100 * statistics.median(ratios), 1),
+        "overhead_per_token_ms_rounds": [round(d, 3) for d in diffs],
+    }
 
 
 def main() -> None:
@@ -137,8 +154,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads on both sides (0: torch's default)")
     args = ap.parse_args()
 
     import torch
@@ -154,30 +172,18 @@ def main() -> None:
     if args.model:
         flags["model"] = args.model
     engine = build_engine(EngineConfig(**flags))
-    result: dict[str, Any] = {"model": engine.model_name, "max_tokens": args.max_tokens,
-                              "torch_threads": torch.get_num_threads(), "engine": {}, "http": {}}
-    for c in args.concurrency:
-        result["engine"][str(c)] = engine_alone(engine, c, args.max_tokens, args.rounds)
-    del engine
-
     server_args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
     server_args += ["--max-queue", str(max_seqs)]
-    proc, base = spawn_server(server_args)
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+    proc, base = spawn_server(server_args, env_extra=env)
+    result: dict[str, Any] = {"model": engine.model_name, "max_tokens": args.max_tokens,
+                              "rounds": args.rounds, "torch_threads": torch.get_num_threads()}
     try:
         for c in args.concurrency:
-            result["http"][str(c)] = asyncio.run(http_run(base, c, args.max_tokens, args.rounds))
+            result[f"concurrency_{c}"] = compare(engine, base, c, args.max_tokens, args.rounds)
     finally:
         proc.terminate()
         proc.wait(60)
-    result["overhead"] = {
-        str(c): {
-            "per_token_ms": round(result["http"][str(c)]["per_token_ms"]
-                                  - result["engine"][str(c)]["per_token_ms"], 3),
-            "per_token_pct": round(100 * (result["http"][str(c)]["per_token_ms"]
-                                          / result["engine"][str(c)]["per_token_ms"] - 1), 1),
-        }
-        for c in args.concurrency
-    }
     print(json.dumps(result, indent=2))
 
 

@@ -123,10 +123,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn_server(args: list[str], timeout_s: float = 300.0) -> tuple[subprocess.Popen[bytes], str]:
+def spawn_server(args: list[str], timeout_s: float = 300.0,
+                 env_extra: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """`python -m server <args>` on a free port; returns once /ready says 200."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
     proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port),
                              "--log-level", "warning", *args], cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"

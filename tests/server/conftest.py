@@ -1,7 +1,8 @@
 """Server test fixtures: real uvicorn servers on loopback, built around engines of three kinds.
 
-- `fake_server`: the torch-free `model="fake"` engine (most tests).
-- `scripted_app(...)` (gateway_harness): the ScriptedThread double (exact token scripts, crashes).
+- `fake_server` / `fake_app(...)`: the real engine around the torch-free `model="fake"` runner
+  (most tests).
+- `scripted_app(...)`: the ScriptedThread double (exact token scripts, recorded requests).
 - `real_server`: the embedded SmolLM2 model, one server for the whole session.
 """
 

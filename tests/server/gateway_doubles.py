@@ -1,6 +1,6 @@
-"""A scripted stand-in for scheduler.engine.EngineThread, for gateway cases the real engines
-cannot produce on demand: exact token sequences (a character split over tokens, a stop string
-across a token boundary, several tokens per step as under speculation) and slow steps.
+"""A scripted stand-in for scheduler.engine.EngineThread, for the few gateway cases the real
+engines cannot produce on demand: exact token scripts with several tokens per step and known
+speculation counters, and a record of the Request objects the gateway built.
 
 It honours the engine seam (docs/structures.md): add/abort are thread-safe, on_step runs on the
 engine thread after every step that did work, and every request gets exactly one finished output.
@@ -66,7 +66,6 @@ class ScriptedThread:
         self._waiting: deque[_Live] = deque()
         self._thread = threading.Thread(target=self._run, daemon=True, name="scripted-engine")
         self.error: BaseException | None = None
-        self.crash_next_step = False
 
     @property
     def is_alive(self) -> bool:
@@ -126,8 +125,6 @@ class ScriptedThread:
                         item = self._inbox.get_nowait()
                 except queue.Empty:
                     pass
-                if self.crash_next_step:
-                    raise RuntimeError("injected engine crash")
                 while self._waiting and len(self._running) < self.engine.batcher.kv.num_slots:
                     live = self._waiting.popleft()
                     self._running[live.req.req_id] = live
