@@ -21,13 +21,15 @@ MSGS = [{"role": "user", "content": "hello"}]
 
 
 @contextmanager
-def server_process(*args: str, step_s: float = 0.02) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def server_process(*args: str, step_s: float = 0.02,
+                   entry: tuple[str, ...] = (str(HERE / "gateway_proc.py"),),
+                   ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]),
            "GATEWAY_TEST_STEP_S": str(step_s)}
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "gateway_proc.py"), "--port", str(port), "--log-level", "warning",
-         *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, *entry, "--port", str(port), "--log-level", "warning", *args],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     base = f"http://127.0.0.1:{port}"
 
@@ -71,6 +73,18 @@ def test_sigterm_drains_running_requests_then_exits_zero() -> None:
         assert any('"finish_reason":"length"' in line for line in lines)
         with pytest.raises(httpx.TransportError):  # and the listener is gone
             httpx.get(base + "/health", timeout=2)
+
+
+def test_python_m_server_serves_and_stops_cleanly() -> None:
+    """The real entry point: settings -> EngineConfig -> build_engine -> uvicorn."""
+    with server_process("--model", "fake", "--served-model-name", "tiny", "--max-queue", "3",
+                        entry=("-m", "server")) as (proc, base):
+        r = httpx.post(base + "/v1/chat/completions", timeout=30,
+                       json={"model": "tiny", "messages": MSGS, "max_tokens": 5})
+        assert r.status_code == 200 and r.json()["model"] == "tiny"
+        assert r.json()["usage"]["completion_tokens"] == 5
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
 
 
 def test_engine_death_fails_requests_and_exits_nonzero() -> None:
