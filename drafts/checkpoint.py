@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -60,6 +60,11 @@ def load_draft(
             f"checkpoint {path} does not match its config: missing={missing} unexpected={unexpected}"
         )
     return model.to(device=device, dtype=dtype).eval()
+
+
+def draft_config(model: nn.Module) -> DraftConfig:
+    """The DraftConfig a draft module carries (typed accessor)."""
+    return cast(DraftConfig, model.cfg)
 
 
 def shipped_path(method: str) -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -199,7 +199,12 @@ class FrozenTargetParts(nn.Module):
     `act_dtype`: dtype of the activations the draft runs in. Training runs the frozen parts in
     bf16 (3x faster matmuls on AVX512-BF16 CPUs) while the draft itself stays fp32."""
 
-    def __init__(self, embed: nn.Module, lm_head: nn.Module, act_dtype: torch.dtype | None = None) -> None:
+    _embed: nn.Module
+    _lm_head: nn.Module
+
+    def __init__(
+        self, embed: nn.Module, lm_head: nn.Module, act_dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         # Stored outside the module tree so state_dict()/parameters() never include them.
         object.__setattr__(self, "_embed", embed)
@@ -207,16 +212,20 @@ class FrozenTargetParts(nn.Module):
         self.act_dtype = act_dtype
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        e = self._embed(ids)  # type: ignore[operator]
+        e: torch.Tensor = self._embed(ids)
         return e if self.act_dtype is None else e.to(self.act_dtype)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits in the LM head's dtype (callers upcast before softmax)."""
-        return self._lm_head(h.to(self._lm_head.weight.dtype))  # type: ignore[operator, union-attr]
+        weight = cast(torch.Tensor, self._lm_head.weight)
+        out: torch.Tensor = self._lm_head(h.to(weight.dtype))
+        return out
 
 
-def target_parts(target: nn.Module, act_dtype: torch.dtype | None = None) -> FrozenTargetParts:
-    return FrozenTargetParts(target.get_input_embeddings(), target.get_output_embeddings(), act_dtype)
+def target_parts(target: Any, act_dtype: torch.dtype | None = None) -> FrozenTargetParts:
+    return FrozenTargetParts(
+        target.get_input_embeddings(), target.get_output_embeddings(), act_dtype
+    )
 
 
 def filtered_probs(

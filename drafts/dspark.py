@@ -8,6 +8,7 @@ Markov sequential head (low-rank transition bias) and the confidence head (dspar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ class DSparkModel(nn.Module):
     ) -> torch.Tensor:
         """x: block embeddings [B, Q, d]; ctx_kv: per-layer roped context K/V. Returns normed h."""
         h = x
-        for layer, kv in zip(self.layers, ctx_kv, strict=True):
+        for layer, kv in zip(self.decoder_layers(), ctx_kv, strict=True):
             h = h + layer.self_attn(layer.input_layernorm(h), pos, kv, mask)
             h = layer.mlp_block(h)
         return self.norm(h)
@@ -61,7 +62,10 @@ class DSparkModel(nn.Module):
     def ctx_kv(
         self, ctx: torch.Tensor, pos: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [layer.self_attn.kv(ctx, pos) for layer in self.layers]
+        return [layer.self_attn.kv(ctx, pos) for layer in self.decoder_layers()]
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return [cast(DecoderLayer, m) for m in self.layers]
 
     def markov_bias(self, prev_ids: torch.Tensor) -> torch.Tensor | None:
         if self.markov_w1 is None or self.markov_w2 is None:

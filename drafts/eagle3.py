@@ -5,6 +5,8 @@ full-vocabulary LM head, trained with the training-time test (TTT) over `block_s
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,9 @@ class Eagle3Model(nn.Module):
         self.norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps)
         init_weights(self)
 
+    def layer0(self) -> DecoderLayer:
+        return cast(DecoderLayer, self.layers[0])
+
     def step(
         self,
         emb: torch.Tensor,
@@ -32,7 +37,7 @@ class Eagle3Model(nn.Module):
         mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """One draft-layer pass. Returns the output hidden (pre final norm) and this input's K/V."""
-        layer = self.layers[0]
+        layer = self.layer0()
         x = torch.cat([layer.input_layernorm(emb), self.hidden_norm(hidden)], dim=-1)
         own_kv = layer.self_attn.kv(x, pos)
         h = hidden + layer.self_attn(x, pos, prefix_kv, mask)
@@ -70,7 +75,7 @@ def ttt_losses(
         tok_idx = (rows + 1 + k).clamp(max=s - 1)
         emb = parts.embed(input_ids[:, tok_idx])
         pos = (rows + k).expand(b, s)
-        x_layer = model.layers[0]
+        x_layer = model.layer0()
         x = torch.cat([x_layer.input_layernorm(emb), model.hidden_norm(hidden)], dim=-1)
         k_new, v_new = x_layer.self_attn.kv(x, pos)
         prefix = (torch.cat(keys, dim=2), torch.cat(vals, dim=2)) if keys else None

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from drafts.base import DraftProposal, DraftRequest
-from drafts.common import FrozenTargetParts, filtered_probs, sample_from, target_parts
+from drafts.common import DraftConfig, FrozenTargetParts, filtered_probs, sample_from, target_parts
 from drafts.dspark import DSparkModel, sts_apply
 from drafts.eagle3 import Eagle3Model
 
@@ -53,7 +54,7 @@ class _FeatureProposer:
     ) -> None:
         self.model = model
         self.parts = parts
-        self.cfg = model.cfg  # type: ignore[attr-defined]
+        self.cfg = cast(DraftConfig, model.cfg)
         self.aux_layer_ids: tuple[int, ...] = tuple(self.cfg.aux_layer_ids)
         self.max_draft_tokens = min(num_speculative_tokens, self.cfg.block_size)
         self.states: dict[str, _State] = {}
@@ -220,9 +221,7 @@ class Eagle3Proposer(_FeatureProposer):
         return toks, prb, None
 
 
-def make_proposer(
-    model: nn.Module, target: nn.Module, num_speculative_tokens: int
-) -> _FeatureProposer:
+def make_proposer(model: nn.Module, target: Any, num_speculative_tokens: int) -> _FeatureProposer:
     emb = target.get_input_embeddings().weight
     model = model.to(device=emb.device, dtype=emb.dtype).eval()
     parts = target_parts(target)

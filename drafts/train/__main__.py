@@ -13,11 +13,12 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from drafts.checkpoint import SHIPPED, load_draft, save_draft
+from drafts.checkpoint import SHIPPED, draft_config, load_draft, save_draft
 from drafts.train import data
 from drafts.train.trainer import METHODS, TrainConfig, cache_size_report, train
 
@@ -32,8 +33,8 @@ def _mark(run: Path, step: str) -> None:
 
 def calibrate(
     run: Path,
-    target: torch.nn.Module,
-    tokenizer: object,
+    target: Any,
+    tokenizer: Any,
     n_prompts: int,
     per_source: int,
     max_tokens: int,
@@ -45,7 +46,8 @@ def calibrate(
     from drafts.train.sts import fit_sts, per_position_ece
 
     model = load_draft(run / "train" / "dspark")
-    proposer = make_proposer(model, target, model.cfg.block_size)  # type: ignore[attr-defined]
+    cfg = draft_config(model)
+    proposer = make_proposer(model, target, cfg.block_size)
     prompts = [p for _, p in data.training_prompts(n_prompts // 3 + 1, offset=per_source)][
         :n_prompts
     ]
@@ -56,16 +58,16 @@ def calibrate(
         prompts,
         temperature,
         max_tokens,
-        model.cfg.block_size,
-        7,  # type: ignore[attr-defined]
+        cfg.block_size,
+        7,
         progress=lambda x: tqdm(x, desc="STS rollouts"),
     )
-    g = model.cfg.block_size  # type: ignore[attr-defined]
+    g = cfg.block_size
     full = [r for x in res for r in x.rounds if r.conf_logits is not None and r.proposed == g]
     z = torch.tensor([r.conf_logits for r in full])
     a = torch.tensor([r.accepted for r in full])
     temps = fit_sts(z, a)
-    model.cfg.sts_temperatures = temps  # type: ignore[attr-defined]
+    cfg.sts_temperatures = temps
     info = {
         "rounds": len(full),
         "temperature": temperature,
@@ -122,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     run: Path = args.run_dir
     run.mkdir(parents=True, exist_ok=True)
     m = load_target(DEFAULT_MODEL, dtype="float32")
-    target, tok = m.hf_model, m.tokenizer
+    target: Any = m.hf_model
+    tok: Any = m.tokenizer
     target.requires_grad_(False)
 
     prompts = data.training_prompts(args.per_source)

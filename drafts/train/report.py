@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from drafts.checkpoint import load_draft
+from drafts.checkpoint import draft_config, load_draft
 from drafts.train.trainer import METHODS
 
 
@@ -90,7 +90,9 @@ def write_table(run: Path) -> str:
             model = load_draft(p)
             n = sum(x.numel() for x in model.parameters())
             mb = (p / "model.safetensors").stat().st_size / 2**20
-            sizes.append(f"| {name} | {model.cfg.num_layers} | {n / 1e6:.1f} M | {mb:.1f} |")  # type: ignore[attr-defined]
+            sizes.append(
+                f"| {name} | {draft_config(model).num_layers} | {n / 1e6:.1f} M | {mb:.1f} |"
+            )  # type: ignore[attr-defined]
     lines += sizes
     summary = run / "train" / "summary.json"
     if summary.exists():

@@ -11,15 +11,15 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from drafts.checkpoint import save_draft
+from drafts.checkpoint import draft_config, save_draft
 from drafts.common import DraftConfig, FrozenTargetParts, config_from_target, target_parts
 from drafts.dspark import DSparkModel, block_losses, sample_anchors
 from drafts.eagle3 import Eagle3Model, ttt_losses
@@ -51,7 +51,7 @@ class TrainConfig:
     bf16_target: bool = True
 
 
-def build_drafts(target: nn.Module, tc: TrainConfig, mask_token_id: int) -> dict[str, nn.Module]:
+def build_drafts(target: Any, tc: TrainConfig, mask_token_id: int) -> dict[str, nn.Module]:
     target_config = target.config
     common = {"block_size": tc.block_size, "mask_token_id": mask_token_id}
     cfgs: dict[str, DraftConfig] = {
@@ -78,7 +78,7 @@ def build_drafts(target: nn.Module, tc: TrainConfig, mask_token_id: int) -> dict
         # LM head at full scale give wildly over-confident logits (CE ~60 nats); at 0.1x the first
         # distributions are near uniform, which a short CPU budget recovers from much faster.
         with torch.no_grad():
-            out[name].norm.weight.copy_(0.1 * target.model.norm.weight)
+            cast(nn.RMSNorm, out[name].norm).weight.copy_(0.1 * target.model.norm.weight)
     return out
 
 
@@ -156,7 +156,7 @@ def method_loss(
 
 
 def train(
-    target: nn.Module,
+    target: Any,
     rows: list[dict[str, Any]] | Callable[[], list[dict[str, Any]]],
     tc: TrainConfig,
     mask_token_id: int,
@@ -194,7 +194,7 @@ def train(
             models[n].load_state_dict(st["models"][n])
             opts[n].load_state_dict(st["opts"][n])
         step, elapsed, cpu, tokens = st["step"], st["elapsed"], st["cpu"], st["tokens"]
-    layer_ids = next(iter(models.values())).cfg.aux_layer_ids  # type: ignore[union-attr]
+    layer_ids = draft_config(next(iter(models.values()))).aux_layer_ids
     gen = torch.Generator().manual_seed(tc.seed + step)
     bar = progress(total=tc.steps, initial=step) if progress else None
     metrics_f = (tc.out_dir / "metrics.jsonl").open("a", encoding="utf-8")
@@ -249,7 +249,7 @@ def train(
 def _save_state(
     path: Path,
     models: dict[str, nn.Module],
-    opts: dict[str, torch.optim.Optimizer],
+    opts: Mapping[str, torch.optim.Optimizer],
     step: int,
     elapsed: float,
     cpu: float,
