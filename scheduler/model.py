@@ -62,6 +62,44 @@ class PackedBatch:
     long: list[LongQuery]
 
 
+class _AdditiveMasks:
+    """The batch's boolean masks as 0 / -inf in the activation dtype, built once per step."""
+
+    def __init__(self, batch: PackedBatch, dtype: torch.dtype) -> None:
+        def additive(mask: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+        self.small = additive(batch.small.mask) if batch.small is not None else None
+        self.long = [additive(lq.mask) for lq in batch.long]
+
+
+class _FusedLayer:
+    """One matrix for q/k/v and one for gate/up: fewer, larger GEMVs per layer.
+
+    The transformers modules' weights are re-pointed at slices of the fused tensors, so no
+    memory is duplicated and the transformers forward keeps working on the same weights.
+    """
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv_w, self.qkv_b, self.qkv_sizes = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.gate_up_w, self.gate_up_b, self.gate_up_sizes = _fuse([mlp.gate_proj, mlp.up_proj])
+
+
+def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    sizes = [lin.weight.shape[0] for lin in linears]
+    weight = torch.cat([lin.weight.data for lin in linears])
+    has_bias = all(lin.bias is not None for lin in linears)
+    bias = torch.cat([lin.bias.data for lin in linears]) if has_bias else None
+    start = 0
+    for lin, n in zip(linears, sizes):
+        lin.weight.data = weight[start : start + n]
+        if bias is not None:
+            lin.bias.data = bias[start : start + n]
+        start += n
+    return weight, bias, sizes
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -86,6 +124,7 @@ class TargetModel:
         self.num_layers = len(self.layers)
         param = next(hf_model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.fused = [_FusedLayer(layer) for layer in self.layers]
         shape = (self.num_layers, num_slots, self.num_kv_heads, max_model_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -96,13 +135,16 @@ class TargetModel:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (logits [N, vocab] float32 at batch.logits_rows, aux [T, m*hidden] or None)."""
         h = self.decoder.embed_tokens(batch.input_ids)  # [T, hidden]
+        # SDPA on CPU is markedly faster with an additive mask than with a boolean one.
+        masks = _AdditiveMasks(batch, h.dtype)
         cos, sin = self.decoder.rotary_emb(h, batch.positions[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]
         aux: list[torch.Tensor] = []
-        for i, layer in enumerate(self.layers):
+        for i, (layer, fused) in enumerate(zip(self.layers, self.fused)):
             x = layer.input_layernorm(h)
-            h = h + self._attention(i, layer.self_attn, x, cos, sin, batch)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._attention(i, layer.self_attn, fused, x, cos, sin, batch, masks)
+            gate, up = F.linear(layer.post_attention_layernorm(h), fused.gate_up_w, fused.gate_up_b).split(fused.gate_up_sizes, -1)
+            h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
             if i in aux_layer_ids:
                 aux.append(h)
         last = self.decoder.norm(h[batch.logits_rows])
@@ -117,15 +159,18 @@ class TargetModel:
         self,
         layer_idx: int,
         attn: torch.nn.Module,
+        fused: _FusedLayer,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         batch: PackedBatch,
+        masks: _AdditiveMasks,
     ) -> torch.Tensor:
         T = x.shape[0]
-        q = attn.q_proj(x).view(T, self.num_heads, self.head_dim)
-        k = attn.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        q, k, v = F.linear(x, fused.qkv_w, fused.qkv_b).split(fused.qkv_sizes, -1)
+        q = q.reshape(T, self.num_heads, self.head_dim)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
         q = q * cos + rotate_half(q) * sin
@@ -144,19 +189,19 @@ class TargetModel:
                 qp.transpose(1, 2),  # [slots, heads, query_max, head_dim]
                 k_cache[: g.num_slots, :, : g.kv_max],
                 v_cache[: g.num_slots, :, : g.kv_max],
-                attn_mask=g.mask,
+                attn_mask=masks.small,
                 scale=scale,
                 enable_gqa=gqa,
             )
             out[g.rows] = o.transpose(1, 2)[g.slot_ids, g.query_idx]
-        for lq in batch.long:
+        for lq, long_mask in zip(batch.long, masks.long):
             rows = slice(lq.row_start, lq.row_start + lq.num_rows)
             kv_len = lq.start_pos + lq.num_rows
             o = F.scaled_dot_product_attention(
                 q[rows].transpose(0, 1)[None],  # [1, heads, rows, head_dim]
                 k_cache[lq.slot : lq.slot + 1, :, :kv_len],
                 v_cache[lq.slot : lq.slot + 1, :, :kv_len],
-                attn_mask=lq.mask,
+                attn_mask=long_mask,
                 scale=scale,
                 enable_gqa=gqa,
             )
