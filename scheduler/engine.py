@@ -101,9 +101,12 @@ class LLMEngine:
         for out in outputs:
             if out.finished:
                 self._release(out.req_id)
+        step_time_s = self.clock() - t0
         if self.profile is not None:
-            self.profile.observe(plan.num_tokens, result.forward_time_s)
-        return outputs, self._stats(plan, result, spec, self.clock() - t0)
+            # The whole step, drafting included: that is what one more verified token costs
+            # the device, and it follows co-located load and context growth as they happen.
+            self.profile.observe(plan.num_tokens, step_time_s)
+        return outputs, self._stats(plan, result, spec, step_time_s)
 
     def _feed_proposer(self, plan: StepPlan, result: StepResult) -> None:
         if self.proposer is None or result.aux_hidden is None:
