@@ -46,9 +46,9 @@ class NgramProposer:
                     index.last_end[tuple(tokens[end - n : end])] = end
         index.num_indexed = max(index.num_indexed, len(tokens))
         for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
-            end = index.last_end.get(tuple(tokens[len(tokens) - n :]))
-            if end is not None and end < len(tokens):
-                return list(tokens[end : end + r.num_draft_tokens])
+            match_end = index.last_end.get(tuple(tokens[len(tokens) - n :]))
+            if match_end is not None and match_end < len(tokens):
+                return list(tokens[match_end : match_end + r.num_draft_tokens])
         return []
 
     def observe(self, req_id: str, start_pos: int, hidden: object) -> None:

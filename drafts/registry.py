@@ -6,7 +6,8 @@ Model drafters are imported lazily so `--speculative ngram` never loads their co
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from drafts.base import Proposer

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from scheduler.kv_slots import KVSlotManager
 from scheduler.plan import RequestResult, ScheduledRequest, StepPlan, StepResult

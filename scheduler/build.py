@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scheduler.batching import ContinuousBatcher
 from scheduler.config import EngineConfig
@@ -73,7 +73,7 @@ def _attach_scheduling(engine: LLMEngine, config: EngineConfig) -> None:
     engine.estimator = OnlineAcceptanceEstimator()
 
 
-def _eos_ids(hf_model, tokenizer) -> frozenset[int]:  # noqa: ANN001 - transformers objects
+def _eos_ids(hf_model, tokenizer) -> frozenset[int]:
     ids: set[int] = set()
     eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
     if isinstance(eos, int):
@@ -85,16 +85,18 @@ def _eos_ids(hf_model, tokenizer) -> frozenset[int]:  # noqa: ANN001 - transform
     return frozenset(ids)
 
 
-def _measure_profile(engine: LLMEngine, runner, config: EngineConfig) -> None:  # noqa: ANN001
+def _measure_profile(engine: LLMEngine, runner, config: EngineConfig) -> None:
     """Time real target steps of several sizes on unallocated slots (their KV is scratch)."""
     import torch
 
     from scheduler.model import build_packed_batch
     from scheduler.profiler import default_profile_sizes, measure_profile
 
+    assert engine.proposer is not None and engine.profile is not None
+    profile, gamma = engine.profile, engine.proposer.max_draft_tokens
     model = runner.model
     context = min(256, config.max_model_len // 2)
-    max_query = 1 + engine.proposer.max_draft_tokens
+    max_query = 1 + gamma
 
     def run_step(num_tokens: int) -> float:
         # Decode-shaped: requests of up to 1 + gamma tokens each over a realistic context.
@@ -110,12 +112,9 @@ def _measure_profile(engine: LLMEngine, runner, config: EngineConfig) -> None:  
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    sizes = default_profile_sizes(
-        config.max_num_seqs, engine.proposer.max_draft_tokens, config.max_num_batched_tokens
-    )
-    points = measure_profile(run_step, sizes, repeats=3)
-    engine.profile.seed(points)
-    log.info("throughput profile (tokens, steps/s): %s", engine.profile.table())
+    sizes = default_profile_sizes(config.max_num_seqs, gamma, config.max_num_batched_tokens)
+    profile.seed(measure_profile(run_step, sizes, repeats=3))
+    log.info("throughput profile (tokens, steps/s): %s", profile.table())
 
 
 def _build_fake(config: EngineConfig) -> LLMEngine:

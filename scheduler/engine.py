@@ -10,7 +10,8 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from scheduler.batching import ContinuousBatcher, FaultHook
 from scheduler.plan import StepPlan, StepResult
@@ -234,12 +235,12 @@ class EngineThread:
                     self.on_step(outputs, stepped[1])
                 elif outputs:
                     self.on_step(outputs, empty_stats(self.engine))
-        except BaseException as exc:  # noqa: BLE001 - the thread must report, not vanish
+        except BaseException as exc:
             log.exception("engine thread died")
             self.error = exc
             try:
                 self.on_step(self.engine.batcher.fail_all("engine failure"), empty_stats(self.engine))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("could not report the engine failure to clients")
 
     def _drain_inbox(
@@ -252,16 +253,15 @@ class EngineThread:
         while True:
             kind, payload = item
             if kind == "add":
-                if drain_deadline is not None:  # shutting down: refuse new work
-                    out = self._refuse(payload)
-                else:
-                    out = self.engine.add_request(payload)
-                if out is not None:
-                    outputs.append(out)
+                # Shutting down: new work is refused (finished as aborted) right away.
+                refused = self._refuse(payload) if drain_deadline is not None else None
+                done = refused or self.engine.add_request(payload)
+                if done is not None:
+                    outputs.append(done)
             elif kind == "abort":
-                out = self.engine.abort(payload)
-                if out is not None:
-                    outputs.append(out)
+                aborted = self.engine.abort(payload)
+                if aborted is not None:
+                    outputs.append(aborted)
             elif kind == "drain":
                 drain_deadline = payload
             try:

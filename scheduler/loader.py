@@ -55,7 +55,7 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The de-quantised weights are plain tensors; drop the GGUF marker so save_pretrained accepts it.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     model.config.quantization_config = None
     del model.config.quantization_config
     model.config.name_or_path = gguf.stem
@@ -142,6 +142,6 @@ def load_target(
     torch_dtype = pick_dtype(dtype, dev)
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    hf_model.to(dev).eval()
+    hf_model = hf_model.to(dev).eval()  # type: ignore[arg-type]
     hf_model.requires_grad_(False)
     return LoadedModel(hf_model=hf_model, tokenizer=tokenizer, name=name, path=str(path))

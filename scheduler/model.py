@@ -20,6 +20,7 @@ LM head runs only on the rows that need logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,13 +81,13 @@ class _FusedLayer:
     memory is duplicated and the transformers forward keeps working on the same weights.
     """
 
-    def __init__(self, layer: torch.nn.Module) -> None:
+    def __init__(self, layer: Any) -> None:  # a transformers decoder layer
         attn, mlp = layer.self_attn, layer.mlp
         self.qkv_w, self.qkv_b, self.qkv_sizes = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
         self.gate_up_w, self.gate_up_b, self.gate_up_sizes = _fuse([mlp.gate_proj, mlp.up_proj])
 
 
-def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+def _fuse(linears: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
     sizes = [lin.weight.shape[0] for lin in linears]
     weight = torch.cat([lin.weight.data for lin in linears])
     has_bias = all(lin.bias is not None for lin in linears)
@@ -109,7 +110,7 @@ class TargetModel:
     """Wraps a transformers *ForCausalLM; owns the KV cache."""
 
     def __init__(
-        self, hf_model: torch.nn.Module, num_slots: int, max_model_len: int
+        self, hf_model: Any, num_slots: int, max_model_len: int  # a transformers *ForCausalLM
     ) -> None:
         cfg = hf_model.config
         self.hf_model = hf_model
@@ -158,7 +159,7 @@ class TargetModel:
     def _attention(
         self,
         layer_idx: int,
-        attn: torch.nn.Module,
+        attn: Any,  # the transformers attention module of this layer
         fused: _FusedLayer,
         x: torch.Tensor,
         cos: torch.Tensor,
@@ -178,7 +179,7 @@ class TargetModel:
         k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]
         k_cache[batch.slot_ids, :, batch.positions] = k
         v_cache[batch.slot_ids, :, batch.positions] = v
-        scale = getattr(attn, "scaling", self.head_dim**-0.5)
+        scale = float(getattr(attn, "scaling", self.head_dim**-0.5))
         gqa = self.num_heads != self.num_kv_heads
         out = torch.empty_like(q)  # [T, heads, head_dim]
         g = batch.small

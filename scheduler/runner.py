@@ -8,7 +8,7 @@ logits at the anchor (its last committed token) and at every draft, i.e. 1 + k r
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -31,7 +31,7 @@ class ModelRunner(Protocol):
 class TorchModelRunner:
     def __init__(
         self,
-        hf_model: torch.nn.Module,
+        hf_model: Any,  # a transformers *ForCausalLM
         num_slots: int,
         max_model_len: int,
         aux_layer_ids: tuple[int, ...] = (),
@@ -59,10 +59,13 @@ class TorchModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         t0 = time.perf_counter()
-        queries, logits_rows, row_starts = [], [], []
+        queries: list[tuple[int, int, list[int]]] = []
+        logits_rows: list[int] = []
+        row_starts: list[int] = []
         row = 0
         for s in plan.scheduled:
             ids = s.input_ids()
+            assert s.req.slot is not None, "scheduled requests own a KV slot"
             queries.append((s.req.slot, s.start_pos, ids))
             row_starts.append(row)
             if s.samples:

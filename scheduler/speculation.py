@@ -10,10 +10,11 @@ Torch is not imported here: draft probabilities pass through as opaque tensors.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from operator import mul
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from scheduler.plan import ScheduledRequest, StepPlan, StepResult
 
