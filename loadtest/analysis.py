@@ -11,7 +11,7 @@ Pure Python + numpy; no Locust, no plotting. Method (see loadtest/README.md):
   through the window (a queue building up: slope above the tolerance), or requests failed. Saturated points are plotted
   hollow and left out of the matched comparison.
 - Frontier: per-user tokens/s (1 / median TPOT) against aggregate tokens/s over the unsaturated
-  points, piecewise-linear. Matched speedup at aggregate throughput X = candidate per-user speed
+  points, fitted by a non-increasing curve (weighted by request count), piecewise-linear. Matched speedup at aggregate throughput X = candidate per-user speed
   at X / baseline per-user speed at X, on the range both frontiers cover.
 """
 
@@ -64,6 +64,7 @@ class PointSummary:
     saturated: bool
     reasons: list[str] = field(default_factory=list)
     server: dict[str, float] = field(default_factory=dict)  # counter deltas over the run
+    host_load: float | None = None  # 1-minute load average when the point finished
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,18 +188,45 @@ def summarize_point(
 # -- frontiers and matched comparison --------------------------------------------------------
 
 
+def non_increasing(y: Sequence[float], w: Sequence[float]) -> list[float]:
+    """Weighted least-squares fit of `y` by a non-increasing sequence (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [value, weight, count]
+    for yi, wi in zip(y, w):
+        blocks.append([float(yi), float(wi), 1])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            v2, w2, c2 = blocks.pop()
+            v1, w1, c1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    return [v for v, _, c in blocks for _ in range(int(c))]
+
+
 @dataclass(frozen=True)
 class Frontier:
-    """Unsaturated (aggregate tok/s, per-user tok/s) points of one configuration, sorted by x."""
+    """Unsaturated (aggregate tok/s, per-user tok/s) points of one configuration, sorted by x.
+
+    `y` is the fitted frontier: per-user speed cannot rise with load in a batching server, so the
+    measured speeds (`raw`) are fitted by a non-increasing curve, each point weighted by its
+    request count. This keeps a noisy low-load point (few requests, a busy host) from bending
+    the comparison, as DeepSeek compare on fitted frontiers rather than raw telemetry.
+    """
 
     x: np.ndarray
     y: np.ndarray
+    raw: np.ndarray | None = None
 
     @classmethod
-    def from_points(cls, points: Sequence[PointSummary]) -> Frontier:
-        good = sorted((p.agg_tok_s, p.per_user_tok_s) for p in points if not p.saturated)
-        arr = np.asarray(good, dtype=float).reshape(-1, 2)
-        return cls(arr[:, 0], arr[:, 1])
+    def from_points(cls, points: Sequence[PointSummary], fit: bool = True) -> Frontier:
+        good = sorted(
+            (p.agg_tok_s, p.per_user_tok_s, max(p.n_ok, 1)) for p in points if not p.saturated
+        )
+        arr = np.asarray(good, dtype=float).reshape(-1, 3)
+        x, raw, w = arr[:, 0], arr[:, 1], arr[:, 2]
+        y = np.array(non_increasing(raw.tolist(), w.tolist())) if fit else raw
+        return cls(x, y, raw)
+
+    @property
+    def measured(self) -> np.ndarray:
+        return self.y if self.raw is None else self.raw
 
     def at(self, x: float) -> float | None:
         """Per-user speed at aggregate throughput `x`, linear between points, None outside."""

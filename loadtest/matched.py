@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arrival", default="constant", choices=("constant", "poisson"))
     p.add_argument("--warmup", type=float, default=10.0, help="seconds excluded at the start")
     p.add_argument("--duration", type=float, default=60.0, help="measured seconds per point")
+    p.add_argument(
+        "--min-requests",
+        type=int,
+        default=30,
+        help="extend a low rate's window until this many requests arrive in it",
+    )
     p.add_argument("--drain-timeout", type=float, default=180.0)
     p.add_argument("--e2e-budget", type=float, default=60.0, help="sizes the open-loop pool")
     p.add_argument("--ready-timeout", type=float, default=600.0)
@@ -101,6 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         # Only the values the user left at their defaults change.
         for key, value in (
             ("max_tokens", 32),
+            ("min_requests", 0),
             ("warmup", 3.0),
             ("duration", 12.0),
             ("prompt_max_chars", 300),
@@ -147,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         a.warmup,
         a.duration,
         a.model,
+        a.min_requests,
     )
     settings = PointSettings(
         a.drain_timeout, a.e2e_budget, Slo(a.slo_ttft, a.slo_tpot), a.tolerance
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline=configs[0][0],
         configs={n: args for n, args in configs},
         slo={"ttft_s": a.slo_ttft, "tpot_s": a.slo_tpot},
+        tolerance=a.tolerance,
     )
     run_info.setdefault("commands", []).append("python -m loadtest.matched " + shlex.join(a.argv))
     run_file.write_text(json.dumps(run_info, indent=2))

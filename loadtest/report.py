@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +25,41 @@ from loadtest.analysis import (
     Frontier,
     Matched,
     PointSummary,
+    Slo,
     matched_speedup,
     max_goodput_rate,
+    read_records,
+    summarize_point,
 )
 
 PLOTS = ("frontier.png", "speedup.png", "latency.png", "goodput.png")
 CLAIM = "DeepSeek report 1.60-1.85x (V4-Flash) and 1.57-1.78x (V4-Pro) in production"
 
 
-def load_points(out: Path) -> dict[str, list[PointSummary]]:
+def load_points(
+    out: Path, slo: Slo | None = None, tol: float = 0.1
+) -> dict[str, list[PointSummary]]:
+    """Every point under `out`. With `slo`, goodput and saturation are recomputed from the raw
+    records (so a report can apply another latency target without rerunning anything)."""
+    run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    warmup = float(run.get("workload", {}).get("warmup_s", 0.0))
     points: dict[str, list[PointSummary]] = {}
     for path in sorted(out.glob("*/rate_*.json")):
         p = PointSummary.from_json(json.loads(path.read_text()))
+        records = path.with_suffix(".jsonl")
+        if slo is not None and records.exists():
+            _, recs = read_records(records)
+            again = summarize_point(
+                recs,
+                config=p.config,
+                offered_rps=p.offered_rps,
+                warmup_s=warmup,
+                duration_s=p.window_s,
+                slo=slo,
+                tol=tol,
+            )
+            again.server, again.host_load = p.server, p.host_load
+            p = again
         points.setdefault(p.config, []).append(p)
     for ps in points.values():
         ps.sort(key=lambda p: p.offered_rps)
@@ -56,7 +80,8 @@ def plot_frontier(points: dict[str, list[PointSummary]], names: list[str], path:
     for i, n in enumerate(names):
         st = _style(i)
         f = Frontier.from_points(points[n])
-        ax.plot(f.x, f.y, "-", color=st["color"], marker=st["marker"], label=n)
+        ax.plot(f.x, f.y, "-", color=st["color"], label=f"{n} (fitted frontier)")
+        ax.plot(f.x, f.measured, st["marker"], color=st["color"], label=f"{n} (measured)")
         sat = [p for p in points[n] if p.saturated]
         ax.plot(
             [p.agg_tok_s for p in sat],
@@ -123,7 +148,7 @@ def plot_latency(points: dict[str, list[PointSummary]], names: list[str], path: 
 
 
 def plot_goodput(
-    points: dict[str, list[PointSummary]], names: list[str], slo: dict[str, float], path: Path
+    points: dict[str, list[PointSummary]], names: list[str], slo: Slo, path: Path
 ) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     top = 0.0
@@ -141,7 +166,7 @@ def plot_goodput(
     ax.plot([0, top], [0, top], ":", color="grey", lw=0.8, label="offered")
     ax.set_xlabel("offered requests/s")
     ax.set_ylabel("goodput (requests/s within SLO)")
-    ax.set_title(f"Goodput (TTFT <= {slo['ttft_s']:g}s, TPOT <= {slo['tpot_s'] * 1e3:g}ms)")
+    ax.set_title(f"Goodput (TTFT <= {slo.ttft_s:g}s, TPOT <= {slo.tpot_s * 1e3:g}ms)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -188,16 +213,24 @@ def equal_rate_rows(base: list[PointSummary], cand: list[PointSummary]) -> list[
     return rows
 
 
-def write_report(out: Path) -> Path:
+def _context(
+    out: Path, slo: Slo | None
+) -> tuple[dict[str, Any], Slo, dict[str, list[PointSummary]]]:
+    """run.json, the SLO in force (argument, else the run's), and the points judged by it."""
     run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
-    points = load_points(out)
+    if slo is None:
+        slo = Slo(**run["slo"]) if "slo" in run else Slo()
+    return run, slo, load_points(out, slo, float(run.get("tolerance", 0.1)))
+
+
+def write_report(out: Path, slo: Slo | None = None) -> Path:
+    run, slo, points = _context(out, slo)
     names = _ordered(run, points)
     if not names:
         raise SystemExit(f"no results under {out}")
     baseline = run.get("baseline", names[0])
     if baseline not in points:
         baseline = names[0]
-    slo = run.get("slo", {"ttft_s": 2.0, "tpot_s": 0.1})
     frontiers = {n: Frontier.from_points(points[n]) for n in names}
     matched = [
         m
@@ -240,7 +273,7 @@ def write_report(out: Path) -> Path:
         "## Goodput",
         "",
         (
-            f"SLO: TTFT <= {slo['ttft_s']:g} s and TPOT <= {slo['tpot_s'] * 1e3:g} ms. "
+            f"SLO: TTFT <= {slo.ttft_s:g} s and TPOT <= {slo.tpot_s * 1e3:g} ms. "
             "Max rate = highest offered rate with >= 90% of requests within the SLO."
         ),
         "",
@@ -297,14 +330,15 @@ def write_report(out: Path) -> Path:
     return path
 
 
-def publish(out: Path, dest: Path) -> Path:
+def publish(out: Path, dest: Path, slo: Slo | None = None) -> Path:
     """Copy the report and plots to `dest` (e.g. docs/loadtest), plus every point's summary in
     one `points.json`; the raw per-request records stay in `out`."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("report.md", *PLOTS):
         shutil.copyfile(out / name, dest / name)
-    points = {n: [p.to_json() for p in ps] for n, ps in load_points(out).items()}
-    run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    run, slo, loaded = _context(out, slo)
+    points = {n: [p.to_json() for p in ps] for n, ps in loaded.items()}
+    run["slo"] = asdict(slo)
     (dest / "points.json").write_text(json.dumps({"run": run, "points": points}, indent=1) + "\n")
     return dest / "report.md"
 
@@ -313,10 +347,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Rewrite the report of a matched-throughput run.")
     p.add_argument("out", type=Path, help="results folder of loadtest.matched")
     p.add_argument("--publish", type=Path, help="also copy report + plots here")
+    p.add_argument("--slo-ttft", type=float, help="goodput TTFT target, s (default: the run's)")
+    p.add_argument("--slo-tpot", type=float, help="goodput TPOT target, s (default: the run's)")
     a = p.parse_args(argv)
-    print(write_report(a.out))
+    slo = None
+    if a.slo_ttft is not None or a.slo_tpot is not None:
+        run = json.loads((a.out / "run.json").read_text()) if (a.out / "run.json").exists() else {}
+        base = Slo(**run["slo"]) if "slo" in run else Slo()
+        slo = Slo(a.slo_ttft or base.ttft_s, a.slo_tpot or base.tpot_s)
+    print(write_report(a.out, slo))
     if a.publish:
-        print(publish(a.out, a.publish))
+        print(publish(a.out, a.publish, slo))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from locust import LoadTestShape
 from loadtest.pacing import ArrivalClock, ConstantRate, RateSchedule, StepRate, pool_size
 
 SHAPES = ("users", "constant-rate", "step-rate", "step-users")
+OPEN_LOOP = ("constant-rate", "step-rate")
 
 
 def build_schedule(opts: Any) -> RateSchedule:
@@ -56,7 +57,7 @@ class TrafficShape(LoadTestShape):
         self.in_flight = 0
         opts = self._opts()
         self.clock = None
-        if opts is not None and opts.load_shape in ("constant-rate", "step-rate"):
+        if opts is not None and opts.load_shape in OPEN_LOOP:
             schedule = build_schedule(opts)
             peak = schedule.peak if isinstance(schedule, StepRate) else opts.request_rate
             self.pool = opts.max_users or pool_size(peak, opts.e2e_budget)

@@ -7,6 +7,7 @@ never imported here (it monkey-patches the interpreter with gevent).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -74,8 +75,12 @@ class Workload:
     prompt_max_chars: int
     arrival: str
     warmup_s: float
-    duration_s: float
+    duration_s: float  # measured seconds per point, at least
     model: str
+    min_requests: int = 0  # low rates measure longer, until this many requests arrived
+
+    def window_s(self, rate: float) -> float:
+        return max(self.duration_s, self.min_requests / rate)
 
 
 def locust_cmd(
@@ -100,7 +105,7 @@ def locust_cmd(
         "--request-rate",
         f"{rate:g}",
         "--load-duration",
-        f"{wl.warmup_s + wl.duration_s:g}",
+        f"{wl.warmup_s + wl.window_s(rate):g}",
         "--drain-timeout",
         f"{drain_s:g}",
         "--max-users",
@@ -141,7 +146,7 @@ def run_point(
     cmd = locust_cmd(
         server.url, rate, wl, records, drain_s=ps.drain_s, e2e_budget_s=ps.e2e_budget_s
     )
-    limit = wl.warmup_s + wl.duration_s + ps.drain_s + 60
+    limit = wl.warmup_s + wl.window_s(rate) + ps.drain_s + 60
     log = out / f"rate_{rate:g}.locust.log"
     with open(log, "w") as f:
         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=limit, check=False)
@@ -153,11 +158,13 @@ def run_point(
         config=name,
         offered_rps=rate,
         warmup_s=wl.warmup_s,
-        duration_s=wl.duration_s,
+        duration_s=wl.window_s(rate),
         slo=ps.slo,
         tol=ps.tolerance,
     )
     point.server = subtract(scrape_counters(server.url), before)
+    # CPU contention from other processes skews a small host's figures; keep it on record.
+    point.host_load = round(os.getloadavg()[0], 2)
     return point
 
 

@@ -28,8 +28,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gevent
-from locust import HttpUser, constant, events, task
+from locust import HttpUser, events, task
 from locust.env import Environment
+from locust.runners import LocalRunner
 
 from loadtest.prompts import MIXES, Prompt, load_mix
 from loadtest.records import (
@@ -38,7 +39,7 @@ from loadtest.records import (
     build_body,
     sse_payloads,
 )
-from loadtest.shapes import SHAPES, TrafficShape
+from loadtest.shapes import OPEN_LOOP, SHAPES, TrafficShape
 
 OUR_OPTIONS: tuple[str, ...] = ()  # filled by the parser hook below, for the records' meta line
 
@@ -122,6 +123,20 @@ def _shape(env: Environment) -> TrafficShape | None:
     return env.shape_class if isinstance(env.shape_class, TrafficShape) else None
 
 
+@events.init.add_listener
+def _on_init(environment: Environment, **_: Any) -> None:
+    o = environment.parsed_options
+    if o is None or isinstance(environment.runner, LocalRunner):
+        return
+    # The arrival clock lives in the shape, which only the master runs (workers' users would
+    # silently fall back to closed loop), and every process would overwrite the records file.
+    if o.load_shape in OPEN_LOOP or o.records_file:
+        raise SystemExit(
+            "--load-shape constant-rate/step-rate and --records-file need a single process "
+            "(no --processes, --master or --worker)"
+        )
+
+
 @events.test_start.add_listener
 def _on_test_start(environment: Environment, **_: Any) -> None:
     o = environment.parsed_options
@@ -197,12 +212,13 @@ def log_record(env: Environment, rec: StreamRecord) -> None:
 class LLMUser(HttpUser):
     """Streams one generation per task: chat or completions, per `--endpoint`."""
 
-    def wait_time(self) -> float:  # type: ignore[override]
+    def wait_time(self) -> float:
         # Open loop paces inside the task (sleep until the claimed slot); closed loop thinks.
         shape = _shape(self.environment)
         if shape is not None and shape.clock is not None:
             return 0.0
-        return constant(self.environment.parsed_options.wait_seconds)(self)
+        opts = self.environment.parsed_options
+        return float(opts.wait_seconds) if opts is not None else 0.0
 
     @task
     def generate(self) -> None:

@@ -11,6 +11,7 @@ from loadtest.analysis import (
     Slo,
     matched_speedup,
     max_goodput_rate,
+    non_increasing,
     summarize_point,
 )
 from loadtest.records import StreamRecord
@@ -138,6 +139,22 @@ def test_frontier_interpolates_linearly_and_refuses_extrapolation() -> None:
     assert f.at(150) == pytest.approx(25.0)
     assert f.at(100) == 30 and f.at(300) == 10
     assert f.at(99) is None and f.at(350) is None
+
+
+def test_non_increasing_fit() -> None:
+    assert non_increasing([10, 12, 8, 9, 5], [1] * 5) == pytest.approx([11, 11, 8.5, 8.5, 5])
+    assert non_increasing([10, 12], [3, 1]) == pytest.approx([10.5, 10.5])
+    assert non_increasing([3, 2, 1], [1, 1, 1]) == [3, 2, 1]  # already monotone: unchanged
+
+
+def test_frontier_fit_smooths_a_noisy_point_but_keeps_the_measurement() -> None:
+    pts = [point(100, 20), point(200, 24), point(300, 10)]
+    pts[0].n_ok = 5  # the low-load point has few requests, so the bump is averaged towards it
+    pts[1].n_ok = 15
+    f = Frontier.from_points(pts)
+    assert list(f.measured) == [20, 24, 10]
+    assert list(f.y) == pytest.approx([23, 23, 10])
+    assert list(Frontier.from_points(pts, fit=False).y) == [20, 24, 10]
 
 
 def test_matched_speedup_on_synthetic_frontiers() -> None:

@@ -210,3 +210,20 @@ def test_web_ui_starts_a_constant_rate_test(
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(20)
+
+
+def test_open_loop_refuses_multiple_processes() -> None:
+    # Workers never see the master's arrival clock; silently running closed loop would be wrong.
+    res = locust(
+        "-H",
+        "http://127.0.0.1:9",
+        "--processes",
+        "2",
+        "--load-shape",
+        "constant-rate",
+        "-t",
+        "3s",
+        timeout=60,
+    )
+    assert res.returncode != 0
+    assert "need a single process" in res.stdout + res.stderr
