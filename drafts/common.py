@@ -37,8 +37,16 @@ class DraftConfig:
     qk_norm: bool = False  # Qwen3 per-head q/k RMSNorm
     # STS temperatures for the confidence head, one per position (1.0 = uncalibrated).
     sts_temperatures: list[float] = field(default_factory=list)
+    # STS temperatures fitted on greedy (temperature 0) rollouts; empty: use sts_temperatures.
+    sts_temperatures_greedy: list[float] = field(default_factory=list)
     target_name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def sts_for(self, temperature: float) -> list[float]:
+        """The STS table for a sampling temperature (acceptance differs between greedy and sampling)."""
+        if temperature <= 0 and self.sts_temperatures_greedy:
+            return self.sts_temperatures_greedy
+        return self.sts_temperatures
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -128,7 +128,7 @@ def evaluate(
     progress: Any = None,
 ) -> dict[str, Any]:
     proposer = load(drafter, target, checkpoint, gamma)
-    sts = list(getattr(proposer.cfg, "sts_temperatures", []) or []) or None
+    sts = list(proposer.cfg.sts_for(temperature)) or None
     report: dict[str, Any] = {
         "drafter": drafter,
         "temperature": temperature,

@@ -170,7 +170,7 @@ class DSparkProposer(_FeatureProposer):
         if z is None:
             return toks, prb, None
         self.last_conf_logits[req.req_id] = z.float().tolist()
-        return toks, prb, sts_apply(z.float(), self.cfg.sts_temperatures).tolist()
+        return toks, prb, sts_apply(z.float(), self.cfg.sts_for(req.params.temperature)).tolist()
 
 
 class Eagle3Proposer(_FeatureProposer):

@@ -67,16 +67,20 @@ def calibrate(
     z = torch.tensor([r.conf_logits for r in full])
     a = torch.tensor([r.accepted for r in full])
     temps = fit_sts(z, a)
-    cfg.sts_temperatures = temps
+    if temperature <= 0:
+        cfg.sts_temperatures_greedy = temps
+    else:
+        cfg.sts_temperatures = temps
     info = {
         "rounds": len(full),
         "temperature": temperature,
         "sts_temperatures": temps,
+        "prompts": len(prompts),
         "ece_before": per_position_ece(z, a, [1.0] * g),
         "ece_after": per_position_ece(z, a, temps),
         "heldout_tau": summarize(res, g, temps)["tau"],
     }
-    save_draft(model, run / "train" / "dspark", extra={"sts": info})
+    save_draft(model, run / "train" / "dspark", extra={f"sts_T{temperature:g}": info})
     return info
 
 
@@ -101,6 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--time-budget-min", type=float, default=0.0)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument(
+        "--num-anchors",
+        type=int,
+        default=24,
+        help="DSpark/DFlash blocks per sequence = EAGLE-3 loss rows per TTT step",
+    )
     ap.add_argument("--markov-rank", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2, help="DFlash/DSpark backbone layers")
     ap.add_argument("--calib-prompts", type=int, default=24)
@@ -161,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         time_budget_s=args.time_budget_min * 60,
         lr=args.lr,
+        num_anchors=args.num_anchors,
         markov_rank=args.markov_rank,
         dspark_layers=args.layers,
     )
@@ -178,13 +189,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[4/6] trained: {json.dumps(summary)}")
         _mark(run, "train")
 
-    if not _done(run, "sts"):
-        info = calibrate(
-            run, target, tok, args.calib_prompts, args.per_source, args.eval_max_tokens, 1.0
-        )
-        (run / "sts.json").write_text(json.dumps(info, indent=2))
-        _mark(run, "sts")
-    print("[5/6] STS: " + (run / "sts.json").read_text())
+    # STS per sampling mode: acceptance under greedy verification differs from sampling.
+    for step, temp, name in (("sts", 1.0, "sts.json"), ("sts-greedy", 0.0, "sts_greedy.json")):
+        if not _done(run, step):
+            info = calibrate(
+                run, target, tok, args.calib_prompts, args.per_source, args.eval_max_tokens, temp
+            )
+            (run / name).write_text(json.dumps(info, indent=2))
+            _mark(run, step)
+        print(f"[5/6] STS (temperature {temp:g}): " + (run / name).read_text())
 
     if args.ship:
         for name in METHODS:
