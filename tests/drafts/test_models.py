@@ -118,3 +118,26 @@ def test_proposers_return_what_they_sampled_and_stay_lossless(tiny_target) -> No
             generator=torch.Generator().manual_seed(1),
         )
         assert len(sampled.output_ids) == 12 or sampled.output_ids[-1] == 2
+
+
+def test_dspark_confidences_use_the_sts_table_of_the_sampling_mode(tiny_target) -> None:  # type: ignore[no-untyped-def]
+    from drafts.base import DraftRequest
+
+    model = _dspark(tiny_target)
+    model.cfg.sts_temperatures = [2.0] * 7
+    model.cfg.sts_temperatures_greedy = [0.5] * 7
+    prop = make_proposer(model, tiny_target, 7)
+    prompt = [1, 5, 9, 17, 33, 12, 7, 40]
+    out = tiny_target(input_ids=torch.tensor([prompt]), output_hidden_states=True)
+    feats = torch.cat([out.hidden_states[i + 1][0] for i in (0, 1, 2)], -1)
+    for temp, t_k in ((0.0, 0.5), (1.0, 2.0)):
+        prop.observe("r", 0, feats[:-1])
+        res = prop.propose([DraftRequest("r", tuple(prompt), SamplingParams(temperature=temp), 7)])
+        z = torch.tensor(prop.last_conf_logits["r"])
+        assert res.confidences is not None
+        assert torch.allclose(torch.tensor(res.confidences[0]), torch.sigmoid(z / t_k), atol=1e-6)
+        assert (res.probs is None or res.probs[0] is None) == (temp == 0)
+        if temp > 0:
+            assert res.probs is not None and res.probs[0] is not None
+            assert torch.allclose(res.probs[0].sum(-1), torch.ones(7), atol=1e-5)
+        prop.release("r")
