@@ -34,7 +34,8 @@ from loadtest.runtime import ServerProcess, free_port
 from loadtest.sweep import PointSettings, Workload, config_args, probe_capacity, run_point
 
 QUICK_FRACTIONS = (0.25, 0.6, 1.0)
-FULL_FRACTIONS = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0, 1.2)
+# Past 1.0 in case the probe underestimated; a sweep stops at its first saturated point anyway.
+FULL_FRACTIONS = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -202,6 +202,14 @@ def _closed_loop_tok_s(
     return tokens / half, (sum(done) / len(done) if done else float(wl.max_tokens))
 
 
+def saturated(tok_s: list[float], gain: float = 1.1, patience: int = 2) -> bool:
+    """True once the last `patience` probe stages each failed to beat the best earlier stage by
+    `gain`: one flat stage can be noise on a shared host."""
+    if len(tok_s) <= patience:
+        return False
+    return all(tok_s[i] < gain * max(tok_s[:i]) for i in range(len(tok_s) - patience, len(tok_s)))
+
+
 def probe_capacity(
     server: ServerProcess,
     wl: Workload,
@@ -212,7 +220,7 @@ def probe_capacity(
     drain_s: float,
 ) -> float:
     """Requests/s the first configuration sustains: closed-loop runs doubling the users until
-    token throughput stops growing by 10%. Cached in <out>/probe.json."""
+    token throughput stops growing by 10% (twice in a row). Cached in <out>/probe.json."""
     cached = out / "probe.json"
     if cached.exists():
         return float(json.loads(cached.read_text())["capacity_rps"])
@@ -224,7 +232,7 @@ def probe_capacity(
         )
         stages.append({"users": users, "tok_s": tok_s, "rps": tok_s / max(mean_tokens, 1.0)})
         print(f"  probe: {users} users -> {tok_s:.1f} tok/s", flush=True)
-        if len(stages) > 1 and tok_s < 1.1 * stages[-2]["tok_s"]:
+        if saturated([st["tok_s"] for st in stages]):
             break
         users *= 2
     capacity = max(s["rps"] for s in stages)

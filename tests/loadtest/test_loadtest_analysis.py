@@ -15,7 +15,7 @@ from loadtest.analysis import (
     summarize_point,
 )
 from loadtest.records import StreamRecord
-from loadtest.sweep import config_args
+from loadtest.sweep import config_args, saturated
 
 
 def synth(
@@ -222,3 +222,11 @@ def test_config_presets() -> None:
     )
     with pytest.raises(ValueError):
         config_args("turbo")
+
+
+def test_probe_stops_after_two_flat_doublings() -> None:
+    assert not saturated([17.0, 38.0, 56.0])
+    assert not saturated([17.0, 38.0, 37.0])  # one flat stage may be noise
+    assert saturated([17.0, 38.0, 37.0, 40.0])  # 40 < 1.1 x 38: still flat
+    assert not saturated([17.0, 38.0, 37.0, 56.0])  # it grew again
+    assert saturated([80.0, 149.0, 258.0, 388.0, 400.0, 399.0])
