@@ -227,3 +227,23 @@ def test_open_loop_refuses_multiple_processes() -> None:
     )
     assert res.returncode != 0
     assert "need a single process" in res.stdout + res.stderr
+
+
+def test_locustfile_needs_only_locust_and_the_standard_library() -> None:
+    # docker-compose runs traffic.py in the stock Locust image with only loadtest/ mounted, so
+    # its imports must not reach numpy, httpx, matplotlib or prometheus_client.
+    code = (
+        "import sys\n"
+        "for m in ('numpy', 'httpx', 'matplotlib', 'prometheus_client', 'pandas'):\n"
+        "    sys.modules[m] = None\n"
+        "import loadtest.traffic\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert res.returncode == 0, res.stderr
