@@ -54,6 +54,7 @@ class Tally:
             "lost_examples": lost[:5],
             "ok_latency_p50_s": pct(self.latencies("ok"), 50),
             "ok_latency_p99_s": pct(self.latencies("ok"), 99),
+            "reject_latency_p50_s": pct(self.latencies("rejected"), 50),
             "reject_latency_p99_s": pct(self.latencies("rejected"), 99),
         }
 

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scheduler.request import SamplingParams
 from server.engine_client import AsyncEngineClient, ThreadFactory
-from server.errors import APIError, error_response, install_error_handlers
+from server.errors import APIError, error_response, install_error_handlers, overloaded
 from server.metrics import Metrics
 from server.settings import ServerSettings
 from server.tokenizer import ChatTokenizer
@@ -32,6 +32,7 @@ from server.tokenizer import ChatTokenizer
 log = logging.getLogger(__name__)
 
 MONITOR_INTERVAL_S = 0.2
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 @dataclass
@@ -167,9 +168,10 @@ def _die(state: AppState, reason: str) -> None:
 
 
 class GuardMiddleware:
-    """API-key check on /v1/* and the request body size limit, before any parsing.
+    """API-key check on /v1/*, a full-server check and the body size limit, before any parsing.
 
-    Both run ahead of FastAPI so an unauthenticated or oversized request costs no JSON parse.
+    They run ahead of FastAPI so an unauthenticated, oversized or surplus request costs no JSON
+    parse (requests with n > 1 are checked again, exactly, once their body is known).
     The key is compared with hmac.compare_digest (constant time for equal lengths).
     """
 
@@ -193,6 +195,13 @@ class GuardMiddleware:
                 err = APIError(401, "invalid or missing API key", code="invalid_api_key")
                 await error_response(err)(scope, receive, send)
                 return
+        client = self.state.client
+        if path in GENERATION_PATHS and client is not None and not client.has_room(1):
+            # Full: refuse before reading or parsing the body, the cheapest possible answer.
+            err = overloaded(f"the server is at capacity ({client.capacity} requests); retry later")
+            self.state.metrics.reject("queue_full")
+            await error_response(err)(scope, receive, send)
+            return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self._limit:
             self.state.metrics.reject("body_too_large")

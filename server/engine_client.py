@@ -153,9 +153,12 @@ class AsyncEngineClient:
 
     # --- requests -------------------------------------------------------------------------
 
+    def has_room(self, n: int) -> bool:
+        return self.num_in_flight + self._reserved + n <= self.capacity
+
     def try_reserve(self, n: int) -> bool:
         """Admission control: claim n engine requests' worth of room, or refuse."""
-        if self.num_in_flight + self._reserved + n > self.capacity:
+        if not self.has_room(n):
             return False
         self._reserved += n
         return True
