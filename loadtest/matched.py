@@ -101,6 +101,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="3 short points per config, 32 tokens: a few minutes on a small CPU",
     )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="run rate by rate, all configurations in turn (one server start per point): "
+        "fairer on a host whose load drifts",
+    )
     p.add_argument("--fresh", action="store_true", help="discard earlier results in --out")
     p.add_argument("--report-only", action="store_true", help="rewrite the report and exit")
     a = p.parse_args(argv)
@@ -186,20 +192,35 @@ def main(argv: list[str] | None = None) -> int:
     probe = out / "probe.json"
     capacity = json.loads(probe.read_text())["capacity_rps"] if probe.exists() else None
     failed: dict[str, str] = {}
-    for i, (name, args) in enumerate(configs):
-        if capacity is None and a.rates == "auto" and i > 0:
+
+    def attempt(name: str, args: list[str], upto: int | None) -> None:
+        nonlocal capacity
+        if name in failed:
+            return
+        if capacity is None and a.rates == "auto" and name != configs[0][0]:
             failed[name] = "no rates: the baseline's capacity probe did not run"
-            continue
+            return
         try:
-            capacity = sweep_config(name, args, capacity, wl, settings, a)
+            capacity = sweep_config(name, args, capacity, wl, settings, a, upto)
         except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as e:
             # One broken configuration (say, a drafter without a checkpoint) must not cost the
             # others; its finished points stay on disk and a rerun retries the rest.
             failed[name] = str(e).splitlines()[0] if str(e) else type(e).__name__
-            print(
-                f"[{name}] FAILED: {failed[name]} (server log: {out / name / 'server.log'})",
-                flush=True,
-            )
+            log = out / name / "server.log"
+            print(f"[{name}] FAILED: {failed[name]} (server log: {log})", flush=True)
+
+    if not a.interleave:
+        for name, args in configs:
+            attempt(name, args, None)
+    else:
+        # Rate by rate, every configuration in turn: slow drifts in a shared host's load then
+        # hit all configurations alike instead of whichever happened to run last.
+        if capacity is None and a.rates == "auto":
+            attempt(*configs[0], 0)  # the probe alone
+        n_rates = len(_rates(a, capacity)) if capacity is not None or a.rates != "auto" else 0
+        for k in range(1, n_rates + 1):
+            for name, args in configs:
+                attempt(name, args, k)
     run_info["failed"] = failed
     run_file.write_text(json.dumps(run_info, indent=2))
     report = write_report(out)
@@ -216,11 +237,13 @@ def sweep_config(
     wl: Workload,
     settings: PointSettings,
     a: argparse.Namespace,
+    upto: int | None = None,
 ) -> float | None:
-    """Run the configuration's missing points; returns the capacity (probed if needed)."""
+    """Run the configuration's missing points among the first `upto` rates (all if None);
+    returns the capacity, probed first if needed."""
     cdir = a.out / name
     cdir.mkdir(exist_ok=True)
-    rates = _rates(a, capacity) if (a.rates != "auto" or capacity is not None) else None
+    rates = _rates(a, capacity)[:upto] if (a.rates != "auto" or capacity is not None) else None
     if rates is not None and _nothing_left(cdir, rates, a.stop_after_saturated):
         print(f"[{name}] finished earlier, skipping", flush=True)
         return capacity
@@ -239,6 +262,7 @@ def sweep_config(
             )
             rates = _rates(a, capacity)
             print(f"[{name}] probed capacity {capacity:.3f} rps -> rates {rates}", flush=True)
+            rates = rates[:upto]
         n_sat = 0
         for rate in rates:
             path = cdir / f"rate_{rate:g}.json"

@@ -118,3 +118,19 @@ def test_a_broken_configuration_does_not_stop_the_others(tmp_path: Path) -> None
     assert "[broken] FAILED: server exited with 2" in res.stdout
     assert (out / "none" / "rate_2.json").exists()
     assert "**broken failed**" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_interleave_runs_rate_by_rate(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    res = runner(out, "--rates", "2,4", "--warmup", "1", "--duration", "3", "--interleave")
+    assert res.returncode == 0, res.stdout + res.stderr
+    order = sorted(out.glob("*/rate_*.json"), key=lambda p: p.stat().st_mtime)
+    assert [f"{p.parent.name}/{p.name}" for p in order] == [
+        "none/rate_2.json",
+        "spec/rate_2.json",
+        "none/rate_4.json",
+        "spec/rate_4.json",
+    ]
+    # One server start per point.
+    assert (out / "spec" / "server.log").read_text().count("$ ") == 2
