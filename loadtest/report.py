@@ -182,9 +182,9 @@ def points_table(ps: list[PointSummary]) -> list[str]:
     rows = [
         (
             "| offered rps | sent rps | achieved rps | aggregate tok/s | per-user tok/s | TTFT p50 / p99 s"
-            " | TPOT p50 / p99 ms | goodput rps | SLO met | tau | status |"
+            " | TPOT p50 / p99 ms | goodput rps | SLO met | tau | requests | host load | status |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in ps:
         status = "saturated: " + "; ".join(p.reasons) if p.saturated else "ok"
@@ -193,7 +193,7 @@ def points_table(ps: list[PointSummary]) -> list[str]:
             f" | {p.per_user_tok_s:.1f} | {_f(p.ttft_s['p50'])} / {_f(p.ttft_s['p99'])}"
             f" | {_f(p.tpot_s['p50'] * 1e3, '.1f')} / {_f(p.tpot_s['p99'] * 1e3, '.1f')}"
             f" | {p.goodput_rps:.2f} | {p.slo_attainment:.0%} | {_f(p.mean_acceptance_length)}"
-            f" | {status} |"
+            f" | {p.n_ok} | {_f(p.host_load, '.1f')} | {status} |"
         )
     return rows
 
@@ -315,6 +315,13 @@ def write_report(out: Path, slo: Slo | None = None) -> Path:
             f"Python {sys.version.split()[0]}"
         )
     ]
+    loads = [p.host_load for ps in points.values() for p in ps if p.host_load is not None]
+    if loads:
+        md += [
+            f"- Host 1-minute load average at the end of each point: {min(loads):.1f} to "
+            f"{max(loads):.1f} on {os.cpu_count()} CPUs (above the CPU count, other work "
+            "competed with the server)"
+        ]
     md += ["- Command(s):", "", "```"] + run.get("commands", []) + ["```", ""]
     md += [
         (
