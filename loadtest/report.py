@@ -318,9 +318,11 @@ def write_report(out: Path, slo: Slo | None = None) -> Path:
     loads = [p.host_load for ps in points.values() for p in ps if p.host_load is not None]
     if loads:
         md += [
-            f"- Host 1-minute load average at the end of each point: {min(loads):.1f} to "
-            f"{max(loads):.1f} on {os.cpu_count()} CPUs (above the CPU count, other work "
-            "competed with the server)"
+            (
+                f"- Host 1-minute load average at the end of each point: {min(loads):.1f} to "
+                f"{max(loads):.1f} on {os.cpu_count()} CPUs (above the CPU count, other work "
+                "competed with the server)"
+            )
         ]
     md += ["- Command(s):", "", "```"] + run.get("commands", []) + ["```", ""]
     md += [
