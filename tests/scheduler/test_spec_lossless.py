@@ -104,3 +104,19 @@ def test_stop_inside_accepted_run_is_exact(target, prompts, reference):
     outs, _ = run_staggered(engine, [prompts[short_i], prompts[long_i]], lambda i: params[i])
     assert outs[0] == reference[short_i][:5]
     assert outs[1] == reference[long_i][: reference[long_i].index(stop_token) + 1]
+
+
+@pytest.mark.parametrize("name", ["eagle3", "dflash", "dspark"])
+def test_greedy_identical_with_shipped_drafter(target, prompts, reference, name):
+    """Each shipped checkpoint, served through the registry like `--speculative NAME`."""
+    from drafts.registry import build_proposer
+
+    proposer = build_proposer(name, target.hf_model, None, 7)
+    profile = ThroughputProfile(64)
+    profile.seed([(1, 0.050), (16, 0.055), (64, 0.090)])
+    engine = make_engine(target, num_slots=4, budget=48, proposer=proposer,
+                         policy=build_policy("dspark", 7, profile))
+    greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+    outs, spec = run_staggered(engine, prompts, lambda i: greedy)
+    assert outs == reference
+    assert sum(s.num_draft_tokens for s in spec.values()) > 0
