@@ -126,9 +126,13 @@ class TargetModel:
         param = next(hf_model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.fused = [_FusedLayer(layer) for layer in self.layers]
+        # CPU SDPA kernels are far slower in bfloat16/float16 than in float32 (measured: a
+        # decode-shaped call is hundreds of times slower), so on CPU attention and the KV
+        # cache are float32 while the projections and MLP keep the model's dtype.
+        self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         shape = (self.num_layers, num_slots, self.num_kv_heads, max_model_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k_cache = torch.zeros(shape, dtype=self.attn_dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.attn_dtype, device=self.device)
 
     @torch.inference_mode()
     def forward(
@@ -137,7 +141,7 @@ class TargetModel:
         """Returns (logits [N, vocab] float32 at batch.logits_rows, aux [T, m*hidden] or None)."""
         h = self.decoder.embed_tokens(batch.input_ids)  # [T, hidden]
         # SDPA on CPU is markedly faster with an additive mask than with a boolean one.
-        masks = _AdditiveMasks(batch, h.dtype)
+        masks = _AdditiveMasks(batch, self.attn_dtype)
         cos, sin = self.decoder.rotary_emb(h, batch.positions[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]
         aux: list[torch.Tensor] = []
@@ -174,8 +178,9 @@ class TargetModel:
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = (q * cos + rotate_half(q) * sin).to(self.attn_dtype)
+        k = (k * cos + rotate_half(k) * sin).to(self.attn_dtype)
+        v = v.to(self.attn_dtype)
         k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]
         k_cache[batch.slot_ids, :, batch.positions] = k
         v_cache[batch.slot_ids, :, batch.positions] = v
@@ -207,7 +212,7 @@ class TargetModel:
                 enable_gqa=gqa,
             )
             out[rows] = o[0].transpose(0, 1)
-        return attn.o_proj(out.view(T, self.num_heads * self.head_dim))
+        return attn.o_proj(out.view(T, self.num_heads * self.head_dim).to(x.dtype))
 
 
 def build_packed_batch(
