@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from scheduler.batching import ContinuousBatcher, FaultHook
 from scheduler.plan import StepPlan, StepResult
-from scheduler.request import Request, RequestOutput, SamplingParams
+from scheduler.request import FinishReason, Request, RequestOutput, SamplingParams
 from scheduler.speculation import SpeculationStep, attach_drafts, record_outcomes
 from scheduler.stats import StepStats
 
@@ -270,8 +270,6 @@ class EngineThread:
                 return drain_deadline
 
     def _refuse(self, req: Request) -> RequestOutput:
-        from scheduler.request import FinishReason
-
         req.finish_reason = FinishReason.ABORT
         return RequestOutput(req.req_id, [], FinishReason.ABORT, num_prompt_tokens=len(req.prompt_ids))
 
