@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -78,7 +79,8 @@ def config_from_target(target_config: Any, method: str, **kw: Any) -> DraftConfi
         aux_layer_ids=default_ids,
         rope_theta=theta,
         rms_norm_eps=float(target_config.rms_norm_eps),
-        target_name=str(getattr(target_config, "name_or_path", "")),
+        # only the folder name: a local path would leak the training machine's layout
+        target_name=Path(str(getattr(target_config, "name_or_path", ""))).name,
     )
     base.update(kw)
     return DraftConfig(**base)  # type: ignore[arg-type]
