@@ -1,0 +1,43 @@
+"""Answer regeneration: resumable, batches alternate between prompt sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from drafts.train.data import prompt_of, regenerate_answers
+
+
+class _CharTokenizer:
+    def apply_chat_template(
+        self, msgs: list[dict[str, str]], add_generation_prompt: bool, tokenize: bool
+    ) -> str:
+        return msgs[0]["content"]
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return [ord(c) for c in text]
+
+
+def test_batches_alternate_sources_and_resume(tmp_path: Path) -> None:
+    prompts = [("chat", "x" * i) for i in range(1, 6)] + [
+        ("math", "y" * (10 + i)) for i in range(1, 6)
+    ]
+    seen: list[set[int]] = []
+
+    def gen(batch: list[list[int]]) -> list[list[int]]:
+        seen.append({p[0] for p in batch})
+        return [[7, 2] for _ in batch]
+
+    out = tmp_path / "answers.jsonl"
+    rows = regenerate_answers(prompts, _CharTokenizer(), gen, out, batch_size=2)
+    assert len(rows) == 10 and all(r["answer_ids"] == [7, 2] for r in rows)
+    assert [s.pop() for s in seen[:2]] == [ord("x"), ord("y")]  # first two batches: both sources
+    seen.clear()
+    assert len(regenerate_answers(prompts, _CharTokenizer(), gen, out, batch_size=2)) == 10
+    assert seen == []  # everything was already on disk
+
+
+def test_prompt_fields() -> None:
+    assert prompt_of({"turns": ["a", "b"]}) == "a"
+    assert prompt_of({"instruction": "do", "input": "this"}) == "do\n\nthis"
+    assert prompt_of({"question": "q"}) == "q"
+    assert prompt_of({"prompt": "p"}) == "p"
