@@ -90,8 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--stop-after-saturated",
         type=int,
-        default=1,
-        help="skip a configuration's higher rates after this many saturated points",
+        default=2,
+        help="skip a configuration's higher rates after this many saturated points (2: one "
+        "noisy point on a busy host does not end the sweep)",
     )
     p.add_argument("--tolerance", type=float, default=0.1, help="achieved vs offered")
     p.add_argument("--slo-ttft", type=float, default=2.0, help="goodput TTFT target, seconds")
