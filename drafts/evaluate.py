@@ -89,6 +89,8 @@ def summarize(
         if sts_temps:
             out["calibration_error_after"] = per_position_ece(z, a, sts_temps)
         out["calibration_rounds"] = len(full)
+        # raw head outputs and outcomes, so a later STS table can be scored on the same rounds
+        out["calibration_data"] = {"conf_logits": z.tolist(), "accepted": a.tolist()}
     return out
 
 
