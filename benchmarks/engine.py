@@ -132,10 +132,13 @@ def make_prompts(tokenizer, n: int) -> list[list[int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="fewer sizes and tokens (smoke run)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     target = load_target(device="cpu", dtype=args.dtype)
     dtype = str(next(target.hf_model.parameters()).dtype).removeprefix("torch.")
     batches = [1, 4] if args.quick else [1, 4, 16, 32]

@@ -20,6 +20,8 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from scheduler.build import assemble_engine
 from scheduler.config import EngineConfig
 from scheduler.loader import load_target
@@ -93,7 +95,10 @@ def main() -> None:
     ap.add_argument("--requests-per-stream", type=int, default=2)
     ap.add_argument("--k", type=int, default=7)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     loaded = load_target(device="cpu", dtype=args.dtype)
     tok = loaded.tokenizer
     texts = repeat_prompts() if args.prompts == "repeat" else chat_prompts()
