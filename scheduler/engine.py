@@ -95,9 +95,10 @@ class LLMEngine:
             spec = attach_drafts(
                 plan, self.batcher, self.proposer, self.policy, self.estimator
             )
+        start_positions = [s.start_pos for s in plan.scheduled]  # update() moves them
         result = self.runner.execute(plan)
         outputs = self.batcher.update(plan, result)
-        self._feed_proposer(plan, result)
+        self._feed_proposer(plan, result, start_positions)
         record_outcomes(plan, result, spec, self.estimator)
         for out in outputs:
             if out.finished:
@@ -109,12 +110,13 @@ class LLMEngine:
             self.profile.observe(plan.num_tokens, step_time_s)
         return outputs, self._stats(plan, result, spec, step_time_s)
 
-    def _feed_proposer(self, plan: StepPlan, result: StepResult) -> None:
+    def _feed_proposer(self, plan: StepPlan, result: StepResult, start_positions: list[int]) -> None:
+        """Hand the proposer the target features of the positions committed this step."""
         if self.proposer is None or result.aux_hidden is None:
             return
-        for s, hidden in zip(plan.scheduled, result.aux_hidden):
+        for s, start, hidden in zip(plan.scheduled, start_positions, result.aux_hidden):
             if hidden is not None and hidden.shape[0] and not s.req.is_finished:
-                self.proposer.observe(s.req.req_id, s.start_pos, hidden)
+                self.proposer.observe(s.req.req_id, start, hidden)
 
     def _release(self, req_id: str) -> None:
         self.runner.release(req_id)
