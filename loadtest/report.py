@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 
 from loadtest.analysis import (
     Frontier,
@@ -76,12 +77,14 @@ def _style(i: int) -> dict[str, Any]:
 
 
 def plot_frontier(points: dict[str, list[PointSummary]], names: list[str], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    handles = []
     for i, n in enumerate(names):
         st = _style(i)
         f = Frontier.from_points(points[n])
-        ax.plot(f.x, f.y, "-", color=st["color"], label=f"{n} (fitted frontier)")
-        ax.plot(f.x, f.measured, st["marker"], color=st["color"], label=f"{n} (measured)")
+        ax.plot(f.x, f.y, "-", color=st["color"])
+        ax.plot(f.x, f.measured, st["marker"], color=st["color"])
+        handles.append(Line2D([], [], color=st["color"], marker=st["marker"], label=n))
         sat = [p for p in points[n] if p.saturated]
         ax.plot(
             [p.agg_tok_s for p in sat],
@@ -89,14 +92,20 @@ def plot_frontier(points: dict[str, list[PointSummary]], names: list[str], path:
             st["marker"],
             mfc="none",
             color=st["color"],
-            label=f"{n} (saturated)" if sat else None,
         )
     ax.set_xlabel("aggregate output tokens/s")
     ax.set_ylabel("per-user tokens/s (1 / median TPOT)")
     ax.set_title("Per-user speed vs aggregate throughput")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.text(
+        0.01,
+        0.01,
+        "lines: fitted frontiers; filled: measured; hollow: saturated (not used)",
+        fontsize=7,
+        color="dimgrey",
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -255,6 +264,19 @@ def write_report(out: Path, slo: Slo | None = None) -> Path:
         "",
     ]
     md += ["## Headline", ""]
+    loads = [p.host_load for ps in points.values() for p in ps if p.host_load is not None]
+    cpus = os.cpu_count() or 1
+    if loads and max(loads) > 1.5 * cpus:
+        md += [
+            (
+                f"**Warning: the host was busy** (1-minute load average up to "
+                f"{max(loads):.1f} on {cpus} CPUs): other work competed with the server, so "
+                "points are noisy and the comparison is unreliable. Rerun on a quiet machine "
+                "(`--interleave` spreads slow drifts over all configurations but cannot remove "
+                "them)."
+            ),
+            "",
+        ]
     if not matched:
         md += ["No matched comparison: fewer than two unsaturated points in a common range.", ""]
     for m in matched:
@@ -315,7 +337,6 @@ def write_report(out: Path, slo: Slo | None = None) -> Path:
             f"Python {sys.version.split()[0]}"
         )
     ]
-    loads = [p.host_load for ps in points.values() for p in ps if p.host_load is not None]
     if loads:
         md += [
             (
