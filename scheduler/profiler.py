@@ -98,7 +98,8 @@ def measure_profile(
     run_step: Callable[[int], float], sizes: Sequence[int], repeats: int = 5
 ) -> list[tuple[int, float]]:
     """Time `run_step(n)` (a real target step of n tokens, returns seconds) `repeats` times per
-    size; return (n, steps_per_second) points from the medians, made monotone.
+    size; return (n, step_time_s) points, the medians made non-decreasing in n: exactly what
+    `ThroughputProfile.seed` takes.
 
     The median absorbs one warm-up outlier per size; callers that compile or capture graphs
     should warm up before calling.
@@ -109,7 +110,7 @@ def measure_profile(
     for n in sorted(set(sizes)):
         times = [run_step(n) for _ in range(repeats)]
         medians.append((n, max(statistics.median(times), 1e-9)))
-    return monotone_points(medians)
+    return [(n, 1.0 / sps) for n, sps in monotone_points(medians)]
 
 
 def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:

@@ -57,10 +57,14 @@ def test_measure_profile_takes_median_of_repeats_and_makes_it_monotone() -> None
     points = measure_profile(run_step, [16, 1, 32, 16], repeats=5)
     assert sorted(set(calls)) == [1, 16, 32] and len(calls) == 15
     sizes = [n for n, _ in points]
-    sps = [s for _, s in points]
+    times = [t for _, t in points]
     assert sizes == [1, 16, 32]
-    assert sps[0] == pytest.approx(1 / linear_cost(1), rel=0.02)  # outlier ignored
-    assert sps[2] <= sps[1]  # the fast 32 was clamped to 16's rate
+    assert times[0] == pytest.approx(linear_cost(1), rel=0.02)  # outlier ignored
+    assert times[2] >= times[1]  # the fast 32 was clamped to 16's time
+    # The points seed a profile directly (step times in, steps per second out).
+    profile = ThroughputProfile(64)
+    profile.seed(points)
+    assert profile.steps_per_second(16) == pytest.approx(1 / linear_cost(16), rel=0.02)
     with pytest.raises(ValueError):
         measure_profile(run_step, [1], repeats=0)
 
