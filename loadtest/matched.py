@@ -1,7 +1,7 @@
 """One command: per-user speed at matched aggregate throughput, for several serving configurations.
 
     python -m loadtest.matched --configs none,fixed4,dspark --publish docs/loadtest
-    python -m loadtest.matched --quick --model fake --configs none,ngram --out /tmp/quick
+    python -m loadtest.matched --quick --model fake --configs none,ngram --out runs/loadtest/quick
 
 For each configuration it starts `python -m server` with that configuration's flags, waits for
 /ready, and sweeps the offered request rate in open loop with Locust (loadtest/traffic.py,
