@@ -34,6 +34,7 @@ _REGISTRY: dict[str, Factory] = {
     "eagle3": _lazy("drafts.eagle3"),
     "dflash": _lazy("drafts.dflash"),
     "dspark": _lazy("drafts.dspark"),
+    "deepspec": _lazy("drafts.deepspec"),  # a DeepSpec release; needs --draft-checkpoint
 }
 
 
