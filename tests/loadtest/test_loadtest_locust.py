@@ -8,7 +8,6 @@ takes 20 ms and yields one token per request, so TPOT must come out near 20 ms.
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
 import sys
@@ -43,6 +42,24 @@ def locust(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT, then SIGTERM, then SIGKILL: a Locust that ignores the polite signal must not
+    outlive the test. It stays in pytest's process group, so killing a hung CI job kills it too."""
+    for send, grace in (
+        (lambda: proc.send_signal(signal.SIGINT), 10),
+        (proc.terminate, 5),
+        (proc.kill, 5),
+    ):
+        if proc.poll() is not None:
+            return
+        send()
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def stats_rows(prefix: Path) -> dict[tuple[str, str], dict[str, str]]:
@@ -177,7 +194,6 @@ def test_web_ui_starts_a_constant_rate_test(
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
     )
     ui = f"http://127.0.0.1:{port}"
     try:
@@ -186,7 +202,8 @@ def test_web_ui_starts_a_constant_rate_test(
                 if httpx.get(ui + "/", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         r = httpx.post(
             ui + "/swarm",
             data={
@@ -208,8 +225,7 @@ def test_web_ui_starts_a_constant_rate_test(
         assert {"ttft_ms", "tpot_us", "/v1/chat/completions stream"} <= names
         httpx.get(ui + "/stop")
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(20)
+        stop(proc)
 
 
 def test_open_loop_refuses_multiple_processes() -> None:
