@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv serve test bench clean
+.PHONY: venv serve test bench loadtest-quick clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine.py
+
+# A few-minute matched-throughput run against the fake model (the full report: loadtest/README.md).
+loadtest-quick: $(STAMP)
+	$(PY) -m loadtest.matched --quick --model fake --configs none,ngram --out runs/loadtest/quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache
