@@ -68,8 +68,6 @@ def apply_penalties(
         if row > 0:
             token = draft_ids[row - 1]
             counts[token] = counts.get(token, 0) + 1
-        if not counts and params.repetition_penalty == 1.0:
-            continue
         if params.repetition_penalty != 1.0:  # prompt and output tokens, on the raw logit
             seen = torch.tensor(sorted(set(prompt_ids) | counts.keys()), device=logits.device)
             vals = logits[row, seen]
