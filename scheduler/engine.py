@@ -95,7 +95,10 @@ class LLMEngine:
             spec = attach_drafts(
                 plan, self.batcher, self.proposer, self.policy, self.estimator
             )
-        start_positions = [s.start_pos for s in plan.scheduled]  # update() moves them
+        # update() moves the counters these read, so take them first.
+        start_positions = [s.start_pos for s in plan.scheduled]
+        # Every new token is prompt work except the anchor of a request that samples.
+        num_prefill_tokens = sum(s.num_new_tokens - s.samples for s in plan.scheduled)
         result = self.runner.execute(plan)
         outputs = self.batcher.update(plan, result)
         self._feed_proposer(plan, result, start_positions)
@@ -108,7 +111,7 @@ class LLMEngine:
             # The whole step, drafting included: that is what one more verified token costs
             # the device, and it follows co-located load and context growth as they happen.
             self.profile.observe(plan.num_tokens, step_time_s)
-        return outputs, self._stats(plan, result, spec, step_time_s)
+        return outputs, self._stats(plan, result, spec, step_time_s, num_prefill_tokens)
 
     def _feed_proposer(self, plan: StepPlan, result: StepResult, start_positions: list[int]) -> None:
         """Hand the proposer the target features of the positions committed this step."""
@@ -124,7 +127,12 @@ class LLMEngine:
             self.proposer.release(req_id)
 
     def _stats(
-        self, plan: StepPlan, result: StepResult, spec: SpeculationStep, step_time_s: float
+        self,
+        plan: StepPlan,
+        result: StepResult,
+        spec: SpeculationStep,
+        step_time_s: float,
+        num_prefill_tokens: int,
     ) -> StepStats:
         kv = self.batcher.kv
         return StepStats(
@@ -135,8 +143,7 @@ class LLMEngine:
             num_waiting=len(self.batcher.waiting),
             num_scheduled_requests=len(plan.scheduled),
             num_scheduled_tokens=plan.num_tokens,
-            num_prefill_tokens=sum(s.num_new_tokens for s in plan.scheduled if not s.samples)
-            + sum(s.num_new_tokens - 1 for s in plan.scheduled if s.samples),
+            num_prefill_tokens=num_prefill_tokens,
             num_kv_slots_used=kv.num_used,
             num_kv_slots_total=kv.num_slots,
             num_drafts=spec.num_drafts,
