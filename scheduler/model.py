@@ -40,6 +40,9 @@ class SmallGroup:
     query_max: int
     kv_max: int
     mask: torch.Tensor  # [num_slots, 1, query_max, kv_max] bool, True = may attend
+    # The packed rows already are the padded query layout: every row of the step is in the
+    # group, slots 0..num_slots-1 in order, each with query_max rows (steady decode).
+    dense: bool
 
 
 @dataclass
@@ -75,16 +78,52 @@ class _AdditiveMasks:
 
 
 class _FusedLayer:
-    """One matrix for q/k/v and one for gate/up: fewer, larger GEMVs per layer.
+    """The layer's projections as four frozen linears: q/k/v fused, o, gate/up fused, down.
 
-    The transformers modules' weights are re-pointed at slices of the fused tensors, so no
-    memory is duplicated and the transformers forward keeps working on the same weights.
+    Fusing gives fewer, larger GEMVs per layer. The transformers modules' weights are
+    re-pointed at slices of the fused tensors, so the fusion copies nothing and the
+    transformers forward keeps working on the same weights.
     """
 
     def __init__(self, layer: Any) -> None:  # a transformers decoder layer
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv_w, self.qkv_b, self.qkv_sizes = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.gate_up_w, self.gate_up_b, self.gate_up_sizes = _fuse([mlp.gate_proj, mlp.up_proj])
+        qkv_w, qkv_b, self.qkv_sizes = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        gate_up_w, gate_up_b, self.gate_up_sizes = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.qkv = FrozenLinear(qkv_w, qkv_b)
+        self.o = FrozenLinear(attn.o_proj.weight.data, attn.o_proj.bias)
+        self.gate_up = FrozenLinear(gate_up_w, gate_up_b)
+        self.down = FrozenLinear(mlp.down_proj.weight.data, mlp.down_proj.bias)
+
+
+class FrozenLinear:
+    """`F.linear` with a fixed weight, kept in the layout the device multiplies fastest.
+
+    On CPU in bfloat16 that is oneDNN's blocked layout: measured on the embedded model, its
+    GEMVs run about 1.4x faster than aten's plain-layout path (whose kernel re-blocks the
+    weight on every call) and give bit-identical results. The blocked copy costs extra
+    memory (the weight bytes once more, since the transformers modules keep the plain
+    weights); every other device and dtype multiplies the plain weight in place.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.bias = None if bias is None else bias.data
+        self.out_features = weight.shape[0]
+        self.blocked = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _has_onednn_linear()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None) if self.blocked else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocked:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def _has_onednn_linear() -> bool:
+    ops = torch.ops.mkldnn
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_linear_pointwise")
+    )
 
 
 def _fuse(linears: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
@@ -126,6 +165,7 @@ class TargetModel:
         param = next(hf_model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.fused = [_FusedLayer(layer) for layer in self.layers]
+        self.head = FrozenLinear(self.lm_head.weight.data, self.lm_head.bias)
         # CPU SDPA kernels are far slower in bfloat16/float16 than in float32 (measured: a
         # decode-shaped call is hundreds of times slower), so on CPU attention and the KV
         # cache are float32 while the projections and MLP keep the model's dtype.
@@ -148,12 +188,12 @@ class TargetModel:
         for i, (layer, fused) in enumerate(zip(self.layers, self.fused)):
             x = layer.input_layernorm(h)
             h = h + self._attention(i, layer.self_attn, fused, x, cos, sin, batch, masks)
-            gate, up = F.linear(layer.post_attention_layernorm(h), fused.gate_up_w, fused.gate_up_b).split(fused.gate_up_sizes, -1)
-            h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            gate, up = fused.gate_up(layer.post_attention_layernorm(h)).split(fused.gate_up_sizes, -1)
+            h = h + fused.down(layer.mlp.act_fn(gate) * up)
             if i in aux_layer_ids:
                 aux.append(h)
         last = self.decoder.norm(h[batch.logits_rows])
-        logits = self.lm_head(last).float()
+        logits = self.head(last).float()
         aux_hidden = None
         if aux_layer_ids:
             by_id = dict(zip([i for i in range(self.num_layers) if i in aux_layer_ids], aux))
@@ -171,25 +211,34 @@ class TargetModel:
         batch: PackedBatch,
         masks: _AdditiveMasks,
     ) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = F.linear(x, fused.qkv_w, fused.qkv_b).split(fused.qkv_sizes, -1)
-        q = q.reshape(T, self.num_heads, self.head_dim)
-        k = k.reshape(T, self.num_kv_heads, self.head_dim)
-        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        T, H, KV, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = fused.qkv(x)
+        qk = qkv[:, : (H + KV) * D].view(T, H + KV, D)
+        v = qkv[:, (H + KV) * D :].view(T, KV, D).to(self.attn_dtype)
         if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q = (q * cos + rotate_half(q) * sin).to(self.attn_dtype)
-        k = (k * cos + rotate_half(k) * sin).to(self.attn_dtype)
-        v = v.to(self.attn_dtype)
+            qk = torch.cat([attn.q_norm(qk[:, :H]), attn.k_norm(qk[:, H:])], 1)
+        # RoPE on queries and keys at once (one set of elementwise ops, not two).
+        qk = (qk * cos + rotate_half(qk) * sin).to(self.attn_dtype)
+        q, k = qk[:, :H], qk[:, H:]
         k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]
         k_cache[batch.slot_ids, :, batch.positions] = k
         v_cache[batch.slot_ids, :, batch.positions] = v
-        scale = float(getattr(attn, "scaling", self.head_dim**-0.5))
-        gqa = self.num_heads != self.num_kv_heads
-        out = torch.empty_like(q)  # [T, heads, head_dim]
+        scale = float(getattr(attn, "scaling", D**-0.5))
+        gqa = H != KV
         g = batch.small
+        if g is not None and g.dense:  # no padding to add or remove
+            o = F.scaled_dot_product_attention(
+                q.view(g.num_slots, g.query_max, H, D).transpose(1, 2),
+                k_cache[: g.num_slots, :, : g.kv_max],
+                v_cache[: g.num_slots, :, : g.kv_max],
+                attn_mask=masks.small,
+                scale=scale,
+                enable_gqa=gqa,
+            )
+            return fused.o(o.transpose(1, 2).reshape(T, H * D).to(x.dtype))
+        out = torch.empty_like(q)  # [T, heads, head_dim]
         if g is not None:
-            qp = q.new_zeros(g.num_slots, g.query_max, self.num_heads, self.head_dim)
+            qp = q.new_zeros(g.num_slots, g.query_max, H, D)
             qp[g.slot_ids, g.query_idx] = q[g.rows]
             o = F.scaled_dot_product_attention(
                 qp.transpose(1, 2),  # [slots, heads, query_max, head_dim]
@@ -212,7 +261,7 @@ class TargetModel:
                 enable_gqa=gqa,
             )
             out[rows] = o[0].transpose(0, 1)
-        return attn.o_proj(out.view(T, self.num_heads * self.head_dim).to(x.dtype))
+        return fused.o(out.view(T, H * D).to(x.dtype))
 
 
 def build_packed_batch(
@@ -263,6 +312,9 @@ def build_packed_batch(
             query_max=query_max,
             kv_max=kv_max,
             mask=mask.to(device),
+            dense=not long
+            and [s for s, _, _ in small_spans] == list(range(num_slots))
+            and all(n == query_max for _, _, n in small_spans),
         )
     def longs(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)

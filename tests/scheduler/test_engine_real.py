@@ -106,3 +106,37 @@ def test_seeded_sampling_same_alone_and_in_busy_batch(target, chat_prompts):
         [chat_prompts[0]], SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=99)
     )[0]
     assert other_seed != alone  # the seed really drives the draw
+
+
+def test_decode_in_slot_order_equals_the_padded_path(target):
+    """Steady decode in slot order skips the query padding; it must give the same logits as the
+    padded path (the same decodes packed in another order)."""
+    model = TargetModel(target.hf_model, num_slots=3, max_model_len=64)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, model.vocab_size, (n,), generator=gen).tolist() for n in (9, 5, 7)]
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        for slot, p in enumerate(prompts):
+            model.forward(build_packed_batch([(slot, 0, p[:-1])], [], cpu))
+        in_order = [(slot, len(p) - 1, p[-1:]) for slot, p in enumerate(prompts)]
+        dense = build_packed_batch(in_order, [0, 1, 2], cpu)
+        shuffled = build_packed_batch([in_order[i] for i in (2, 0, 1)], [0, 1, 2], cpu)
+        assert dense.small.dense and not shuffled.small.dense
+        logits_dense, _ = model.forward(dense)
+        logits_padded, _ = model.forward(shuffled)  # rewrites the same KV entries
+    torch.testing.assert_close(logits_dense, logits_padded[[1, 2, 0]], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_frozen_linear_in_bfloat16_is_bit_identical_to_f_linear(rows):
+    """The blocked-layout GEMM is a faster path to the very same numbers."""
+    from scheduler.model import FrozenLinear
+
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(96, 64, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(96, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
+    for b in (None, bias):
+        linear = FrozenLinear(weight, b)
+        assert linear.blocked == torch.backends.mkldnn.is_available()
+        assert torch.equal(linear(x), torch.nn.functional.linear(x, weight, b))
