@@ -47,7 +47,8 @@ def _append(
 
 
 class _FeatureProposer:
-    """Shared request bookkeeping; subclasses implement _draft() for one request."""
+    """Shared request bookkeeping. propose() drafts request by request through _draft();
+    DSparkProposer overrides it to draft the whole batch in one forward."""
 
     def __init__(
         self, model: nn.Module, parts: FrozenTargetParts, num_speculative_tokens: int
@@ -141,36 +142,107 @@ class DSparkProposer(_FeatureProposer):
             st.ctx_len = start + feats.shape[0]
         return st.ctx_len == anchor_pos and st.kv is not None
 
-    def _draft(
-        self, req: DraftRequest, st: _State, k: int
-    ) -> tuple[list[int], list[torch.Tensor | None], list[float] | None]:
-        m, g = self.model, self.cfg.block_size
-        anchor_pos = len(req.token_ids) - 1
-        if not self._absorb(st, anchor_pos):
-            return [], [], None  # features of the context are missing: propose nothing
-        block = torch.full((1, g), self.cfg.mask_token_id, dtype=torch.long, device=self.device)
-        block[0, 0] = int(req.token_ids[-1])
-        pos = torch.arange(anchor_pos, anchor_pos + g, device=self.device)[None]
-        h = m.backbone(self.parts.embed(block), pos, st.kv or [], None)[0]
-        base = self.parts.logits(h).float()
-        prev = int(req.token_ids[-1])
-        toks: list[int] = []
-        prb: list[torch.Tensor | None] = []
-        prev_ids = []
-        for j in range(k):
+    @torch.no_grad()
+    def propose(self, requests: Sequence[DraftRequest]) -> DraftProposal:
+        """All requests' blocks in one backbone forward and one LM-head product.
+
+        Drafting request by request cost one small forward each (most of it the full-vocab LM
+        head over the block), so drafting grew linearly with the batch; batched, the weights
+        are read once per step. Contexts of different lengths are right-padded and masked.
+        """
+        n = len(requests)
+        ids: list[list[int]] = [[] for _ in range(n)]
+        probs: list[torch.Tensor | None] = [None] * n
+        confs: list[list[float] | None] = [None] * n
+        ready = []
+        for i, req in enumerate(requests):
+            st = self.states.setdefault(req.req_id, _State())
+            k = max(0, min(req.num_draft_tokens, self.max_draft_tokens))
+            # No features for the whole context yet (e.g. mid-prefill): propose nothing.
+            if k > 0 and self._absorb(st, len(req.token_ids) - 1):
+                ready.append((i, req, st, k))
+        if ready:
+            self._draft_batch(ready, ids, probs, confs)
+        has_conf = any(c is not None for c in confs)
+        return DraftProposal(ids, probs, [c or [] for c in confs] if has_conf else None)
+
+    def _draft_batch(
+        self,
+        ready: list[tuple[int, DraftRequest, _State, int]],
+        ids: list[list[int]],
+        probs: list[torch.Tensor | None],
+        confs: list[list[float] | None],
+    ) -> None:
+        m, g, dev = self.model, self.cfg.block_size, self.device
+        b = len(ready)
+        anchors = torch.tensor([st.ctx_len for _, _, st, _ in ready], device=dev)
+        block = torch.full((b, g), self.cfg.mask_token_id, dtype=torch.long, device=dev)
+        block[:, 0] = torch.tensor([int(req.token_ids[-1]) for _, req, _, _ in ready], device=dev)
+        pos = anchors[:, None] + torch.arange(g, device=dev)
+        kv, mask = self._padded_context([st for _, _, st, _ in ready], g)
+        h = m.backbone(self.parts.embed(block), pos, kv, mask)  # [b, g, d]
+        k_max = max(k for *_, k in ready)
+        base = self.parts.logits(h[:, :k_max]).float()  # [b, k_max, V]
+        prev = block[:, 0]
+        prev_ids, toks = [], []
+        sampled = [r for r, (_, req, _, _) in enumerate(ready) if req.params.temperature > 0]
+        dists: dict[int, list[torch.Tensor]] = {r: [] for r in sampled}
+        for j in range(k_max):
             prev_ids.append(prev)
-            logits = base[j]
-            bias = m.markov_bias(torch.tensor([prev], device=self.device))
+            logits = base[:, j]
+            bias = m.markov_bias(prev)  # the Markov head: depends on the token just drafted
             if bias is not None:
-                logits = logits + bias[0].float()
-            prev, q = self._sample(logits, req, st)
-            toks.append(prev)
-            prb.append(q)
-        z = m.conf_logits(h[:k], torch.tensor(prev_ids, device=self.device))
-        if z is None:
-            return toks, prb, None
-        self.last_conf_logits[req.req_id] = z.float().tolist()
-        return toks, prb, sts_apply(z.float(), self.cfg.sts_for(req.params.temperature)).tolist()
+                logits = logits + bias.float()
+            nxt = logits.argmax(-1)
+            for r in sampled:
+                _, req, st, k = ready[r]
+                if j < k:  # never draw past a request's k: its seeded generator must not drift
+                    tok, q = self._sample(logits[r], req, st)
+                    nxt[r] = tok
+                    dists[r].append(cast(torch.Tensor, q))
+            toks.append(nxt)
+            prev = nxt
+        tok_t = torch.stack(toks, 1).tolist()
+        z = m.conf_logits(h[:, :k_max], torch.stack(prev_ids, 1))
+        for r, (i, req, _, k) in enumerate(ready):
+            ids[i] = tok_t[r][:k]
+            if r in dists:
+                probs[i] = torch.stack(dists[r]).float()
+            if z is not None:
+                self.last_conf_logits[req.req_id] = z[r, :k].float().tolist()
+                temps = self.cfg.sts_for(req.params.temperature)
+                confs[i] = sts_apply(z[r, :k].float(), temps).tolist()
+
+    def _padded_context(
+        self, states: list[_State], block: int
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+        """Per-layer context K/V stacked to [b, kv, C_max, hd] and the mask that hides padding."""
+        lens = [st.ctx_len for st in states]
+        if len(states) == 1:
+            return cast(list, states[0].kv), None  # nothing to pad: every key is visible
+        c_max = max(lens)
+        kv = []
+        for layer in range(len(cast(list, states[0].kv))):
+            ks = [cast(list, st.kv)[layer][0][0] for st in states]
+            vs = [cast(list, st.kv)[layer][1][0] for st in states]
+            kv.append((_stack_padded(ks, c_max), _stack_padded(vs, c_max)))
+        ctx_ok = (
+            torch.arange(c_max, device=self.device)[None, :]
+            < torch.tensor(lens, device=self.device)[:, None]
+        )
+        own = torch.ones(len(states), block, dtype=torch.bool, device=self.device)
+        mask = torch.cat(
+            [ctx_ok[:, None, :].expand(-1, block, -1), own[:, None, :].expand(-1, block, -1)], 2
+        )
+        return kv, mask[:, None]  # [b, 1, block, C_max + block]
+
+
+def _stack_padded(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
+    """[kv, C_i, hd] tensors -> [b, kv, length, hd], zero-padded along C."""
+    out = tensors[0].new_zeros(len(tensors), tensors[0].shape[0], length, tensors[0].shape[2])
+    for i, t in enumerate(tensors):
+        out[i, :, : t.shape[1]] = t
+    return out
 
 
 class Eagle3Proposer(_FeatureProposer):

@@ -71,7 +71,9 @@ class _AdditiveMasks:
 
     def __init__(self, batch: PackedBatch, dtype: torch.dtype) -> None:
         def additive(mask: torch.Tensor) -> torch.Tensor:
-            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                ~mask, float("-inf")
+            )
 
         self.small = additive(batch.small.mask) if batch.small is not None else None
         self.long = [additive(lq.mask) for lq in batch.long]
@@ -108,8 +110,12 @@ class FrozenLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.bias = None if bias is None else bias.data
         self.out_features = weight.shape[0]
-        self.blocked = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _has_onednn_linear()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None) if self.blocked else weight
+        self.blocked = (
+            weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _has_onednn_linear()
+        )
+        self.weight = (
+            torch.ops.mkldnn._reorder_linear_weight(weight, None) if self.blocked else weight
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocked:
@@ -149,7 +155,10 @@ class TargetModel:
     """Wraps a transformers *ForCausalLM; owns the KV cache."""
 
     def __init__(
-        self, hf_model: Any, num_slots: int, max_model_len: int  # a transformers *ForCausalLM
+        self,
+        hf_model: Any,  # a transformers *ForCausalLM
+        num_slots: int,
+        max_model_len: int,
     ) -> None:
         cfg = hf_model.config
         self.hf_model = hf_model
@@ -188,7 +197,9 @@ class TargetModel:
         for i, (layer, fused) in enumerate(zip(self.layers, self.fused)):
             x = layer.input_layernorm(h)
             h = h + self._attention(i, layer.self_attn, fused, x, cos, sin, batch, masks)
-            gate, up = fused.gate_up(layer.post_attention_layernorm(h)).split(fused.gate_up_sizes, -1)
+            gate, up = fused.gate_up(layer.post_attention_layernorm(h)).split(
+                fused.gate_up_sizes, -1
+            )
             h = h + fused.down(layer.mlp.act_fn(gate) * up)
             if i in aux_layer_ids:
                 aux.append(h)
@@ -316,6 +327,7 @@ def build_packed_batch(
             and [s for s, _, _ in small_spans] == list(range(num_slots))
             and all(n == query_max for _, _, n in small_spans),
         )
+
     def longs(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 

@@ -141,3 +141,50 @@ def test_dspark_confidences_use_the_sts_table_of_the_sampling_mode(tiny_target) 
             assert res.probs is not None and res.probs[0] is not None
             assert torch.allclose(res.probs[0].sum(-1), torch.ones(7), atol=1e-5)
         prop.release("r")
+
+
+def test_dspark_drafts_a_batch_as_it_drafts_each_request_alone(tiny_target) -> None:  # type: ignore[no-untyped-def]
+    """One padded forward for the whole batch: same tokens, distributions and confidences as
+    drafting each request on its own, for contexts of different lengths and different k."""
+    from drafts.base import DraftRequest
+
+    model = _dspark(tiny_target)
+    with torch.no_grad():  # a non-zero Markov head, so its sequential bias is exercised too
+        model.markov_w2.weight.normal_(std=0.5)  # type: ignore[union-attr]
+    prompts = [[1, 5, 9, 17, 33, 12, 7, 40], [1, 8, 8], [1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39]]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.0, seed=5),
+        SamplingParams(temperature=0.7, top_k=20, seed=9),
+    ]
+    ks = [7, 3, 5]
+
+    def proposer_with_context():  # type: ignore[no-untyped-def]
+        prop = make_proposer(model, tiny_target, 7)
+        for i, p in enumerate(prompts):
+            out = tiny_target(input_ids=torch.tensor([p]), output_hidden_states=True)
+            prop.observe(
+                f"r{i}", 0, torch.cat([out.hidden_states[j + 1][0] for j in (0, 1, 2)], -1)[:-1]
+            )
+        return prop
+
+    reqs = [DraftRequest(f"r{i}", tuple(p), params[i], ks[i]) for i, p in enumerate(prompts)]
+    batched = proposer_with_context().propose(reqs)
+    alone_prop = proposer_with_context()
+    alone = [alone_prop.propose([r]) for r in reqs]
+    assert batched.confidences is not None
+    for i, one in enumerate(alone):
+        assert len(batched.token_ids[i]) == ks[i]
+        assert batched.token_ids[i] == one.token_ids[0]
+        assert one.confidences is not None
+        torch.testing.assert_close(
+            torch.tensor(batched.confidences[i]),
+            torch.tensor(one.confidences[0]),
+            atol=1e-5,
+            rtol=0,
+        )
+        if params[i].temperature > 0:
+            assert batched.probs is not None and one.probs is not None
+            torch.testing.assert_close(batched.probs[i], one.probs[0], atol=1e-5, rtol=0)
+        else:
+            assert batched.probs is None or batched.probs[i] is None
