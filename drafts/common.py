@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scheduler.linear import shared_frozen_linear
+
 
 @dataclass
 class DraftConfig:
@@ -228,8 +230,12 @@ class FrozenTargetParts(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits in the LM head's dtype (callers upcast before softmax)."""
         weight = cast(torch.Tensor, self._lm_head.weight)
-        out: torch.Tensor = self._lm_head(h.to(weight.dtype))
-        return out
+        if torch.is_grad_enabled():  # training: the module, so gradients reach h
+            out: torch.Tensor = self._lm_head(h.to(weight.dtype))
+            return out
+        # Inference: the same blocked copy of the head the engine multiplies (no second copy).
+        bias = cast(torch.Tensor | None, self._lm_head.bias)
+        return shared_frozen_linear(weight, bias)(h.to(weight.dtype))
 
 
 def target_parts(target: Any, act_dtype: torch.dtype | None = None) -> FrozenTargetParts:

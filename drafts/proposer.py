@@ -18,6 +18,7 @@ from drafts.base import DraftProposal, DraftRequest
 from drafts.common import DraftConfig, FrozenTargetParts, filtered_probs, sample_from, target_parts
 from drafts.dspark import DSparkModel, sts_apply
 from drafts.eagle3 import Eagle3Model
+from scheduler.linear import frozen_copy
 
 
 @dataclass
@@ -296,6 +297,7 @@ class Eagle3Proposer(_FeatureProposer):
 def make_proposer(model: nn.Module, target: Any, num_speculative_tokens: int) -> _FeatureProposer:
     emb = target.get_input_embeddings().weight
     model = model.to(device=emb.device, dtype=emb.dtype).eval()
+    model = frozen_copy(model)  # the drafter only runs forward: fastest weight layout
     parts = target_parts(target)
     if isinstance(model, Eagle3Model):
         return Eagle3Proposer(model, parts, num_speculative_tokens)

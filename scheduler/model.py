@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from scheduler.linear import FrozenLinear, shared_frozen_linear
+
 # Requests with at most this many query tokens share one padded attention call.
 SMALL_QUERY_MAX = 16
 
@@ -97,41 +99,6 @@ class _FusedLayer:
         self.down = FrozenLinear(mlp.down_proj.weight.data, mlp.down_proj.bias)
 
 
-class FrozenLinear:
-    """`F.linear` with a fixed weight, kept in the layout the device multiplies fastest.
-
-    On CPU in bfloat16 that is oneDNN's blocked layout: measured on the embedded model, its
-    GEMVs run about 1.4x faster than aten's plain-layout path (whose kernel re-blocks the
-    weight on every call) and give bit-identical results. The blocked copy costs extra
-    memory (the weight bytes once more, since the transformers modules keep the plain
-    weights); every other device and dtype multiplies the plain weight in place.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.bias = None if bias is None else bias.data
-        self.out_features = weight.shape[0]
-        self.blocked = (
-            weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _has_onednn_linear()
-        )
-        self.weight = (
-            torch.ops.mkldnn._reorder_linear_weight(weight, None) if self.blocked else weight
-        )
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.blocked:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-
-def _has_onednn_linear() -> bool:
-    ops = torch.ops.mkldnn
-    return (
-        torch.backends.mkldnn.is_available()
-        and hasattr(ops, "_reorder_linear_weight")
-        and hasattr(ops, "_linear_pointwise")
-    )
-
-
 def _fuse(linears: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
     sizes = [lin.weight.shape[0] for lin in linears]
     weight = torch.cat([lin.weight.data for lin in linears])
@@ -174,7 +141,7 @@ class TargetModel:
         param = next(hf_model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.fused = [_FusedLayer(layer) for layer in self.layers]
-        self.head = FrozenLinear(self.lm_head.weight.data, self.lm_head.bias)
+        self.head = shared_frozen_linear(self.lm_head.weight, self.lm_head.bias)
         # CPU SDPA kernels are far slower in bfloat16/float16 than in float32 (measured: a
         # decode-shaped call is hundreds of times slower), so on CPU attention and the KV
         # cache are float32 while the projections and MLP keep the model's dtype.

@@ -130,7 +130,7 @@ def test_decode_in_slot_order_equals_the_padded_path(target):
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_frozen_linear_in_bfloat16_is_bit_identical_to_f_linear(rows):
     """The blocked-layout GEMM is a faster path to the very same numbers."""
-    from scheduler.model import FrozenLinear
+    from scheduler.linear import FrozenLinear
 
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(96, 64, generator=gen).to(torch.bfloat16)
@@ -140,3 +140,21 @@ def test_frozen_linear_in_bfloat16_is_bit_identical_to_f_linear(rows):
         linear = FrozenLinear(weight, b)
         assert linear.blocked == torch.backends.mkldnn.is_available()
         assert torch.equal(linear(x), torch.nn.functional.linear(x, weight, b))
+
+
+def test_frozen_copy_computes_the_same_and_leaves_the_original_alone():
+    from scheduler.linear import FrozenLinearModule, frozen_copy, shared_frozen_linear
+
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Sequential(torch.nn.Linear(96, 32))
+    ).to(torch.bfloat16)
+    keys = list(net.state_dict())
+    frozen = frozen_copy(net)
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(frozen(x), net(x))
+    assert isinstance(frozen[0], FrozenLinearModule) and isinstance(frozen[2][0], FrozenLinearModule)
+    assert isinstance(net[0], torch.nn.Linear) and list(net.state_dict()) == keys
+    # One blocked copy per weight tensor, however many callers ask for it.
+    assert shared_frozen_linear(net[0].weight) is shared_frozen_linear(net[0].weight)
