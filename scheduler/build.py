@@ -65,12 +65,15 @@ def _attach_scheduling(engine: LLMEngine, config: EngineConfig) -> None:
     if engine.proposer is None:
         return
     from scheduler.acceptance import OnlineAcceptanceEstimator
+    from scheduler.draft_gate import DraftGate
     from scheduler.profiler import ThroughputProfile
     from scheduler.verify_policy import build_policy
 
     engine.profile = ThroughputProfile(config.max_num_batched_tokens)
     engine.policy = build_policy(config.verify_policy, config.num_speculative_tokens, engine.profile)
     engine.estimator = OnlineAcceptanceEstimator()
+    if engine.policy.name in ("dspark", "dspark-production"):  # throughput-aware policies
+        engine.gate = DraftGate(engine.profile)
 
 
 def _eos_ids(hf_model, tokenizer) -> frozenset[int]:

@@ -43,6 +43,7 @@ class LLMEngine:
         policy: VerifyPolicy | None = None,
         profile: Any | None = None,  # scheduler.profiler.ThroughputProfile
         estimator: Any | None = None,  # scheduler.acceptance.OnlineAcceptanceEstimator
+        gate: Any | None = None,  # scheduler.draft_gate.DraftGate
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.runner = runner
@@ -54,6 +55,7 @@ class LLMEngine:
         self.policy = policy
         self.profile = profile
         self.estimator = estimator
+        self.gate = gate
         self.clock = clock
 
     @property
@@ -93,7 +95,7 @@ class LLMEngine:
         spec = SpeculationStep()
         if self.proposer is not None:
             spec = attach_drafts(
-                plan, self.batcher, self.proposer, self.policy, self.estimator
+                plan, self.batcher, self.proposer, self.policy, self.estimator, self.gate
             )
         # update() moves the counters these read, so take them first.
         start_positions = [s.start_pos for s in plan.scheduled]
@@ -103,14 +105,20 @@ class LLMEngine:
         outputs = self.batcher.update(plan, result)
         self._feed_proposer(plan, result, start_positions)
         record_outcomes(plan, result, spec, self.estimator)
+        if self.gate is not None and spec.num_candidates and not spec.skipped:
+            self.gate.record(
+                spec.num_candidates, spec.draft_time_s, spec.num_draft_tokens, spec.num_accepted
+            )
         for out in outputs:
             if out.finished:
                 self._release(out.req_id)
         step_time_s = self.clock() - t0
         if self.profile is not None:
-            # The whole step, drafting included: that is what one more verified token costs
-            # the device, and it follows co-located load and context growth as they happen.
-            self.profile.observe(plan.num_tokens, step_time_s)
+            # The step without drafting: when verify lengths are chosen the drafting time is
+            # already spent, so what one more verified token costs is the rest of the step
+            # (the draft gate accounts for drafting separately). Real steps keep the curve
+            # current with co-located load and context growth.
+            self.profile.observe(plan.num_tokens, step_time_s - spec.draft_time_s)
         return outputs, self._stats(plan, result, spec, step_time_s, num_prefill_tokens)
 
     def _feed_proposer(self, plan: StepPlan, result: StepResult, start_positions: list[int]) -> None:
@@ -149,6 +157,7 @@ class LLMEngine:
             num_drafts=spec.num_drafts,
             num_draft_tokens=spec.num_draft_tokens,
             num_draft_tokens_proposed=spec.num_proposed,
+            draft_skipped=spec.skipped,
             num_accepted_tokens=spec.num_accepted,
             accepted_per_position=spec.accepted_per_position,
             verify_lengths=spec.verify_lengths,

@@ -29,6 +29,8 @@ class SpeculationStep:
 
     # (request, estimator features) per request that verifies drafts this step
     drafted: list[tuple[ScheduledRequest, list[float | None]]] = field(default_factory=list)
+    num_candidates: int = 0  # requests that could draft this step
+    skipped: bool = False  # the draft gate said no: nobody drafted
     num_proposed: int = 0
     draft_time_s: float = 0.0
     # Filled by record_outcomes():
@@ -48,6 +50,7 @@ def attach_drafts(
     proposer: Proposer,
     policy: Any,
     estimator: Any | None,
+    gate: Any | None = None,  # scheduler.draft_gate.DraftGate
 ) -> SpeculationStep:
     from drafts.base import DraftRequest
 
@@ -63,6 +66,11 @@ def attach_drafts(
     limits = [k for k in limits if k > 0]
     if not candidates:
         return step
+    step.num_candidates = len(candidates)
+    num_sampling = sum(1 for s in plan.scheduled if s.samples)
+    if gate is not None and not gate.should_draft(len(candidates), plan.num_tokens, num_sampling):
+        step.skipped = True
+        return step
     requests = [
         DraftRequest(s.req.req_id, s.req.all_token_ids, s.req.params, k)
         for s, k in zip(candidates, limits)
@@ -76,7 +84,6 @@ def attach_drafts(
     else:
         confidences = [[1.0] * len(ids) for ids in proposal.token_ids]
     step.num_proposed = sum(len(ids) for ids in proposal.token_ids)
-    num_sampling = sum(1 for s in plan.scheduled if s.samples)
     if policy is not None:
         lengths = policy.choose(confidences, plan.num_tokens, num_sampling)
     else:

@@ -104,6 +104,8 @@ class Metrics:
         self.accepted = counter("dspark_spec_decode_num_accepted_tokens", "Draft tokens accepted.")
         self.proposed = counter("dspark_spec_decode_num_proposed_tokens",
                                 "Draft tokens proposed before the verify policy trimmed them.")
+        self.draft_skipped = counter("dspark_spec_decode_draft_steps_skipped",
+                                     "Engine steps in which the draft gate skipped drafting.")
         self.accepted_per_pos = counter("dspark_spec_decode_num_accepted_tokens_per_pos",
                                         "Accepted draft tokens by draft position.", ["position"])
         verify_buckets = tuple(float(k) for k in range(max_spec_tokens + 1))
@@ -139,6 +141,8 @@ class Metrics:
             self.accepted.labels(m).inc(s.num_accepted_tokens)
             self.proposed.labels(m).inc(s.num_draft_tokens_proposed)
             self.verified_per_step.labels(m).observe(s.num_draft_tokens)
+        if s.draft_skipped:
+            self.draft_skipped.labels(m).inc()
         for j, n in enumerate(s.accepted_per_position):
             self.accepted_per_pos.labels(m, str(j)).inc(n)
         for k in s.verify_lengths:

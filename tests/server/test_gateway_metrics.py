@@ -83,6 +83,9 @@ def test_observe_step_maps_speculation_and_engine_stats() -> None:
     assert value("dspark_spec_decode_verified_positions_total", {**lbl, "position": "1"}) == 2
     assert value("dspark_throughput_profile_steps_per_second", {**lbl, "tokens": "64"}) == 25.0
     assert value("dspark_iteration_tokens_sum", lbl) == 12
+    assert value("dspark_spec_decode_draft_steps_skipped_total", lbl) in (None, 0.0)
+    m.observe_step(step(draft_skipped=True))
+    assert value("dspark_spec_decode_draft_steps_skipped_total", lbl) == 1
     assert value("dspark_scheduler_verified_tokens_per_step_sum", lbl) == 5
     assert value("dspark_num_preemptions_total", lbl) == 1
 

@@ -1,0 +1,74 @@
+"""The draft gate: draft only when the recent outcome says drafting pays (pure, no torch)."""
+
+from __future__ import annotations
+
+from scheduler.draft_gate import DraftGate
+
+
+class LinearCost:
+    """Step time = fixed + per_token * tokens (seconds)."""
+
+    def __init__(self, fixed: float, per_token: float) -> None:
+        self.fixed, self.per_token = fixed, per_token
+
+    def steps_per_second(self, num_tokens: int) -> float:
+        return 1.0 / (self.fixed + self.per_token * num_tokens)
+
+
+IDLE = LinearCost(0.012, 0.0002)  # a verified token costs almost nothing
+
+
+def test_drafts_until_it_has_seen_an_outcome() -> None:
+    gate = DraftGate(IDLE)
+    assert gate.should_draft(4, 4, 4)
+    assert not gate.should_draft(0, 4, 4)  # nobody could draft
+
+
+def test_a_drafter_that_is_rarely_accepted_stops_drafting_but_keeps_probing() -> None:
+    gate = DraftGate(IDLE, probe_every=8)
+    gate.record(num_candidates=1, draft_time_s=0.005, num_verified=7, num_accepted=0)
+    decisions = [gate.should_draft(1, 1, 1) for _ in range(20)]
+    # Skips 8 in a row, probes once, skips 8 again...
+    assert decisions[:9] == [False] * 8 + [True]
+    assert decisions[9:18] == [False] * 8 + [True]
+    assert gate.num_skipped == 18
+
+
+def test_a_good_drafter_drafts_when_idle() -> None:
+    gate = DraftGate(IDLE)
+    gate.record(num_candidates=1, draft_time_s=0.003, num_verified=7, num_accepted=4)
+    assert all(gate.should_draft(1, 1, 1) for _ in range(30))
+    assert gate.num_skipped == 0
+
+
+def test_the_same_drafter_pays_for_one_request_and_not_for_sixteen() -> None:
+    """1.2 accepted of 7 verified for 3 ms of drafting per request: worth it while the device
+    is nearly idle, a loss when every verified token slows a big batch."""
+    rising = LinearCost(0.012, 0.0004)
+    for n, expected in ((1, True), (16, False)):
+        gate = DraftGate(rising)
+        gate.record(
+            num_candidates=n,
+            draft_time_s=n * 0.003,
+            num_verified=n * 7,
+            num_accepted=round(n * 1.2),
+        )
+        assert gate.should_draft(n, n, n) is expected
+
+
+def test_draft_time_alone_can_make_drafting_a_loss() -> None:
+    """Verification is free here, so only the drafting time decides."""
+    free = LinearCost(0.012, 0.0)
+    cheap, dear = DraftGate(free), DraftGate(free)
+    cheap.record(1, 0.001, 7, 1)  # +1 token for +1 ms: pays
+    dear.record(1, 0.030, 7, 1)  # +1 token for +30 ms on a 12 ms step: does not
+    assert cheap.should_draft(1, 1, 1)
+    assert not dear.should_draft(1, 1, 1)
+
+
+def test_running_means_follow_new_outcomes() -> None:
+    gate = DraftGate(IDLE, ema=0.5)
+    gate.record(2, 0.004, 14, 0)
+    assert gate.means is not None and gate.means.accepted == 0.0
+    gate.record(2, 0.004, 14, 8)
+    assert gate.means.accepted == 2.0 and gate.means.verified == 7.0 and gate.means.draft_s == 0.002
