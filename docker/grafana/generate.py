@@ -326,6 +326,12 @@ def scheduling() -> Panel:
             [target(f"{rate(PROPOSED)} - {rate(DRAFT_TOKENS)}", "trimmed")],
             "short",
         ),
+        timeseries(
+            "Steps without drafting (draft gate) / s",
+            [target(rate("dspark_spec_decode_draft_steps_skipped_total"), "skipped")],
+            "short",
+            desc="Steps in which recent outcomes said drafting would not pay for its cost.",
+        ),
     ]
     return dashboard(
         "dspark-scheduling",
