@@ -106,11 +106,18 @@ async def chat(client: httpx.AsyncClient, base: str, *, stream: bool, max_tokens
 
 def metric(base: str, name: str) -> float | None:
     """One unlabelled-or-first sample of a metric from /metrics."""
+    return metrics(base, [name])[name]
+
+
+def metrics(base: str, names: list[str]) -> dict[str, float | None]:
+    """First samples of several metrics from one scrape (a consistent snapshot)."""
     text = httpx.get(base + "/metrics", timeout=10).text
+    out: dict[str, float | None] = dict.fromkeys(names)
     for line in text.splitlines():
-        if line.startswith((name + " ", name + "{")):
-            return float(line.rsplit(" ", 1)[1])
-    return None
+        for name in names:
+            if out[name] is None and line.startswith((name + " ", name + "{")):
+                out[name] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def rss_mb(base: str) -> float | None:

@@ -22,20 +22,24 @@ import time
 from typing import Any
 
 import httpx
-from gateway_load import Tally, chat, metric, rss_mb, spawn_server, wait_idle
+from gateway_load import Tally, chat, metric, metrics, rss_mb, spawn_server, wait_idle
 
 DEFAULT_SERVER = "--model fake --max-num-seqs 4 --max-queue 12"
 
 
 async def burst(base: str, capacity: int, factor: int, max_tokens: int) -> dict[str, Any]:
     tally = Tally()
-    max_waiting = 0.0
+    max_waiting = max_in_system = 0.0
     stop = asyncio.Event()
 
     async def watch_queue() -> None:
-        nonlocal max_waiting
+        nonlocal max_waiting, max_in_system
+        names = ["dspark_num_requests_waiting", "dspark_num_requests_running"]
         while not stop.is_set():
-            max_waiting = max(max_waiting, metric(base, "dspark_num_requests_waiting") or 0.0)
+            m = metrics(base, names)
+            waiting, running = (m[n] or 0.0 for n in names)
+            max_waiting = max(max_waiting, waiting)
+            max_in_system = max(max_in_system, waiting + running)
             await asyncio.sleep(0.05)
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -51,6 +55,7 @@ async def burst(base: str, capacity: int, factor: int, max_tokens: int) -> dict[
         idle_after_s = await wait_idle(base)
         recovered = (await chat(client, base, stream=False, max_tokens=4)).kind == "ok"
     return {**tally.summary(), "wall_s": round(wall, 2), "max_waiting_seen": max_waiting,
+            "max_in_system_seen": max_in_system,
             "idle_after_s": idle_after_s, "recovered": recovered}
 
 
