@@ -204,20 +204,13 @@ class TargetModel:
         scale = float(getattr(attn, "scaling", D**-0.5))
         gqa = H != KV
         g = batch.small
-        if g is not None and g.dense:  # no padding to add or remove
-            o = F.scaled_dot_product_attention(
-                q.view(g.num_slots, g.query_max, H, D).transpose(1, 2),
-                k_cache[: g.num_slots, :, : g.kv_max],
-                v_cache[: g.num_slots, :, : g.kv_max],
-                attn_mask=masks.small,
-                scale=scale,
-                enable_gqa=gqa,
-            )
-            return fused.o(o.transpose(1, 2).reshape(T, H * D).to(x.dtype))
         out = torch.empty_like(q)  # [T, heads, head_dim]
         if g is not None:
-            qp = q.new_zeros(g.num_slots, g.query_max, H, D)
-            qp[g.slot_ids, g.query_idx] = q[g.rows]
+            if g.dense:  # the packed rows already are the padded layout
+                qp = q.view(g.num_slots, g.query_max, H, D)
+            else:
+                qp = q.new_zeros(g.num_slots, g.query_max, H, D)
+                qp[g.slot_ids, g.query_idx] = q[g.rows]
             o = F.scaled_dot_product_attention(
                 qp.transpose(1, 2),  # [slots, heads, query_max, head_dim]
                 k_cache[: g.num_slots, :, : g.kv_max],
@@ -226,6 +219,8 @@ class TargetModel:
                 scale=scale,
                 enable_gqa=gqa,
             )
+            if g.dense:  # nothing to unpad and no long queries: done
+                return fused.o(o.transpose(1, 2).reshape(T, H * D).to(x.dtype))
             out[g.rows] = o.transpose(1, 2)[g.slot_ids, g.query_idx]
         for lq, long_mask in zip(batch.long, masks.long):
             rows = slice(lq.row_start, lq.row_start + lq.num_rows)
