@@ -18,6 +18,32 @@ from torch import nn
 from scheduler.linear import shared_frozen_linear
 
 
+@dataclass(frozen=True)
+class StsTable:
+    """Calibration of the DSpark confidence head, per draft position k:
+    c_k = sigmoid(z_k / T_k + b_k).
+
+    The paper's Sequential Temperature Scaling fits T_k alone. A temperature only stretches
+    the logits about zero, so it cannot fix a head whose confidences are off by a constant;
+    the offset b_k (Platt scaling) can, and keeps the ranking, as temperature scaling does.
+    Positions past the table use T = 1, b = 0 (the raw head).
+    """
+
+    temperatures: tuple[float, ...] = ()
+    offsets: tuple[float, ...] = ()  # empty: all 0, temperature-only STS
+
+    def __bool__(self) -> bool:
+        return bool(self.temperatures)
+
+    def apply(self, conf_logits: torch.Tensor) -> torch.Tensor:
+        """[..., gamma] raw head logits -> calibrated per-position confidences."""
+        g = conf_logits.shape[-1]
+        temps = [self.temperatures[k] if k < len(self.temperatures) else 1.0 for k in range(g)]
+        offs = [self.offsets[k] if k < len(self.offsets) else 0.0 for k in range(g)]
+        t = conf_logits.new_tensor(temps)
+        return torch.sigmoid(conf_logits / t + conf_logits.new_tensor(offs))
+
+
 @dataclass
 class DraftConfig:
     """Shape of a draft; the embedding/LM head dims must match the target's."""
@@ -38,18 +64,29 @@ class DraftConfig:
     markov_rank: int = 0  # DSpark sequential head rank; 0 = none (DFlash)
     confidence_head: bool = False
     qk_norm: bool = False  # Qwen3 per-head q/k RMSNorm
-    # STS temperatures for the confidence head, one per position (1.0 = uncalibrated).
+    # STS table of the confidence head (StsTable), one entry per position, fitted on sampled
+    # (temperature 1) rollouts; empty: uncalibrated.
     sts_temperatures: list[float] = field(default_factory=list)
-    # STS temperatures fitted on greedy (temperature 0) rollouts; empty: use sts_temperatures.
+    sts_offsets: list[float] = field(default_factory=list)
+    # The same fitted on greedy (temperature 0) rollouts; empty: use the sampled table.
     sts_temperatures_greedy: list[float] = field(default_factory=list)
+    sts_offsets_greedy: list[float] = field(default_factory=list)
     target_name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def sts_for(self, temperature: float) -> list[float]:
+    def sts_for(self, temperature: float) -> StsTable:
         """The STS table for a sampling temperature (acceptance differs between greedy and sampling)."""
         if temperature <= 0 and self.sts_temperatures_greedy:
-            return self.sts_temperatures_greedy
-        return self.sts_temperatures
+            return StsTable(tuple(self.sts_temperatures_greedy), tuple(self.sts_offsets_greedy))
+        return StsTable(tuple(self.sts_temperatures), tuple(self.sts_offsets))
+
+    def set_sts(self, temperature: float, table: StsTable) -> None:
+        if temperature <= 0:
+            self.sts_temperatures_greedy = list(table.temperatures)
+            self.sts_offsets_greedy = list(table.offsets)
+        else:
+            self.sts_temperatures = list(table.temperatures)
+            self.sts_offsets = list(table.offsets)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -195,17 +195,6 @@ def block_losses(
     return result
 
 
-def sts_apply(conf_logits: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
-    """Calibrated per-position confidences sigma(z_k / T_k); positions past the table use T=1."""
-    g = conf_logits.shape[-1]
-    t = torch.tensor(
-        [temperatures[k] if k < len(temperatures) else 1.0 for k in range(g)],
-        dtype=conf_logits.dtype,
-        device=conf_logits.device,
-    )
-    return torch.sigmoid(conf_logits / t)
-
-
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

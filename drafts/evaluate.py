@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from drafts.common import StsTable
 from drafts.offline import GenResult, speculative_generate
 from drafts.train.data import MATH_SUFFIX, data_dir, encode_chat, prompt_of, read_jsonl
 from drafts.train.sts import per_position_ece
@@ -58,9 +59,7 @@ def load(drafter: str, target: Any, checkpoint: str | None, gamma: int) -> Any:
     return mod.load_proposer(target, checkpoint, gamma)
 
 
-def summarize(
-    results: list[GenResult], gamma: int, sts_temps: list[float] | None
-) -> dict[str, Any]:
+def summarize(results: list[GenResult], gamma: int, sts: StsTable | None) -> dict[str, Any]:
     rounds = [r for res in results for r in res.rounds]
     n = max(len(rounds), 1)
     proposed = [sum(1 for r in rounds if r.proposed > k) for k in range(gamma)]
@@ -85,9 +84,9 @@ def summarize(
     if full:
         z = torch.tensor([r.conf_logits for r in full])
         a = torch.tensor([r.accepted for r in full])
-        out["calibration_error_before"] = per_position_ece(z, a, [1.0] * gamma)
-        if sts_temps:
-            out["calibration_error_after"] = per_position_ece(z, a, sts_temps)
+        out["calibration_error_before"] = per_position_ece(z, a, StsTable())
+        if sts:
+            out["calibration_error_after"] = per_position_ece(z, a, sts)
         out["calibration_rounds"] = len(full)
         # raw head outputs and outcomes, so a later STS table can be scored on the same rounds
         out["calibration_data"] = {"conf_logits": z.tolist(), "accepted": a.tolist()}
@@ -130,7 +129,7 @@ def evaluate(
     progress: Any = None,
 ) -> dict[str, Any]:
     proposer = load(drafter, target, checkpoint, gamma)
-    sts = list(proposer.cfg.sts_for(temperature)) or None
+    sts = proposer.cfg.sts_for(temperature) or None
     report: dict[str, Any] = {
         "drafter": drafter,
         "temperature": temperature,

@@ -16,7 +16,7 @@ from torch import nn
 
 from drafts.base import DraftProposal, DraftRequest
 from drafts.common import DraftConfig, FrozenTargetParts, filtered_probs, sample_from, target_parts
-from drafts.dspark import DSparkModel, sts_apply
+from drafts.dspark import DSparkModel
 from drafts.eagle3 import Eagle3Model
 from scheduler.linear import frozen_copy
 
@@ -211,8 +211,8 @@ class DSparkProposer(_FeatureProposer):
                 probs[i] = torch.stack(dists[r]).float()
             if z is not None:
                 self.last_conf_logits[req.req_id] = z[r, :k].float().tolist()
-                temps = self.cfg.sts_for(req.params.temperature)
-                confs[i] = sts_apply(z[r, :k].float(), temps).tolist()
+                table = self.cfg.sts_for(req.params.temperature)
+                confs[i] = table.apply(z[r, :k].float()).tolist()
 
     def _padded_context(
         self, states: list[_State], block: int

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from drafts.checkpoint import SHIPPED, draft_config, load_draft, save_draft
+from drafts.common import StsTable
 from drafts.train import data
 from drafts.train.trainer import METHODS, TrainConfig, cache_size_report, train
 
@@ -66,19 +67,18 @@ def calibrate(
     full = [r for x in res for r in x.rounds if r.conf_logits is not None and r.proposed == g]
     z = torch.tensor([r.conf_logits for r in full])
     a = torch.tensor([r.accepted for r in full])
-    temps = fit_sts(z, a)
-    if temperature <= 0:
-        cfg.sts_temperatures_greedy = temps
-    else:
-        cfg.sts_temperatures = temps
+    table = fit_sts(z, a)
+    cfg.set_sts(temperature, table)
     info = {
         "rounds": len(full),
         "temperature": temperature,
-        "sts_temperatures": temps,
+        "sts_temperatures": list(table.temperatures),
+        "sts_offsets": list(table.offsets),
         "prompts": len(prompts),
-        "ece_before": per_position_ece(z, a, [1.0] * g),
-        "ece_after": per_position_ece(z, a, temps),
-        "heldout_tau": summarize(res, g, temps)["tau"],
+        "ece_before": per_position_ece(z, a, StsTable()),
+        "ece_after": per_position_ece(z, a, table),
+        "ece_after_temperature_only": per_position_ece(z, a, fit_sts(z, a, offsets=False)),
+        "heldout_tau": summarize(res, g, table)["tau"],
     }
     save_draft(model, run / "train" / "dspark", extra={f"sts_T{temperature:g}": info})
     return info

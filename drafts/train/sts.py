@@ -1,16 +1,21 @@
 """Step 5: Sequential Temperature Scaling of the DSpark confidence head (dspark.md §2.2).
 
-Left to right over positions k = 1..gamma, grid-search a scalar temperature T_k so that the
-cumulative product prod_{i<=k} sigma(z_i / T_i) is calibrated (minimum ECE) against the observed
-prefix survival (drafts 1..k all accepted), with T_1..T_{k-1} already fixed.
+Left to right over positions k = 1..gamma, grid-search a temperature T_k and an offset b_k so
+that the cumulative product prod_{i<=k} sigma(z_i / T_i + b_i) is calibrated (minimum ECE)
+against the observed prefix survival (drafts 1..k all accepted), with positions 1..k-1 already
+fixed. The paper fits T_k alone; `offsets=False` does that. Why the offset: see StsTable.
 """
 
 from __future__ import annotations
 
 import torch
 
+from drafts.common import StsTable
+
 # 2^(i/8) for i in [-24, 40]: 0.125 ... 32, fine enough near 1
 GRID = [2.0 ** (i / 8) for i in range(-24, 41)]
+# -3 ... 3 in steps of 0.1 (a shift of the logit)
+OFFSET_GRID = [i / 10 for i in range(-30, 31)]
 
 
 def ece(prob: torch.Tensor, label: torch.Tensor, bins: int = 20) -> float:
@@ -31,32 +36,34 @@ def survival_labels(accepted: torch.Tensor, gamma: int) -> torch.Tensor:
 
 
 def per_position_ece(
-    conf_logits: torch.Tensor, accepted: torch.Tensor, temps: list[float]
+    conf_logits: torch.Tensor, accepted: torch.Tensor, table: StsTable
 ) -> list[float]:
-    """ECE of the cumulative survival estimate at each position under temperatures `temps`."""
+    """ECE of the cumulative survival estimate at each position under the STS `table`."""
     g = conf_logits.shape[1]
-    t = torch.tensor([temps[k] if k < len(temps) else 1.0 for k in range(g)])
-    cum = torch.sigmoid(conf_logits / t).cumprod(dim=1)
+    cum = table.apply(conf_logits).cumprod(dim=1)
     labels = survival_labels(accepted, g)
     return [ece(cum[:, k], labels[:, k]) for k in range(g)]
 
 
-def fit_sts(
-    conf_logits: torch.Tensor, accepted: torch.Tensor, grid: list[float] | None = None
-) -> list[float]:
+def fit_sts(conf_logits: torch.Tensor, accepted: torch.Tensor, offsets: bool = True) -> StsTable:
     """conf_logits [R, gamma] raw head outputs of R full-length rounds; accepted [R] drafts accepted."""
-    grid = grid or GRID
     g = conf_logits.shape[1]
     labels = survival_labels(accepted, g)
+    offset_grid = OFFSET_GRID if offsets else [0.0]
     temps: list[float] = []
+    offs: list[float] = []
     prefix = torch.ones(conf_logits.shape[0])
     for k in range(g):
-        best_t, best_e = 1.0, float("inf")
-        for t in grid:
-            e = ece(prefix * torch.sigmoid(conf_logits[:, k] / t), labels[:, k])
-            # prefer the temperature closest to 1 on ties (no change without evidence)
-            if e < best_e - 1e-12 or (abs(e - best_e) <= 1e-12 and abs(t - 1) < abs(best_t - 1)):
-                best_t, best_e = t, e
-        temps.append(best_t)
-        prefix = prefix * torch.sigmoid(conf_logits[:, k] / best_t)
-    return temps
+        best = (float("inf"), 0.0, 1.0, 0.0)  # (error, distance from the identity, T, b)
+        for t in GRID:
+            for b in offset_grid:
+                e = ece(prefix * torch.sigmoid(conf_logits[:, k] / t + b), labels[:, k])
+                # on ties prefer the table closest to the raw head (no change without evidence)
+                cand = (e, abs(t - 1) + abs(b), t, b)
+                if e < best[0] - 1e-12 or (abs(e - best[0]) <= 1e-12 and cand[1] < best[1]):
+                    best = cand
+        _, _, t, b = best
+        temps.append(t)
+        offs.append(b)
+        prefix = prefix * torch.sigmoid(conf_logits[:, k] / t + b)
+    return StsTable(tuple(temps), tuple(offs) if offsets else ())

@@ -1,18 +1,22 @@
-"""Sequential Temperature Scaling on synthetic rollouts with a known over-confident head."""
+"""Sequential Temperature Scaling on synthetic rollouts with a known miscalibrated head."""
 
 from __future__ import annotations
 
 import torch
 
+from drafts.common import DraftConfig, StsTable
 from drafts.train.sts import ece, fit_sts, per_position_ece
 
 
-def _rollouts(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rollouts(
+    n: int, seed: int, scale: float = 3.0, shift: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head logits = scale * (true logit) + shift; outcomes drawn from the true logits."""
     g = torch.Generator().manual_seed(seed)
     true_logit = torch.randn(n, 7, generator=g) * 1.5 + 1.0
     accept = torch.rand(n, 7, generator=g) < torch.sigmoid(true_logit)
     accepted = accept.long().cumprod(1).sum(1)
-    return true_logit * 3.0, accepted  # head is 3x over-confident
+    return true_logit * scale + shift, accepted
 
 
 def test_ece_is_zero_for_perfect_bins() -> None:
@@ -23,10 +27,50 @@ def test_ece_is_zero_for_perfect_bins() -> None:
 
 def test_sts_recovers_temperature_and_cuts_error() -> None:
     z, a = _rollouts(6000, 0)
-    temps = fit_sts(z, a)
-    assert abs(temps[0] - 3.0) < 0.6
+    table = fit_sts(z, a, offsets=False)
+    assert table.offsets == ()
+    assert abs(table.temperatures[0] - 3.0) < 0.6
     zt, at = _rollouts(6000, 1)  # held-out check
-    before = per_position_ece(zt, at, [1.0] * 7)
-    after = per_position_ece(zt, at, temps)
+    before = per_position_ece(zt, at, StsTable())
+    after = per_position_ece(zt, at, table)
     assert max(after) < 0.03
     assert sum(after) < 0.5 * sum(before)
+
+
+def test_offset_fixes_a_shifted_head_that_temperature_alone_cannot() -> None:
+    # z = 1.5 * true + 2: over-confident by a constant as well as by scale.
+    z, a = _rollouts(6000, 0, scale=1.5, shift=2.0)
+    temp_only, with_offset = fit_sts(z, a, offsets=False), fit_sts(z, a)
+    assert abs(with_offset.temperatures[0] - 1.5) < 0.4
+    assert abs(with_offset.offsets[0] + 2.0 / 1.5) < 0.4  # z / T + b = true logit
+    zt, at = _rollouts(6000, 1, scale=1.5, shift=2.0)
+    err_temp, err_offset = (
+        per_position_ece(zt, at, temp_only),
+        per_position_ece(zt, at, with_offset),
+    )
+    assert max(err_offset) < 0.03
+    assert err_offset[0] < 0.5 * err_temp[0]
+
+
+def test_the_table_of_each_sampling_mode_round_trips_through_the_config() -> None:
+    cfg = DraftConfig(
+        method="dspark",
+        hidden_size=8,
+        intermediate_size=16,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+        vocab_size=32,
+        num_layers=1,
+        aux_layer_ids=[0],
+    )
+    assert not cfg.sts_for(1.0)  # uncalibrated: the raw head
+    sampled, greedy = StsTable((2.0, 1.0), (-0.5, 0.0)), StsTable((0.5,), (1.0,))
+    cfg.set_sts(1.0, sampled)
+    assert cfg.sts_for(0.0) == sampled  # no greedy table yet: the sampled one
+    cfg.set_sts(0.0, greedy)
+    restored = DraftConfig.from_dict(cfg.to_dict())
+    assert restored.sts_for(0.7) == sampled and restored.sts_for(0.0) == greedy
+    z = torch.tensor([[1.0, 2.0, 3.0]])
+    expected = torch.sigmoid(torch.tensor([[1.0 / 2.0 - 0.5, 2.0, 3.0]]))
+    assert torch.allclose(sampled.apply(z), expected)
