@@ -106,22 +106,94 @@ class _FeatureProposer:
 
     @torch.no_grad()
     def propose(self, requests: Sequence[DraftRequest]) -> DraftProposal:
-        ids, probs, confs = [], [], []
-        for req in requests:
+        """All requests' drafts from batched draft forwards and batched LM-head products.
+
+        Drafting request by request cost one small forward each (most of it the full-vocab LM
+        head), so drafting grew linearly with the batch; batched, the weights are read once per
+        forward. Contexts of different lengths are right-padded and masked.
+        """
+        n = len(requests)
+        ids: list[list[int]] = [[] for _ in range(n)]
+        probs: list[torch.Tensor | None] = [None] * n
+        confs: list[list[float] | None] = [None] * n
+        ready = []
+        for i, req in enumerate(requests):
             st = self.states.setdefault(req.req_id, _State())
             k = max(0, min(req.num_draft_tokens, self.max_draft_tokens))
-            toks, prb, conf = self._draft(req, st, k) if k > 0 else ([], [], None)
-            ids.append(toks)
-            greedy = req.params.temperature <= 0 or not toks
-            probs.append(None if greedy else torch.stack(prb).float())  # type: ignore[arg-type]
-            confs.append(conf)
+            # No features for the whole context yet (e.g. mid-prefill): propose nothing.
+            if k > 0 and self._absorb(req, st):
+                ready.append((i, req, st, k))
+        if ready:
+            self._draft_batch(ready, ids, probs, confs)
         has_conf = any(c is not None for c in confs)
         return DraftProposal(ids, probs, [c or [] for c in confs] if has_conf else None)
 
-    def _draft(
-        self, req: DraftRequest, st: _State, k: int
-    ) -> tuple[list[int], list[torch.Tensor | None], list[float] | None]:
+    def _absorb(self, req: DraftRequest, st: _State) -> bool:
+        """Fold pending features into the request's draft cache; True when it covers the context."""
         raise NotImplementedError
+
+    def _draft_batch(
+        self,
+        ready: list[tuple[int, DraftRequest, _State, int]],
+        ids: list[list[int]],
+        probs: list[torch.Tensor | None],
+        confs: list[list[float] | None],
+    ) -> None:
+        """Fill ids/probs/confs at index i for each ready (i, request, state, k)."""
+        raise NotImplementedError
+
+    def _sample_step(
+        self,
+        logits: torch.Tensor,
+        ready: list[tuple[int, DraftRequest, _State, int]],
+        step: int,
+        dists: dict[int, list[torch.Tensor]],
+    ) -> torch.Tensor:
+        """[b, V] logits of one draft position -> [b] tokens: argmax, or a draw for sampling
+        requests (their distributions go to dists[row])."""
+        nxt = logits.argmax(-1)
+        for r, dist in dists.items():
+            _, req, st, k = ready[r]
+            if step < k:  # never draw past a request's k: its seeded generator must not drift
+                tok, q = self._sample(logits[r], req, st)
+                nxt[r] = tok
+                dist.append(cast(torch.Tensor, q))
+        return nxt
+
+    def _padded_context(
+        self, states: list[_State]
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+        """Per-layer context K/V stacked to [b, kv, C_max, hd], and [b, C_max] True where a key
+        is real (None when nothing is padded)."""
+        lens = [st.ctx_len for st in states]
+        if len(states) == 1:
+            return cast(list, states[0].kv), None  # nothing to pad: every key is visible
+        c_max = max(lens)
+        kv = []
+        for layer in range(len(cast(list, states[0].kv))):
+            ks = [cast(list, st.kv)[layer][0][0] for st in states]
+            vs = [cast(list, st.kv)[layer][1][0] for st in states]
+            kv.append((_stack_padded(ks, c_max), _stack_padded(vs, c_max)))
+        ctx_ok = (
+            torch.arange(c_max, device=self.device)[None, :]
+            < torch.tensor(lens, device=self.device)[:, None]
+        )
+        return kv, ctx_ok
+
+
+def _sampling_rows(
+    ready: list[tuple[int, DraftRequest, _State, int]],
+) -> dict[int, list[torch.Tensor]]:
+    """Rows of the ready batch that sample (not greedy), each with an empty distribution list."""
+    return {r: [] for r, (_, req, _, _) in enumerate(ready) if req.params.temperature > 0}
+
+
+def _attend_mask(ctx_ok: torch.Tensor | None, queries: int, own_keys: int) -> torch.Tensor | None:
+    """[b, 1, queries, C_max + own_keys]: real context keys plus every key of the draft itself."""
+    if ctx_ok is None:
+        return None
+    own = ctx_ok.new_ones(ctx_ok.shape[0], own_keys)
+    return torch.cat([ctx_ok, own], 1)[:, None, None, :].expand(-1, -1, queries, -1)
 
 
 class DSparkProposer(_FeatureProposer):
@@ -135,37 +207,14 @@ class DSparkProposer(_FeatureProposer):
         super().__init__(model, parts, num_speculative_tokens)
         self.last_conf_logits: dict[str, list[float]] = {}  # raw head outputs, for calibration
 
-    def _absorb(self, st: _State, anchor_pos: int) -> bool:
+    def _absorb(self, req: DraftRequest, st: _State) -> bool:
+        anchor_pos = len(req.token_ids) - 1
         start, feats = self._take_pending(st, anchor_pos)
         if feats is not None:
             pos = torch.arange(start, start + feats.shape[0], device=self.device)[None]
             st.kv = _append(st.kv, self.model.ctx_kv(self.model.context(feats[None]), pos))
             st.ctx_len = start + feats.shape[0]
         return st.ctx_len == anchor_pos and st.kv is not None
-
-    @torch.no_grad()
-    def propose(self, requests: Sequence[DraftRequest]) -> DraftProposal:
-        """All requests' blocks in one backbone forward and one LM-head product.
-
-        Drafting request by request cost one small forward each (most of it the full-vocab LM
-        head over the block), so drafting grew linearly with the batch; batched, the weights
-        are read once per step. Contexts of different lengths are right-padded and masked.
-        """
-        n = len(requests)
-        ids: list[list[int]] = [[] for _ in range(n)]
-        probs: list[torch.Tensor | None] = [None] * n
-        confs: list[list[float] | None] = [None] * n
-        ready = []
-        for i, req in enumerate(requests):
-            st = self.states.setdefault(req.req_id, _State())
-            k = max(0, min(req.num_draft_tokens, self.max_draft_tokens))
-            # No features for the whole context yet (e.g. mid-prefill): propose nothing.
-            if k > 0 and self._absorb(st, len(req.token_ids) - 1):
-                ready.append((i, req, st, k))
-        if ready:
-            self._draft_batch(ready, ids, probs, confs)
-        has_conf = any(c is not None for c in confs)
-        return DraftProposal(ids, probs, [c or [] for c in confs] if has_conf else None)
 
     def _draft_batch(
         self,
@@ -180,27 +229,20 @@ class DSparkProposer(_FeatureProposer):
         block = torch.full((b, g), self.cfg.mask_token_id, dtype=torch.long, device=dev)
         block[:, 0] = torch.tensor([int(req.token_ids[-1]) for _, req, _, _ in ready], device=dev)
         pos = anchors[:, None] + torch.arange(g, device=dev)
-        kv, mask = self._padded_context([st for _, _, st, _ in ready], g)
-        h = m.backbone(self.parts.embed(block), pos, kv, mask)  # [b, g, d]
+        kv, ctx_ok = self._padded_context([st for _, _, st, _ in ready])
+        h = m.backbone(self.parts.embed(block), pos, kv, _attend_mask(ctx_ok, g, g))  # [b, g, d]
         k_max = max(k for *_, k in ready)
         base = self.parts.logits(h[:, :k_max]).float()  # [b, k_max, V]
         prev = block[:, 0]
         prev_ids, toks = [], []
-        sampled = [r for r, (_, req, _, _) in enumerate(ready) if req.params.temperature > 0]
-        dists: dict[int, list[torch.Tensor]] = {r: [] for r in sampled}
+        dists: dict[int, list[torch.Tensor]] = _sampling_rows(ready)
         for j in range(k_max):
             prev_ids.append(prev)
             logits = base[:, j]
             bias = m.markov_bias(prev)  # the Markov head: depends on the token just drafted
             if bias is not None:
                 logits = logits + bias.float()
-            nxt = logits.argmax(-1)
-            for r in sampled:
-                _, req, st, k = ready[r]
-                if j < k:  # never draw past a request's k: its seeded generator must not drift
-                    tok, q = self._sample(logits[r], req, st)
-                    nxt[r] = tok
-                    dists[r].append(cast(torch.Tensor, q))
+            nxt = self._sample_step(logits, ready, j, dists)
             toks.append(nxt)
             prev = nxt
         tok_t = torch.stack(toks, 1).tolist()
@@ -213,29 +255,6 @@ class DSparkProposer(_FeatureProposer):
                 self.last_conf_logits[req.req_id] = z[r, :k].float().tolist()
                 table = self.cfg.sts_for(req.params.temperature)
                 confs[i] = table.apply(z[r, :k].float()).tolist()
-
-    def _padded_context(
-        self, states: list[_State], block: int
-    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
-        """Per-layer context K/V stacked to [b, kv, C_max, hd] and the mask that hides padding."""
-        lens = [st.ctx_len for st in states]
-        if len(states) == 1:
-            return cast(list, states[0].kv), None  # nothing to pad: every key is visible
-        c_max = max(lens)
-        kv = []
-        for layer in range(len(cast(list, states[0].kv))):
-            ks = [cast(list, st.kv)[layer][0][0] for st in states]
-            vs = [cast(list, st.kv)[layer][1][0] for st in states]
-            kv.append((_stack_padded(ks, c_max), _stack_padded(vs, c_max)))
-        ctx_ok = (
-            torch.arange(c_max, device=self.device)[None, :]
-            < torch.tensor(lens, device=self.device)[:, None]
-        )
-        own = torch.ones(len(states), block, dtype=torch.bool, device=self.device)
-        mask = torch.cat(
-            [ctx_ok[:, None, :].expand(-1, block, -1), own[:, None, :].expand(-1, block, -1)], 2
-        )
-        return kv, mask[:, None]  # [b, 1, block, C_max + block]
 
 
 def _stack_padded(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
@@ -269,29 +288,42 @@ class Eagle3Proposer(_FeatureProposer):
             st.last_out = out[:, -1:]
         return st.ctx_len == anchor_pos and st.last_out is not None
 
-    def _draft(
-        self, req: DraftRequest, st: _State, k: int
-    ) -> tuple[list[int], list[torch.Tensor | None], list[float] | None]:
-        if not self._absorb(req, st):
-            return [], [], None
-        assert st.kv is not None and st.last_out is not None
-        m = self.model
-        out, prefix = st.last_out, st.kv[0]
-        anchor_pos = len(req.token_ids) - 1
-        toks: list[int] = []
-        prb: list[torch.Tensor | None] = []
-        for j in range(k):
-            logits = self.parts.logits(m.norm(out)[0, 0]).float()
-            tok, q = self._sample(logits, req, st)
-            toks.append(tok)
-            prb.append(q)
-            if j == k - 1:
+    def _draft_batch(
+        self,
+        ready: list[tuple[int, DraftRequest, _State, int]],
+        ids: list[list[int]],
+        probs: list[torch.Tensor | None],
+        confs: list[list[float] | None],
+    ) -> None:
+        """The chains of all requests advance together: each draft position is one draft-layer
+        pass and one LM-head product for the whole batch."""
+        m, dev = self.model, self.device
+        states = [st for _, _, st, _ in ready]
+        (prefix,), ctx_ok = self._padded_context(states)
+        out = torch.cat([cast(torch.Tensor, st.last_out) for st in states])  # [b, 1, d]
+        anchors = torch.tensor([len(req.token_ids) - 1 for _, req, _, _ in ready], device=dev)
+        k_max = max(k for *_, k in ready)
+        dists = _sampling_rows(ready)
+        toks = []
+        for j in range(k_max):
+            logits = self.parts.logits(m.norm(out[:, 0])).float()  # [b, V]
+            nxt = self._sample_step(logits, ready, j, dists)
+            toks.append(nxt)
+            if j == k_max - 1:
                 break
-            pos = torch.tensor([[anchor_pos + j]], device=self.device)
-            emb = self.parts.embed(torch.tensor([[tok]], device=self.device))
-            out, kv = m.step(emb, out, pos, prefix, None)
+            out, kv = m.step(
+                self.parts.embed(nxt[:, None]),
+                out,
+                (anchors + j)[:, None],
+                prefix,
+                _attend_mask(ctx_ok, 1, j + 1),
+            )
             prefix = (torch.cat([prefix[0], kv[0]], 2), torch.cat([prefix[1], kv[1]], 2))
-        return toks, prb, None
+        tok_t = torch.stack(toks, 1).tolist()
+        for r, (i, _, _, k) in enumerate(ready):
+            ids[i] = tok_t[r][:k]
+            if r in dists:
+                probs[i] = torch.stack(dists[r]).float()
 
 
 def make_proposer(model: nn.Module, target: Any, num_speculative_tokens: int) -> _FeatureProposer:

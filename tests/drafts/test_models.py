@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from drafts.common import config_from_target, evenly_spaced_layers, filtered_probs, target_parts
@@ -143,14 +144,22 @@ def test_dspark_confidences_use_the_sts_table_of_the_sampling_mode(tiny_target) 
         prop.release("r")
 
 
-def test_dspark_drafts_a_batch_as_it_drafts_each_request_alone(tiny_target) -> None:  # type: ignore[no-untyped-def]
-    """One padded forward for the whole batch: same tokens, distributions and confidences as
-    drafting each request on its own, for contexts of different lengths and different k."""
+@pytest.mark.parametrize("method", ["dspark", "eagle3"])
+def test_drafts_a_batch_as_it_drafts_each_request_alone(tiny_target, method) -> None:  # type: ignore[no-untyped-def]
+    """Padded batched forwards for the whole batch: same tokens, distributions and confidences
+    as drafting each request on its own, for contexts of different lengths and different k."""
     from drafts.base import DraftRequest
 
-    model = _dspark(tiny_target)
-    with torch.no_grad():  # a non-zero Markov head, so its sequential bias is exercised too
-        model.markov_w2.weight.normal_(std=0.5)  # type: ignore[union-attr]
+    model: torch.nn.Module
+    if method == "dspark":
+        model = _dspark(tiny_target)
+        with torch.no_grad():  # a non-zero Markov head, so its sequential bias is exercised too
+            model.markov_w2.weight.normal_(std=0.5)  # type: ignore[union-attr]
+    else:
+        torch.manual_seed(0)
+        model = Eagle3Model(
+            config_from_target(tiny_target.config, "eagle3", aux_layer_ids=[0, 1, 2])
+        )
     prompts = [[1, 5, 9, 17, 33, 12, 7, 40], [1, 8, 8], [1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39]]
     params = [
         SamplingParams(temperature=0),
@@ -172,17 +181,18 @@ def test_dspark_drafts_a_batch_as_it_drafts_each_request_alone(tiny_target) -> N
     batched = proposer_with_context().propose(reqs)
     alone_prop = proposer_with_context()
     alone = [alone_prop.propose([r]) for r in reqs]
-    assert batched.confidences is not None
+    assert (batched.confidences is not None) == (method == "dspark")
     for i, one in enumerate(alone):
         assert len(batched.token_ids[i]) == ks[i]
         assert batched.token_ids[i] == one.token_ids[0]
-        assert one.confidences is not None
-        torch.testing.assert_close(
-            torch.tensor(batched.confidences[i]),
-            torch.tensor(one.confidences[0]),
-            atol=1e-5,
-            rtol=0,
-        )
+        if batched.confidences is not None:
+            assert one.confidences is not None
+            torch.testing.assert_close(
+                torch.tensor(batched.confidences[i]),
+                torch.tensor(one.confidences[0]),
+                atol=1e-5,
+                rtol=0,
+            )
         if params[i].temperature > 0:
             assert batched.probs is not None and one.probs is not None
             torch.testing.assert_close(batched.probs[i], one.probs[0], atol=1e-5, rtol=0)
