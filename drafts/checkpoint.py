@@ -20,13 +20,30 @@ SHIPPED = Path(__file__).resolve().parent / "checkpoints"
 
 
 def build_model(cfg: DraftConfig) -> nn.Module:
+    model: nn.Module
     if cfg.method == "eagle3":
         from drafts.eagle3 import Eagle3Model
 
-        return Eagle3Model(cfg)
-    from drafts.dspark import DSparkModel
+        model = Eagle3Model(cfg)
+    else:
+        from drafts.dspark import DSparkModel
 
-    return DSparkModel(cfg)
+        model = DSparkModel(cfg)
+    if cfg.draft_vocab_size:  # filled in by load_state_dict
+        model.register_buffer("draft_vocab", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+    return model
+
+
+def set_draft_vocab(model: nn.Module, token_ids: torch.Tensor) -> None:
+    """Store the draft vocabulary (sorted target token ids) with the draft's weights."""
+    ids = token_ids.to(torch.long).unique()  # sorted, no repeats
+    vocab_size = draft_config(model).vocab_size
+    if ids.numel() == 0 or int(ids[0]) < 0 or int(ids[-1]) >= vocab_size:
+        raise ValueError(
+            f"draft vocabulary ids must lie in the target's vocabulary [0, {vocab_size})"
+        )
+    model.register_buffer("draft_vocab", ids)
+    draft_config(model).draft_vocab_size = int(ids.numel())
 
 
 def save_draft(
@@ -39,7 +56,10 @@ def save_draft(
     cfg: DraftConfig = model.cfg  # type: ignore[assignment]
     if extra:
         cfg.extra.update(extra)
-    tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    tensors = {
+        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()
+        for k, v in model.state_dict().items()  # token ids stay integers
+    }
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(
         json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8"

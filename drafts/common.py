@@ -71,6 +71,9 @@ class DraftConfig:
     # The same fitted on greedy (temperature 0) rollouts; empty: use the sampled table.
     sts_temperatures_greedy: list[float] = field(default_factory=list)
     sts_offsets_greedy: list[float] = field(default_factory=list)
+    # Size of the draft vocabulary (a `draft_vocab` buffer of target token ids the drafter may
+    # propose; see drafts.vocab); 0: the target's whole vocabulary.
+    draft_vocab_size: int = 0
     target_name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 

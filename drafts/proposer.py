@@ -18,6 +18,7 @@ from drafts.base import DraftProposal, DraftRequest
 from drafts.common import DraftConfig, FrozenTargetParts, filtered_probs, sample_from, target_parts
 from drafts.dspark import DSparkModel
 from drafts.eagle3 import Eagle3Model
+from drafts.vocab import DraftHead
 from scheduler.linear import frozen_copy
 
 
@@ -48,14 +49,19 @@ def _append(
 
 
 class _FeatureProposer:
-    """Shared request bookkeeping. propose() drafts request by request through _draft();
-    DSparkProposer overrides it to draft the whole batch in one forward."""
+    """Shared request bookkeeping and the batch loop; subclasses fold features into their draft
+    cache (_absorb) and draft a ready batch (_draft_batch)."""
 
     def __init__(
-        self, model: nn.Module, parts: FrozenTargetParts, num_speculative_tokens: int
+        self,
+        model: nn.Module,
+        parts: FrozenTargetParts,
+        head: DraftHead,
+        num_speculative_tokens: int,
     ) -> None:
         self.model = model
         self.parts = parts
+        self.head = head
         self.cfg = cast(DraftConfig, model.cfg)
         self.aux_layer_ids: tuple[int, ...] = tuple(self.cfg.aux_layer_ids)
         self.max_draft_tokens = min(num_speculative_tokens, self.cfg.block_size)
@@ -149,8 +155,8 @@ class _FeatureProposer:
         step: int,
         dists: dict[int, list[torch.Tensor]],
     ) -> torch.Tensor:
-        """[b, V] logits of one draft position -> [b] tokens: argmax, or a draw for sampling
-        requests (their distributions go to dists[row])."""
+        """[b, V_draft] logits of one draft position -> [b] target token ids: argmax, or a draw
+        for sampling requests (their distributions, over the draft vocabulary, go to dists[row])."""
         nxt = logits.argmax(-1)
         for r, dist in dists.items():
             _, req, st, k = ready[r]
@@ -158,7 +164,7 @@ class _FeatureProposer:
                 tok, q = self._sample(logits[r], req, st)
                 nxt[r] = tok
                 dist.append(cast(torch.Tensor, q))
-        return nxt
+        return self.head.token_ids(nxt)
 
     def _padded_context(
         self, states: list[_State]
@@ -202,9 +208,13 @@ class DSparkProposer(_FeatureProposer):
     model: DSparkModel
 
     def __init__(
-        self, model: DSparkModel, parts: FrozenTargetParts, num_speculative_tokens: int
+        self,
+        model: DSparkModel,
+        parts: FrozenTargetParts,
+        head: DraftHead,
+        num_speculative_tokens: int,
     ) -> None:
-        super().__init__(model, parts, num_speculative_tokens)
+        super().__init__(model, parts, head, num_speculative_tokens)
         self.last_conf_logits: dict[str, list[float]] = {}  # raw head outputs, for calibration
 
     def _absorb(self, req: DraftRequest, st: _State) -> bool:
@@ -232,14 +242,14 @@ class DSparkProposer(_FeatureProposer):
         kv, ctx_ok = self._padded_context([st for _, _, st, _ in ready])
         h = m.backbone(self.parts.embed(block), pos, kv, _attend_mask(ctx_ok, g, g))  # [b, g, d]
         k_max = max(k for *_, k in ready)
-        base = self.parts.logits(h[:, :k_max]).float()  # [b, k_max, V]
+        base = self.head.logits(h[:, :k_max])  # [b, k_max, V_draft]
         prev = block[:, 0]
         prev_ids, toks = [], []
         dists: dict[int, list[torch.Tensor]] = _sampling_rows(ready)
         for j in range(k_max):
             prev_ids.append(prev)
             logits = base[:, j]
-            bias = m.markov_bias(prev)  # the Markov head: depends on the token just drafted
+            bias = self.head.markov_bias(m, prev)  # the Markov head: from the token just drafted
             if bias is not None:
                 logits = logits + bias.float()
             nxt = self._sample_step(logits, ready, j, dists)
@@ -250,7 +260,7 @@ class DSparkProposer(_FeatureProposer):
         for r, (i, req, _, k) in enumerate(ready):
             ids[i] = tok_t[r][:k]
             if r in dists:
-                probs[i] = torch.stack(dists[r]).float()
+                probs[i] = self.head.full(torch.stack(dists[r]).float())
             if z is not None:
                 self.last_conf_logits[req.req_id] = z[r, :k].float().tolist()
                 table = self.cfg.sts_for(req.params.temperature)
@@ -306,7 +316,7 @@ class Eagle3Proposer(_FeatureProposer):
         dists = _sampling_rows(ready)
         toks = []
         for j in range(k_max):
-            logits = self.parts.logits(m.norm(out[:, 0])).float()  # [b, V]
+            logits = self.head.logits(m.norm(out[:, 0]))  # [b, V_draft]
             nxt = self._sample_step(logits, ready, j, dists)
             toks.append(nxt)
             if j == k_max - 1:
@@ -323,15 +333,16 @@ class Eagle3Proposer(_FeatureProposer):
         for r, (i, _, _, k) in enumerate(ready):
             ids[i] = tok_t[r][:k]
             if r in dists:
-                probs[i] = torch.stack(dists[r]).float()
+                probs[i] = self.head.full(torch.stack(dists[r]).float())
 
 
 def make_proposer(model: nn.Module, target: Any, num_speculative_tokens: int) -> _FeatureProposer:
     emb = target.get_input_embeddings().weight
     model = model.to(device=emb.device, dtype=emb.dtype).eval()
+    head = DraftHead(model, target)
     model = frozen_copy(model)  # the drafter only runs forward: fastest weight layout
     parts = target_parts(target)
     if isinstance(model, Eagle3Model):
-        return Eagle3Proposer(model, parts, num_speculative_tokens)
+        return Eagle3Proposer(model, parts, head, num_speculative_tokens)
     assert isinstance(model, DSparkModel)
-    return DSparkProposer(model, parts, num_speculative_tokens)
+    return DSparkProposer(model, parts, head, num_speculative_tokens)

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from drafts.checkpoint import SHIPPED, draft_config, load_draft, save_draft
+from drafts.checkpoint import SHIPPED, draft_config, load_draft, save_draft, set_draft_vocab
 from drafts.common import StsTable
 from drafts.train import data
 from drafts.train.trainer import METHODS, TrainConfig, cache_size_report, train
+from drafts.vocab import frequent_tokens
 
 
 def _done(run: Path, step: str) -> bool:
@@ -113,6 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--markov-rank", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2, help="DFlash/DSpark backbone layers")
+    ap.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=8192,
+        help="draft vocabulary: the N most frequent answer tokens (0: the whole vocabulary)",
+    )
     ap.add_argument("--calib-prompts", type=int, default=24)
     ap.add_argument("--eval-limit", type=int, default=10)
     ap.add_argument("--eval-max-tokens", type=int, default=128)
@@ -188,6 +195,17 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"[4/6] trained: {json.dumps(summary)}")
         _mark(run, "train")
+
+    if args.draft_vocab and not _done(run, "vocab"):
+        vocab = frequent_tokens(
+            (r["answer_ids"] for r in data.read_jsonl(answers)), args.draft_vocab
+        )
+        for name in METHODS:
+            model = load_draft(run / "train" / name)
+            set_draft_vocab(model, vocab)
+            save_draft(model, run / "train" / name)
+        _mark(run, "vocab")
+        print(f"[4/6] draft vocabulary: the {len(vocab)} most frequent answer tokens")
 
     # STS per sampling mode: acceptance under greedy verification differs from sampling.
     for step, temp, name in (("sts", 1.0, "sts.json"), ("sts-greedy", 0.0, "sts_greedy.json")):

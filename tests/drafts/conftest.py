@@ -33,3 +33,9 @@ def _one_thread() -> None:
 @pytest.fixture
 def tiny_target() -> LlamaForCausalLM:
     return tiny_llama()
+
+
+@pytest.fixture
+def wide_vocab_target() -> LlamaForCausalLM:
+    """Token ids past 256, which bfloat16 cannot hold exactly."""
+    return tiny_llama(vocab=50_000, layers=3)
