@@ -31,6 +31,10 @@ class _State:
     generator: torch.Generator | None = None
 
 
+# A request that can draft this step: (its index in the batch, request, state, tokens to draft).
+_Ready = tuple[int, DraftRequest, _State, int]
+
+
 def _crop(
     kv: list[tuple[torch.Tensor, torch.Tensor]], n: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -140,7 +144,7 @@ class _FeatureProposer:
 
     def _draft_batch(
         self,
-        ready: list[tuple[int, DraftRequest, _State, int]],
+        ready: list[_Ready],
         ids: list[list[int]],
         probs: list[torch.Tensor | None],
         confs: list[list[float] | None],
@@ -151,7 +155,7 @@ class _FeatureProposer:
     def _sample_step(
         self,
         logits: torch.Tensor,
-        ready: list[tuple[int, DraftRequest, _State, int]],
+        ready: list[_Ready],
         step: int,
         dists: dict[int, list[torch.Tensor]],
     ) -> torch.Tensor:
@@ -188,7 +192,7 @@ class _FeatureProposer:
 
 
 def _sampling_rows(
-    ready: list[tuple[int, DraftRequest, _State, int]],
+    ready: list[_Ready],
 ) -> dict[int, list[torch.Tensor]]:
     """Rows of the ready batch that sample (not greedy), each with an empty distribution list."""
     return {r: [] for r, (_, req, _, _) in enumerate(ready) if req.params.temperature > 0}
@@ -228,7 +232,7 @@ class DSparkProposer(_FeatureProposer):
 
     def _draft_batch(
         self,
-        ready: list[tuple[int, DraftRequest, _State, int]],
+        ready: list[_Ready],
         ids: list[list[int]],
         probs: list[torch.Tensor | None],
         confs: list[list[float] | None],
@@ -300,7 +304,7 @@ class Eagle3Proposer(_FeatureProposer):
 
     def _draft_batch(
         self,
-        ready: list[tuple[int, DraftRequest, _State, int]],
+        ready: list[_Ready],
         ids: list[list[int]],
         probs: list[torch.Tensor | None],
         confs: list[list[float] | None],
