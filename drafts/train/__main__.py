@@ -68,6 +68,9 @@ def calibrate(
     full = [r for x in res for r in x.rounds if r.conf_logits is not None and r.proposed == g]
     z = torch.tensor([r.conf_logits for r in full])
     a = torch.tensor([r.accepted for r in full])
+    # kept, so a calibration method can be refitted and compared without new rollouts
+    rollouts = {"conf_logits": z.tolist(), "accepted": a.tolist()}
+    (run / f"sts_rollouts_T{temperature:g}.json").write_text(json.dumps(rollouts))
     table = fit_sts(z, a)
     cfg.set_sts(temperature, table)
     info = {
