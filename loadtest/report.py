@@ -338,12 +338,11 @@ def write_report(out: Path, slo: Slo | None = None) -> Path:
         )
     ]
     if loads:
+        cpus = os.cpu_count() or 1
+        contended = " (above the CPU count: other work competed with the server)"
         md += [
-            (
-                f"- Host 1-minute load average at the end of each point: {min(loads):.1f} to "
-                f"{max(loads):.1f} on {os.cpu_count()} CPUs (above the CPU count, other work "
-                "competed with the server)"
-            )
+            f"- Host 1-minute load average at the end of each point: {min(loads):.1f} to "
+            f"{max(loads):.1f} on {cpus} CPUs" + (contended if max(loads) > cpus else "")
         ]
     md += ["- Command(s):", "", "```"] + run.get("commands", []) + ["```", ""]
     md += [
