@@ -1,14 +1,15 @@
 """Step 5: Sequential Temperature Scaling of the DSpark confidence head (dspark.md §2.2).
 
-Left to right over positions k = 1..gamma, grid-search a temperature T_k and an offset b_k for
-the cumulative product prod_{i<=k} sigma(z_i / T_i + b_i) against the observed prefix survival
-(drafts 1..k all accepted), with positions 1..k-1 already fixed. Why the offset: see StsTable.
+Left to right over positions k = 1..gamma, grid-search a temperature T_k (and, where it helps,
+an offset b_k) for the cumulative product prod_{i<=k} sigma(z_i / T_i + b_i) against the
+observed prefix survival (drafts 1..k all accepted), with positions 1..k-1 already fixed. Why
+an offset: see StsTable.
 
 The paper picks T_k by minimum ECE. We minimise the log-loss instead and report ECE. On the
-embedded model's rollouts (18 prompts) an ECE-minimising grid search, with or without offsets,
-overfitted: fitted on half of the prompts it gave up to 20% error at position 1 on the other
-half. The log-loss is a proper scoring rule, so the fit keeps the head's ranking; it had the
-lowest held-out error (docs/drafts.md, "Calibration").
+embedded model's rollouts (18 prompts) an ECE-minimising grid search with offsets overfitted:
+fitted on half of the prompts, it gave up to 20% error at position 1 on the other half. The
+log-loss is a proper scoring rule, so the fit keeps the head's ranking. Whether to fit offsets
+at all is decided by held-out ECE (fit_sts with offsets=None).
 """
 
 from __future__ import annotations
@@ -51,8 +52,20 @@ def per_position_ece(
     return [ece(cum[:, k], labels[:, k]) for k in range(g)]
 
 
-def fit_sts(conf_logits: torch.Tensor, accepted: torch.Tensor, offsets: bool = True) -> StsTable:
-    """conf_logits [R, gamma] raw head outputs of R full-length rounds; accepted [R] drafts accepted."""
+def fit_sts(
+    conf_logits: torch.Tensor, accepted: torch.Tensor, offsets: bool | None = None
+) -> StsTable:
+    """conf_logits [R, gamma] raw head outputs of R full-length rounds; accepted [R] drafts accepted.
+
+    offsets=None fits them only where they calibrate unseen rounds better: 2-fold
+    cross-validation over the first and second half of the rounds (rollouts come in prompt
+    order, so the halves hold different prompts), scored by the mean per-position ECE. On the
+    embedded model's rollouts the offsets helped at temperature 1 and hurt at temperature 0.
+    """
+    if offsets is None:
+        offsets = _held_out_ece(conf_logits, accepted, True) < _held_out_ece(
+            conf_logits, accepted, False
+        )
     g = conf_logits.shape[1]
     labels = survival_labels(accepted, g)
     offset_grid = OFFSET_GRID if offsets else [0.0]
@@ -74,3 +87,15 @@ def fit_sts(conf_logits: torch.Tensor, accepted: torch.Tensor, offsets: bool = T
         offs.append(b)
         prefix = prefix * torch.sigmoid(conf_logits[:, k] / t + b)
     return StsTable(tuple(temps), tuple(offs) if offsets else ())
+
+
+def _held_out_ece(conf_logits: torch.Tensor, accepted: torch.Tensor, offsets: bool) -> float:
+    half = conf_logits.shape[0] // 2
+    first, second = slice(0, half), slice(half, None)
+    return sum(
+        sum(per_position_ece(conf_logits[test], accepted[test], fit_sts(z, a, offsets)))
+        for (z, a), test in (
+            ((conf_logits[first], accepted[first]), second),
+            ((conf_logits[second], accepted[second]), first),
+        )
+    )

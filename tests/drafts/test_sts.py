@@ -40,7 +40,7 @@ def test_sts_recovers_temperature_and_cuts_error() -> None:
 def test_offset_fixes_a_shifted_head_that_temperature_alone_cannot() -> None:
     # z = 1.5 * true + 2: over-confident by a constant as well as by scale.
     z, a = _rollouts(6000, 0, scale=1.5, shift=2.0)
-    temp_only, with_offset = fit_sts(z, a, offsets=False), fit_sts(z, a)
+    temp_only, with_offset = fit_sts(z, a, offsets=False), fit_sts(z, a, offsets=True)
     assert abs(with_offset.temperatures[0] - 1.5) < 0.4
     assert abs(with_offset.offsets[0] + 2.0 / 1.5) < 0.4  # z / T + b = true logit
     zt, at = _rollouts(6000, 1, scale=1.5, shift=2.0)
@@ -50,6 +50,8 @@ def test_offset_fixes_a_shifted_head_that_temperature_alone_cannot() -> None:
     )
     assert max(err_offset) < 0.03
     assert err_offset[0] < 0.5 * err_temp[0]
+    # left to choose, cross-validation keeps the offsets this head needs
+    assert fit_sts(z, a, offsets=None) == with_offset
 
 
 def test_the_table_of_each_sampling_mode_round_trips_through_the_config() -> None:
