@@ -170,6 +170,22 @@ class _FeatureProposer:
                 dist.append(cast(torch.Tensor, q))
         return self.head.token_ids(nxt)
 
+    def _write_drafts(
+        self,
+        ready: list[_Ready],
+        toks: list[torch.Tensor],
+        dists: dict[int, list[torch.Tensor]],
+        ids: list[list[int]],
+        probs: list[torch.Tensor | None],
+    ) -> None:
+        """Per-position [b] token tensors -> each request's first k drafts, and for sampling
+        requests the distributions they were drawn from, over the full vocabulary."""
+        tok_t = torch.stack(toks, 1).tolist()
+        for r, (i, _, _, k) in enumerate(ready):
+            ids[i] = tok_t[r][:k]
+            if r in dists:
+                probs[i] = self.head.full(torch.stack(dists[r]).float())
+
     def _padded_context(
         self, states: list[_State]
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
@@ -259,16 +275,14 @@ class DSparkProposer(_FeatureProposer):
             nxt = self._sample_step(logits, ready, j, dists)
             toks.append(nxt)
             prev = nxt
-        tok_t = torch.stack(toks, 1).tolist()
+        self._write_drafts(ready, toks, dists, ids, probs)
         z = m.conf_logits(h[:, :k_max], torch.stack(prev_ids, 1))
+        if z is None:  # DFlash: no confidence head
+            return
         for r, (i, req, _, k) in enumerate(ready):
-            ids[i] = tok_t[r][:k]
-            if r in dists:
-                probs[i] = self.head.full(torch.stack(dists[r]).float())
-            if z is not None:
-                self.last_conf_logits[req.req_id] = z[r, :k].float().tolist()
-                table = self.cfg.sts_for(req.params.temperature)
-                confs[i] = table.apply(z[r, :k].float()).tolist()
+            self.last_conf_logits[req.req_id] = z[r, :k].float().tolist()
+            table = self.cfg.sts_for(req.params.temperature)
+            confs[i] = table.apply(z[r, :k].float()).tolist()
 
 
 def _stack_padded(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
@@ -333,11 +347,7 @@ class Eagle3Proposer(_FeatureProposer):
                 _attend_mask(ctx_ok, 1, j + 1),
             )
             prefix = (torch.cat([prefix[0], kv[0]], 2), torch.cat([prefix[1], kv[1]], 2))
-        tok_t = torch.stack(toks, 1).tolist()
-        for r, (i, _, _, k) in enumerate(ready):
-            ids[i] = tok_t[r][:k]
-            if r in dists:
-                probs[i] = self.head.full(torch.stack(dists[r]).float())
+        self._write_drafts(ready, toks, dists, ids, probs)
 
 
 def make_proposer(model: nn.Module, target: Any, num_speculative_tokens: int) -> _FeatureProposer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from drafts.common import DraftConfig, StsTable
+from drafts.common import DraftConfig, StsTable, config_from_target
 from drafts.train.sts import ece, fit_sts, per_position_ece
 
 
@@ -54,18 +54,8 @@ def test_offset_fixes_a_shifted_head_that_temperature_alone_cannot() -> None:
     assert fit_sts(z, a, offsets=None) == with_offset
 
 
-def test_the_table_of_each_sampling_mode_round_trips_through_the_config() -> None:
-    cfg = DraftConfig(
-        method="dspark",
-        hidden_size=8,
-        intermediate_size=16,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=4,
-        vocab_size=32,
-        num_layers=1,
-        aux_layer_ids=[0],
-    )
+def test_the_table_of_each_sampling_mode_round_trips_through_the_config(tiny_target) -> None:  # type: ignore[no-untyped-def]
+    cfg = config_from_target(tiny_target.config, "dspark", aux_layer_ids=[0])
     assert not cfg.sts_for(1.0)  # uncalibrated: the raw head
     sampled, greedy = StsTable((2.0, 1.0), (-0.5, 0.0)), StsTable((0.5,), (1.0,))
     cfg.set_sts(1.0, sampled)
