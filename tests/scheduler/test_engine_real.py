@@ -7,7 +7,12 @@ import torch
 
 from scheduler.batching import ContinuousBatcher
 from scheduler.engine import LLMEngine
-from scheduler.model import TargetModel, build_packed_batch
+from scheduler.model import (
+    MATMUL_ATTENTION_MIN_ROWS,
+    TargetModel,
+    build_packed_batch,
+    grouped_query_attention,
+)
 from scheduler.request import Request, SamplingParams
 from scheduler.runner import TorchModelRunner
 
@@ -125,6 +130,40 @@ def test_decode_in_slot_order_equals_the_padded_path(target):
         logits_dense, _ = model.forward(dense)
         logits_padded, _ = model.forward(shuffled)  # rewrites the same KV entries
     torch.testing.assert_close(logits_dense, logits_padded[[1, 2, 0]], atol=1e-5, rtol=0)
+
+
+def test_many_short_queries_take_the_matmul_attention_and_match_transformers(target):
+    """4 slots x 4 appended tokens pass MATMUL_ATTENTION_MIN_ROWS: the verification shape under
+    load. Its logits must match transformers like the SDPA paths do."""
+    slots, new = 4, 4
+    assert slots * new >= MATMUL_ATTENTION_MIN_ROWS
+    model = TargetModel(target.hf_model, num_slots=slots, max_model_len=64)
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, model.vocab_size, (n + new,), generator=gen).tolist() for n in (11, 6, 20, 9)]
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        refs = [target.hf_model(torch.tensor([s])).logits[0, -new:].float() for s in seqs]
+        for slot, s in enumerate(seqs):
+            model.forward(build_packed_batch([(slot, 0, s[:-new])], [], cpu))
+        appends = [(slot, len(s) - new, s[-new:]) for slot, s in enumerate(seqs)]
+        logits, _ = model.forward(build_packed_batch(appends, list(range(slots * new)), cpu))
+    torch.testing.assert_close(logits, torch.cat(refs), atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4)])
+def test_grouped_query_attention_equals_sdpa(heads, kv_heads):
+    gen = torch.Generator().manual_seed(4)
+    b, m, length, d = 3, 5, 12, 16
+    q = torch.randn(b, heads, m, d, generator=gen)
+    k, v = (torch.randn(b, kv_heads, length, d, generator=gen) for _ in range(2))
+    allowed = torch.rand(b, 1, m, length, generator=gen) > 0.3
+    allowed[..., 0] = True  # every row sees at least one key
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=0.25, enable_gqa=heads != kv_heads
+    )
+    got = grouped_query_attention(q, k, v, mask, 0.25)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64])
