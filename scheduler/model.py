@@ -11,23 +11,27 @@ Layouts:
     k_cache, v_cache (each)   [layers, slots, kv_heads, max_model_len, head_dim]
 
 Attention pads only where it is cheap. Requests with few new tokens (decode, verification) are
-attended together over the view `cache[:, :num_slots]` with queries padded to the longest of
-them; long prefill chunks are attended one by one against their own cache row. Projections and
-the MLP always run on the packed tokens, so cost follows the tokens actually computed, and the
-LM head runs only on the rows that need logits.
+attended in groups of similar query length (1, 2, 3-4, 5-8, 9-16 tokens), each group's queries
+padded to its longest, so one request verifying 7 drafts does not pad every decode in the
+step to 8 queries (measured: 16 decodes + one 8-token verification, 44.4 ms as one padded
+group). A group attends over the view `cache[:, :span]` when it fills at least half of those
+slots, and over a gathered copy of its own slots' rows otherwise. Long prefill chunks are
+attended one by one against their own cache row. Projections and the MLP always run on the
+packed tokens, so cost follows the tokens actually computed, and the LM head runs only on the
+rows that need logits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from scheduler.linear import FrozenLinear, shared_frozen_linear
 
-# Requests with at most this many query tokens share one padded attention call.
+# Requests with at most this many query tokens are attended in padded groups (SmallGroup).
 SMALL_QUERY_MAX = 16
 # On CPU a short-query group of several slots is attended with batched matmuls
 # (grouped_query_attention) once it has this many padded query rows: SDPA's flash kernel tiles
@@ -36,21 +40,36 @@ SMALL_QUERY_MAX = 16
 # 4 slots x 2 tokens 18.9 -> 17.2 ms, 8 x 2 26.6 -> 22.8, 16 x 2 44.2 -> 36.6, 32 x 2 78.9 ->
 # 62.4, 32 x 1 47.2 -> 43.7; a lone request keeps SDPA (1 x 8: 15.0 vs 15.3 ms).
 MATMUL_ATTENTION_MIN_ROWS = 8
+# Cost model of _group_by_query_length, fitted to whole-step times of the embedded model on CPU
+# (units: one query row against one key): per attended entry, reading its keys and values
+# costs about 1.5 query rows; per call, ~40 us of fixed cost is ~800 units.
+ATTN_ENTRY_ROWS = 1.5
+ATTN_CALL_COST = 800.0
+
+
+# A short query: (slot, start position, number of tokens, first row in the packed batch).
+_Span = tuple[int, int, int, int]
 
 
 @dataclass
 class SmallGroup:
-    """Short-query requests attended together (decode and draft verification)."""
+    """Short-query requests of similar query length attended together in one padded call.
+
+    The call's batch has one entry per attended KV row: either the slots 0..num_entries-1 of
+    the cache (a view; entries of slots outside the group only see position 0) or, when
+    `gather_slots` is set, copies of just the group's own slots.
+    """
 
     rows: torch.Tensor  # [n] rows of the packed batch that belong to the group
-    slot_ids: torch.Tensor  # [n] KV slot of each row
+    entry_idx: torch.Tensor  # [n] batch entry of each row (its slot, or its gathered index)
     query_idx: torch.Tensor  # [n] index of each row within its request's query
-    num_slots: int  # attend over slots [0, num_slots)
+    num_entries: int
+    gather_slots: torch.Tensor | None  # [num_entries] slots to copy; None: the view
     query_max: int
     kv_max: int
-    mask: torch.Tensor  # [num_slots, 1, query_max, kv_max] bool, True = may attend
+    mask: torch.Tensor  # [num_entries, 1, query_max, kv_max] bool, True = may attend
     # The packed rows already are the padded query layout: every row of the step is in the
-    # group, slots 0..num_slots-1 in order, each with query_max rows (steady decode).
+    # group, slots 0..num_entries-1 in order, each with query_max rows (steady decode).
     dense: bool
 
 
@@ -71,7 +90,7 @@ class PackedBatch:
     positions: torch.Tensor  # [T] int64
     slot_ids: torch.Tensor  # [T] int64
     logits_rows: torch.Tensor  # [N] rows whose logits are needed
-    small: SmallGroup | None
+    small: list[SmallGroup]
     long: list[LongQuery]
 
 
@@ -84,7 +103,7 @@ class _AdditiveMasks:
                 ~mask, float("-inf")
             )
 
-        self.small = additive(batch.small.mask) if batch.small is not None else None
+        self.small = [additive(g.mask) for g in batch.small]
         self.long = [additive(lq.mask) for lq in batch.long]
 
 
@@ -210,31 +229,35 @@ class TargetModel:
         v_cache[batch.slot_ids, :, batch.positions] = v
         scale = float(getattr(attn, "scaling", D**-0.5))
         gqa = H != KV
-        g = batch.small
         out = torch.empty_like(q)  # [T, heads, head_dim]
-        if g is not None:
+        for g, small_mask in zip(batch.small, masks.small):
             if g.dense:  # the packed rows already are the padded layout
-                qp = q.view(g.num_slots, g.query_max, H, D)
+                qp = q.view(g.num_entries, g.query_max, H, D)
             else:
-                qp = q.new_zeros(g.num_slots, g.query_max, H, D)
-                qp[g.slot_ids, g.query_idx] = q[g.rows]
+                qp = q.new_zeros(g.num_entries, g.query_max, H, D)
+                qp[g.entry_idx, g.query_idx] = q[g.rows]
+            if g.gather_slots is None:
+                keys, values = (
+                    k_cache[: g.num_entries, :, : g.kv_max],
+                    v_cache[: g.num_entries, :, : g.kv_max],
+                )
+            else:
+                keys, values = (
+                    k_cache[g.gather_slots, :, : g.kv_max],
+                    v_cache[g.gather_slots, :, : g.kv_max],
+                )
             attend = (
                 grouped_query_attention
                 if self.device.type == "cpu"
-                and g.num_slots > 1
-                and g.num_slots * g.query_max >= MATMUL_ATTENTION_MIN_ROWS
+                and g.num_entries > 1
+                and g.num_entries * g.query_max >= MATMUL_ATTENTION_MIN_ROWS
                 else _sdpa
             )
-            o = attend(
-                qp.transpose(1, 2),  # [slots, heads, query_max, head_dim]
-                k_cache[: g.num_slots, :, : g.kv_max],
-                v_cache[: g.num_slots, :, : g.kv_max],
-                cast(torch.Tensor, masks.small),
-                scale,
-            )
-            if g.dense:  # nothing to unpad and no long queries: done
+            # [entries, heads, query_max, head_dim]
+            o = attend(qp.transpose(1, 2), keys, values, small_mask, scale)
+            if g.dense:  # nothing to unpad and nothing else in the step: done
                 return fused.o(o.transpose(1, 2).reshape(T, H * D).to(x.dtype))
-            out[g.rows] = o.transpose(1, 2)[g.slot_ids, g.query_idx]
+            out[g.rows] = o.transpose(1, 2)[g.entry_idx, g.query_idx]
         for lq, long_mask in zip(batch.long, masks.long):
             rows = slice(lq.row_start, lq.row_start + lq.num_rows)
             kv_len = lq.start_pos + lq.num_rows
@@ -248,6 +271,80 @@ class TargetModel:
             )
             out[rows] = o[0].transpose(0, 1)
         return fused.o(out.view(T, H * D).to(x.dtype))
+
+
+def _group_by_query_length(
+    spans: list[_Span],
+) -> list[list[_Span]]:
+    """Split short queries into attention groups of consecutive query lengths, at least cost.
+
+    Padding every query to the step's longest makes one verification of 7 drafts cost 8 query
+    rows in every slot; one call per length pays a call each. Exact minimum over the ways to
+    cut the distinct lengths into runs, under a cost model in units of one query row against
+    one key: a group attends kv_max keys for each of its entries, and an entry costs
+    ATTN_ENTRY_ROWS rows (reading its keys and values) plus its padded query rows; one more
+    when it is gathered rather than viewed (the copy); each call costs ATTN_CALL_COST.
+    """
+    lengths = sorted({n for _, _, n, _ in spans})
+    by_length = {n: [s for s in spans if s[2] == n] for n in lengths}
+    best: list[tuple[float, int]] = [(0.0, 0)]  # (cost of the first i lengths, start of last run)
+    for j in range(1, len(lengths) + 1):
+        options = []
+        for i in range(j):
+            members = [s for n in lengths[i:j] for s in by_length[n]]
+            options.append((best[i][0] + _attention_cost(members)[0], i))
+        best.append(min(options))
+    groups, j = [], len(lengths)
+    while j > 0:
+        i = best[j][1]
+        groups.append([s for s in spans if lengths[i] <= s[2] <= lengths[j - 1]])
+        j = i
+    return groups[::-1]
+
+
+def _attention_cost(spans: list[_Span]) -> tuple[float, bool]:
+    """Cost of attending `spans` in one call, in the units of _group_by_query_length, and
+    whether copying just their KV rows is cheaper than viewing every slot up to the last."""
+    query_max = max(n for _, _, n, _ in spans)
+    kv_max = max(start + n for _, start, n, _ in spans)
+    span_slots = max(slot for slot, _, _, _ in spans) + 1
+    view = span_slots * (ATTN_ENTRY_ROWS + query_max)
+    gather = len(spans) * (ATTN_ENTRY_ROWS + 1 + query_max)
+    return kv_max * min(view, gather) + ATTN_CALL_COST, gather < view
+
+
+def _small_group(spans: list[_Span], device: torch.device, whole_step: bool) -> SmallGroup:
+    """spans: (slot, start_pos, num_rows, first row) of the requests attended together."""
+    span_slots = max(slot for slot, _, _, _ in spans) + 1
+    query_max = max(n for _, _, n, _ in spans)
+    gather = _attention_cost(spans)[1]
+    num_entries = len(spans) if gather else span_slots
+    kv_max = max(start + n for _, start, n, _ in spans)
+    # Unused (entry, query) cells may attend position 0 only, so no row is all -inf (NaN).
+    mask = torch.zeros(num_entries, 1, query_max, kv_max, dtype=torch.bool)
+    mask[:, :, :, 0] = True
+    kv = torch.arange(kv_max)
+    rows: list[int] = []
+    entries: list[int] = []
+    query_idx: list[int] = []
+    for i, (slot, start, n, row0) in enumerate(spans):
+        entry = i if gather else slot
+        mask[entry, 0, :n] = kv[None, :] <= torch.arange(start, start + n)[:, None]
+        rows.extend(range(row0, row0 + n))
+        entries.extend([entry] * n)
+        query_idx.extend(range(n))
+    in_slot_order = [slot for slot, _, _, _ in spans] == list(range(span_slots))
+    return SmallGroup(
+        rows=torch.tensor(rows, device=device),
+        entry_idx=torch.tensor(entries, device=device),
+        query_idx=torch.tensor(query_idx, device=device),
+        num_entries=num_entries,
+        gather_slots=torch.tensor([s for s, _, _, _ in spans], device=device) if gather else None,
+        query_max=query_max,
+        kv_max=kv_max,
+        mask=mask.to(device),
+        dense=whole_step and in_slot_order and all(n == query_max for _, _, n, _ in spans),
+    )
 
 
 def _sdpa(
@@ -285,10 +382,7 @@ def build_packed_batch(
     input_ids: list[int] = []
     positions: list[int] = []
     slot_ids: list[int] = []
-    small_rows: list[int] = []
-    small_slots: list[int] = []
-    small_qidx: list[int] = []
-    small_spans: list[tuple[int, int, int]] = []  # (slot, start_pos, num_rows)
+    short: list[_Span] = []
     long: list[LongQuery] = []
     for slot, start, ids in queries:
         row0, n = len(input_ids), len(ids)
@@ -296,38 +390,15 @@ def build_packed_batch(
         positions.extend(range(start, start + n))
         slot_ids.extend([slot] * n)
         if n <= SMALL_QUERY_MAX:
-            small_rows.extend(range(row0, row0 + n))
-            small_slots.extend([slot] * n)
-            small_qidx.extend(range(n))
-            small_spans.append((slot, start, n))
+            short.append((slot, start, n, row0))
         else:
             q_pos = torch.arange(start, start + n)[:, None]
             mask = torch.arange(start + n)[None, :] <= q_pos
             long.append(LongQuery(row0, n, slot, start, mask.to(device)))
-    small = None
-    if small_spans:
-        num_slots = max(s for s, _, _ in small_spans) + 1
-        query_max = max(n for _, _, n in small_spans)
-        kv_max = max(start + n for _, start, n in small_spans)
-        # Unused (slot, query) cells may attend position 0 only, so no row is all -inf (NaN).
-        mask = torch.zeros(num_slots, 1, query_max, kv_max, dtype=torch.bool)
-        mask[:, :, :, 0] = True
-        kv = torch.arange(kv_max)
-        for slot, start, n in small_spans:
-            q_pos = torch.arange(start, start + n)[:, None]
-            mask[slot, 0, :n] = kv[None, :] <= q_pos
-        small = SmallGroup(
-            rows=torch.tensor(small_rows, device=device),
-            slot_ids=torch.tensor(small_slots, device=device),
-            query_idx=torch.tensor(small_qidx, device=device),
-            num_slots=num_slots,
-            query_max=query_max,
-            kv_max=kv_max,
-            mask=mask.to(device),
-            dense=not long
-            and [s for s, _, _ in small_spans] == list(range(num_slots))
-            and all(n == query_max for _, _, n in small_spans),
-        )
+    groups = _group_by_query_length(short)
+    small = [
+        _small_group(spans, device, whole_step=not long and len(groups) == 1) for spans in groups
+    ]
 
     def longs(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)

@@ -126,7 +126,7 @@ def test_decode_in_slot_order_equals_the_padded_path(target):
         in_order = [(slot, len(p) - 1, p[-1:]) for slot, p in enumerate(prompts)]
         dense = build_packed_batch(in_order, [0, 1, 2], cpu)
         shuffled = build_packed_batch([in_order[i] for i in (2, 0, 1)], [0, 1, 2], cpu)
-        assert dense.small.dense and not shuffled.small.dense
+        assert dense.small[0].dense and not shuffled.small[0].dense
         logits_dense, _ = model.forward(dense)
         logits_padded, _ = model.forward(shuffled)  # rewrites the same KV entries
     torch.testing.assert_close(logits_dense, logits_padded[[1, 2, 0]], atol=1e-5, rtol=0)
@@ -147,6 +147,34 @@ def test_many_short_queries_take_the_matmul_attention_and_match_transformers(tar
             model.forward(build_packed_batch([(slot, 0, s[:-new])], [], cpu))
         appends = [(slot, len(s) - new, s[-new:]) for slot, s in enumerate(seqs)]
         logits, _ = model.forward(build_packed_batch(appends, list(range(slots * new)), cpu))
+    torch.testing.assert_close(logits, torch.cat(refs), atol=LOGITS_ATOL, rtol=0)
+
+
+def test_mixed_verify_lengths_are_grouped_and_match_transformers(target):
+    """Twelve decodes and one 8-token verification in the last slot: the verification gets a
+    group of its own over a gathered copy of its KV row instead of padding every decode to 8
+    queries; the logits must not change."""
+    lengths = [1] * 12 + [8]
+    model = TargetModel(target.hf_model, num_slots=len(lengths), max_model_len=64)
+    gen = torch.Generator().manual_seed(5)
+    seqs = [
+        torch.randint(0, model.vocab_size, (5 + i + n,), generator=gen).tolist()
+        for i, n in enumerate(lengths)
+    ]
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        refs = [
+            target.hf_model(torch.tensor([s])).logits[0, -n:].float() for s, n in zip(seqs, lengths)
+        ]
+        for slot, (s, n) in enumerate(zip(seqs, lengths)):
+            model.forward(build_packed_batch([(slot, 0, s[:-n])], [], cpu))
+        appends = [(slot, len(s) - n, s[-n:]) for slot, (s, n) in enumerate(zip(seqs, lengths))]
+        batch = build_packed_batch(appends, list(range(sum(lengths))), cpu)
+        assert [(g.query_max, g.gather_slots is not None) for g in batch.small] == [
+            (1, False),
+            (8, True),
+        ]
+        logits, _ = model.forward(batch)
     torch.testing.assert_close(logits, torch.cat(refs), atol=LOGITS_ATOL, rtol=0)
 
 
