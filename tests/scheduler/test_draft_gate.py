@@ -25,13 +25,25 @@ def test_drafts_until_it_has_seen_an_outcome() -> None:
 
 
 def test_a_drafter_that_is_rarely_accepted_stops_drafting_but_keeps_probing() -> None:
-    gate = DraftGate(IDLE, probe_every=8)
+    gate = DraftGate(IDLE, probe_every=8, max_probe_every=32)
     gate.record(num_candidates=1, draft_time_s=0.005, num_verified=7, num_accepted=0)
-    decisions = [gate.should_draft(1, 1, 1) for _ in range(20)]
-    # Skips 8 in a row, probes once, skips 8 again...
-    assert decisions[:9] == [False] * 8 + [True]
-    assert decisions[9:18] == [False] * 8 + [True]
-    assert gate.num_skipped == 18
+    decisions = [gate.should_draft(1, 1, 1) for _ in range(140)]
+    # Skips 8 in a row and probes; each probe that changes nothing doubles the wait, to 32.
+    probes = [i for i, d in enumerate(decisions) if d]
+    assert probes == [8, 8 + 17, 25 + 33, 58 + 33, 91 + 33]
+    assert gate.num_skipped == 140 - len(probes)
+
+
+def test_a_verdict_to_draft_resets_the_wait_between_probes() -> None:
+    gate = DraftGate(IDLE, probe_every=4)
+    gate.record(num_candidates=1, draft_time_s=0.005, num_verified=7, num_accepted=0)
+    for _ in range(4 + 1 + 8 + 1):  # two probes: the wait is now 16
+        gate.should_draft(1, 1, 1)
+    assert gate.probe_interval == 16
+    for _ in range(10):  # the drafter turns good: drafting pays again
+        gate.record(num_candidates=1, draft_time_s=0.001, num_verified=7, num_accepted=6)
+    assert gate.should_draft(1, 1, 1)
+    assert gate.probe_interval == 4
 
 
 def test_a_good_drafter_drafts_when_idle() -> None:
