@@ -22,7 +22,7 @@ import torch
 from drafts.common import StsTable
 from drafts.offline import GenResult, speculative_generate
 from drafts.train.data import MATH_SUFFIX, data_dir, encode_chat, prompt_of, read_jsonl
-from drafts.train.sts import per_position_ece
+from drafts.train.sts import ece_noise_floor, per_position_ece
 from scheduler.request import SamplingParams
 
 SEED = 980406
@@ -87,6 +87,8 @@ def summarize(results: list[GenResult], gamma: int, sts: StsTable | None) -> dic
         out["calibration_error_before"] = per_position_ece(z, a, StsTable())
         if sts:
             out["calibration_error_after"] = per_position_ece(z, a, sts)
+        # what sampling noise alone gives on this many rounds, for the table in use
+        out["calibration_error_floor"] = ece_noise_floor(z, sts or StsTable())
         out["calibration_rounds"] = len(full)
         # raw head outputs and outcomes, so a later STS table can be scored on the same rounds
         out["calibration_data"] = {"conf_logits": z.tolist(), "accepted": a.tolist()}

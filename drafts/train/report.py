@@ -71,16 +71,23 @@ def write_table(run: Path) -> str:
     if cal:
         lines += [
             "",
-            "DSpark per-position calibration error (ECE of the cumulative confidence, before -> after STS):",
+            (
+                "DSpark per-position calibration error (ECE of the cumulative confidence, before ->"
+                " after STS; in brackets the floor a perfectly calibrated head would show on as"
+                " many rounds):"
+            ),
             "",
             "| T | dataset | " + " | ".join(f"k={k + 1}" for k in range(7)) + " |",
             "|---|---|" + "---|" * 7,
         ]
         for t, d, s in cal:
             after = s.get("calibration_error_after") or [None] * 7
+            floor = s.get("calibration_error_floor")
             cells = [
-                f"{_fmt(b, True)} -> {_fmt(a, True)}"
-                for b, a in zip(s["calibration_error_before"], after, strict=True)
+                f"{_fmt(b, True)} -> {_fmt(a, True)}" + (f" ({_fmt(f, True)})" if floor else "")
+                for b, a, f in zip(
+                    s["calibration_error_before"], after, floor or after, strict=True
+                )
             ]
             lines.append(f"| {t:g} | {d} | " + " | ".join(cells) + " |")
     sizes = ["", "| method | layers | draft params | checkpoint MB |", "|---|---|---|---|"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from drafts.common import DraftConfig, StsTable, config_from_target
-from drafts.train.sts import ece, fit_sts, per_position_ece
+from drafts.train.sts import ece, ece_noise_floor, fit_sts, per_position_ece
 
 
 def _rollouts(
@@ -35,6 +35,24 @@ def test_sts_recovers_temperature_and_cuts_error() -> None:
     after = per_position_ece(zt, at, table)
     assert max(after) < 0.03
     assert sum(after) < 0.5 * sum(before)
+
+
+def test_noise_floor_tells_a_calibrated_head_from_a_miscalibrated_one() -> None:
+    """A calibrated head measures near the floor, an over-confident one far above it, and the
+    floor itself shrinks like 1/sqrt(rounds)."""
+    z, a = _rollouts(400, 2, scale=1.0)  # head logits are the true logits: calibrated
+    floor = ece_noise_floor(z, StsTable(), draws=50)
+    measured = per_position_ece(z, a, StsTable())
+    assert floor[0] > 0.01  # 400 rounds cannot resolve a 1% error
+    assert measured[0] < 1.5 * floor[0]
+    over, a_over = _rollouts(400, 2, scale=3.0)
+    assert (
+        per_position_ece(over, a_over, StsTable())[0]
+        > 2 * ece_noise_floor(over, StsTable(), draws=50)[0]
+    )
+    big, _ = _rollouts(6400, 3, scale=1.0)
+    ratio = floor[0] / ece_noise_floor(big, StsTable(), draws=20)[0]
+    assert 2.5 < ratio < 6.5  # sqrt(6400 / 400) = 4
 
 
 def test_offset_fixes_a_shifted_head_that_temperature_alone_cannot() -> None:
