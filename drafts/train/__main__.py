@@ -50,7 +50,7 @@ def calibrate(
     model = load_draft(run / "train" / "dspark")
     cfg = draft_config(model)
     proposer = make_proposer(model, target, cfg.block_size)
-    prompts = [p for _, p in data.training_prompts(n_prompts // 3 + 1, offset=per_source)][
+    prompts = [p for _, p in data.calibration_prompts(n_prompts // 3 + 1, skip=per_source)][
         :n_prompts
     ]
     res = run_set(

@@ -52,28 +52,48 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+# mbpp splits by task id: train 601-974 (drafts train on it), validation 511-600 (held out for
+# calibration), test 11-510 (unused).
+MBPP_TRAIN = range(601, 975)
+MBPP_VALIDATION = range(511, 601)
+
+
 def training_prompts(per_source: int, seed: int = 42, offset: int = 0) -> list[tuple[str, str]]:
-    """(source, prompt) pairs, `per_source` from each of alpaca, gsm8k train and mbpp train.
-    `offset` skips that many per source (held-out prompts for calibration use offset=per_source)."""
+    """(source, prompt) pairs, `per_source` from each of alpaca, gsm8k train and mbpp train,
+    after skipping `offset` per source."""
+    return _prompts(per_source, seed, offset, MBPP_TRAIN)
+
+
+def calibration_prompts(per_source: int, skip: int, seed: int = 42) -> list[tuple[str, str]]:
+    """Held-out (source, prompt) pairs for STS: alpaca and gsm8k train after the `skip` that
+    training used, and mbpp's validation split. mbpp's train split has only 374 tasks, so a run
+    with 374 or more per source leaves none of it over; without the validation split such a run
+    calibrated on chat and math alone."""
+    return _prompts(per_source, seed, skip, MBPP_VALIDATION, mbpp_offset=0)
+
+
+def _prompts(
+    per_source: int, seed: int, offset: int, mbpp_ids: range, mbpp_offset: int | None = None
+) -> list[tuple[str, str]]:
     root = data_dir()
     rng = random.Random(seed)
     alpaca = json.loads((root / "alpaca" / "alpaca_5000.json").read_text(encoding="utf-8"))
     gsm = read_jsonl(root / "gsm8k" / "train.jsonl")
-    # mbpp's train split is task_id 601-974 (the test split 11-510 stays unseen).
-    mbpp = [r for r in read_jsonl(root / "mbpp" / "mbpp.jsonl") if 601 <= int(r["task_id"]) <= 974]
+    mbpp = [r for r in read_jsonl(root / "mbpp" / "mbpp.jsonl") if int(r["task_id"]) in mbpp_ids]
     out: list[tuple[str, str]] = []
-    for name, records, fmt in (
-        ("alpaca", alpaca, prompt_of),
-        ("gsm8k", gsm, lambda r: prompt_of(r) + MATH_SUFFIX),
+    for name, records, fmt, skip in (
+        ("alpaca", alpaca, prompt_of, offset),
+        ("gsm8k", gsm, lambda r: prompt_of(r) + MATH_SUFFIX, offset),
         (
             "mbpp",
             mbpp,
             lambda r: f"{r['text']}\nYour code should pass this test:\n{r['test_list'][0]}",
+            offset if mbpp_offset is None else mbpp_offset,
         ),
     ):
         picked = list(records)
         rng.shuffle(picked)
-        out.extend((name, fmt(r)) for r in picked[offset : offset + per_source])
+        out.extend((name, fmt(r)) for r in picked[skip : skip + per_source])
     return out
 
 

@@ -1,10 +1,10 @@
-"""Answer regeneration: resumable, batches alternate between prompt sources."""
+"""Prompt sets and answer regeneration (resumable, batches alternate between prompt sources)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from drafts.train.data import prompt_of, regenerate_answers
+from drafts.train.data import calibration_prompts, prompt_of, regenerate_answers, training_prompts
 
 
 class _CharTokenizer:
@@ -41,3 +41,14 @@ def test_prompt_fields() -> None:
     assert prompt_of({"instruction": "do", "input": "this"}) == "do\n\nthis"
     assert prompt_of({"question": "q"}) == "q"
     assert prompt_of({"prompt": "p"}) == "p"
+
+
+def test_calibration_prompts_cover_every_source_and_stay_out_of_training() -> None:
+    """With 700 training prompts per source mbpp's 374-task train split is used up; calibration
+    must still see code (from mbpp's validation split) and never a training prompt."""
+    per_source = 700
+    train = {p for _, p in training_prompts(per_source)}
+    calib = calibration_prompts(10, skip=per_source)
+    assert [s for s, _ in calib].count("mbpp") == 10
+    assert {s for s, _ in calib} == {"alpaca", "gsm8k", "mbpp"}
+    assert not train & {p for _, p in calib}
