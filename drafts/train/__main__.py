@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         default=8192,
         help="draft vocabulary: the N most frequent answer tokens (0: the whole vocabulary)",
     )
-    ap.add_argument("--calib-prompts", type=int, default=24)
+    ap.add_argument("--calib-prompts", type=int, default=96)
     ap.add_argument("--eval-limit", type=int, default=10)
     ap.add_argument("--eval-max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0)
