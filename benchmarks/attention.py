@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+from engine import median_time  # benchmarks/engine.py, beside this script
 
 import scheduler.model as model_module
 from scheduler.loader import load_target
@@ -55,16 +53,6 @@ def variant(name: str) -> Any:
 VARIANTS = ("sdpa, one group", "matmul, one group", "engine")
 
 
-def best_median(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -86,7 +74,7 @@ def main() -> None:
                 for v in VARIANTS:
                     with variant(v):
                         batch = build_packed_batch(queries, rows, model.device)
-                        t = best_median(lambda b=batch: model.forward(b), args.repeats)
+                        t = median_time(lambda b=batch: model.forward(b), args.repeats)
                     best[v] = min(best[v], t)
             ms = {v: 1e3 * t for v, t in best.items()}
             results.append({"shape": name, "context": context, **ms})
