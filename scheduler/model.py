@@ -11,14 +11,14 @@ Layouts:
     k_cache, v_cache (each)   [layers, slots, kv_heads, max_model_len, head_dim]
 
 Attention pads only where it is cheap. Requests with few new tokens (decode, verification) are
-attended in groups of similar query length (1, 2, 3-4, 5-8, 9-16 tokens), each group's queries
-padded to its longest, so one request verifying 7 drafts does not pad every decode in the
-step to 8 queries (measured: 16 decodes + one 8-token verification, 44.4 ms as one padded
-group). A group attends over the view `cache[:, :span]` when it fills at least half of those
-slots, and over a gathered copy of its own slots' rows otherwise. Long prefill chunks are
-attended one by one against their own cache row. Projections and the MLP always run on the
-packed tokens, so cost follows the tokens actually computed, and the LM head runs only on the
-rows that need logits.
+attended in groups of consecutive query lengths, each padded to its longest, with the cut
+chosen at least cost (_group_by_query_length), so one request verifying 7 drafts does not pad
+every decode in the step to 8 queries (`benchmarks/attention.py`: 15 decodes + one 8-token
+verification, 55.7 ms as one padded group under SDPA, 36.2 ms now). A group attends over the
+view `cache[:, :span]`, or over a gathered copy of its own rows when it owns few of those
+slots. Long prefill chunks are attended one by one against their own cache row. Projections
+and the MLP always run on the packed tokens, so cost follows the tokens actually computed, and
+the LM head runs only on the rows that need logits.
 """
 
 from __future__ import annotations

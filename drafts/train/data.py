@@ -61,7 +61,7 @@ MBPP_VALIDATION = range(511, 601)
 def training_prompts(per_source: int, seed: int = 42, offset: int = 0) -> list[tuple[str, str]]:
     """(source, prompt) pairs, `per_source` from each of alpaca, gsm8k train and mbpp train,
     after skipping `offset` per source."""
-    return _prompts(per_source, seed, offset, MBPP_TRAIN)
+    return _prompts(per_source, seed, offset, MBPP_TRAIN, mbpp_skip=offset)
 
 
 def calibration_prompts(per_source: int, skip: int, seed: int = 42) -> list[tuple[str, str]]:
@@ -69,11 +69,11 @@ def calibration_prompts(per_source: int, skip: int, seed: int = 42) -> list[tupl
     training used, and mbpp's validation split. mbpp's train split has only 374 tasks, so a run
     with 374 or more per source leaves none of it over; without the validation split such a run
     calibrated on chat and math alone."""
-    return _prompts(per_source, seed, skip, MBPP_VALIDATION, mbpp_offset=0)
+    return _prompts(per_source, seed, skip, MBPP_VALIDATION, mbpp_skip=0)
 
 
 def _prompts(
-    per_source: int, seed: int, offset: int, mbpp_ids: range, mbpp_offset: int | None = None
+    per_source: int, seed: int, skip: int, mbpp_ids: range, mbpp_skip: int
 ) -> list[tuple[str, str]]:
     root = data_dir()
     rng = random.Random(seed)
@@ -81,19 +81,19 @@ def _prompts(
     gsm = read_jsonl(root / "gsm8k" / "train.jsonl")
     mbpp = [r for r in read_jsonl(root / "mbpp" / "mbpp.jsonl") if int(r["task_id"]) in mbpp_ids]
     out: list[tuple[str, str]] = []
-    for name, records, fmt, skip in (
-        ("alpaca", alpaca, prompt_of, offset),
-        ("gsm8k", gsm, lambda r: prompt_of(r) + MATH_SUFFIX, offset),
+    for name, records, fmt, first in (
+        ("alpaca", alpaca, prompt_of, skip),
+        ("gsm8k", gsm, lambda r: prompt_of(r) + MATH_SUFFIX, skip),
         (
             "mbpp",
             mbpp,
             lambda r: f"{r['text']}\nYour code should pass this test:\n{r['test_list'][0]}",
-            offset if mbpp_offset is None else mbpp_offset,
+            mbpp_skip,
         ),
     ):
         picked = list(records)
         rng.shuffle(picked)
-        out.extend((name, fmt(r)) for r in picked[skip : skip + per_source])
+        out.extend((name, fmt(r)) for r in picked[first : first + per_source])
     return out
 
 
