@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from drafts.train.data import encode_chat
 from loadtest.prompts import load_mix
 from scheduler.build import assemble_engine
 from scheduler.config import EngineConfig
@@ -120,14 +121,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_target(EngineConfig().model, dtype="auto")
-    tok = loaded.tokenizer
     prompts = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": p.chat}], add_generation_prompt=True, tokenize=True
-        )
+        encode_chat(loaded.tokenizer, p.chat)
         for p in load_mix(args.mix, max_chars=args.prompt_max_chars)
     ]
-    prompts = [p if isinstance(p, list) else p["input_ids"] for p in prompts]
     results = []
     for rate in (float(r) for r in args.rates.split(",")):
         for config in args.configs.split(","):

@@ -82,12 +82,11 @@ def write_table(run: Path) -> str:
         ]
         for t, d, s in cal:
             after = s.get("calibration_error_after") or [None] * 7
-            floor = s.get("calibration_error_floor")
+            floor = s.get("calibration_error_floor") or [None] * 7  # older runs lack it
             cells = [
-                f"{_fmt(b, True)} -> {_fmt(a, True)}" + (f" ({_fmt(f, True)})" if floor else "")
-                for b, a, f in zip(
-                    s["calibration_error_before"], after, floor or after, strict=True
-                )
+                f"{_fmt(b, True)} -> {_fmt(a, True)}"
+                + (f" ({_fmt(f, True)})" if f is not None else "")
+                for b, a, f in zip(s["calibration_error_before"], after, floor, strict=True)
             ]
             lines.append(f"| {t:g} | {d} | " + " | ".join(cells) + " |")
     sizes = ["", "| method | layers | draft params | checkpoint MB |", "|---|---|---|---|"]
