@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from drafts.base import DraftProposal, DraftRequest
+from scheduler.drafter import DraftProposal, DraftRequest
 
 
 @dataclass

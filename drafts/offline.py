@@ -1,6 +1,6 @@
 """Batch-1 speculative decoding with the HF target, DeepSpec-evaluator style (dspark.md §1.6, §4.3).
 
-Runs any drafts.base.Proposer without the serving engine: prefill, then rounds of
+Runs any scheduler.drafter.Proposer without the serving engine: prefill, then rounds of
 propose -> one target forward over [anchor, drafts] -> lossless rejection sampling -> commit.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from drafts.base import DraftRequest
+from scheduler.drafter import DraftRequest
 from drafts.common import filtered_probs, sample_from
 from scheduler.request import SamplingParams
 

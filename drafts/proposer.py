@@ -1,4 +1,4 @@
-"""Engine-facing proposers for the trained drafts (the drafts.base.Proposer protocol).
+"""Engine-facing proposers for the trained drafts (the scheduler.drafter.Proposer protocol).
 
 Per request the proposer keeps the draft's own KV cache of committed context. Target features
 arrive through observe() (possibly several chunks between two propose() calls); they are folded
@@ -14,7 +14,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from drafts.base import DraftProposal, DraftRequest
+from scheduler.drafter import DraftProposal, DraftRequest
 from drafts.common import DraftConfig, FrozenTargetParts, filtered_probs, sample_from, target_parts
 from drafts.dspark import DSparkModel
 from drafts.eagle3 import Eagle3Model

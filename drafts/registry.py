@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from drafts.base import Proposer
+    from scheduler.drafter import Proposer
 
 # factory(target_hf_model, checkpoint_path_or_None, num_speculative_tokens) -> Proposer
 Factory = Callable[[Any, "str | None", int], "Proposer"]

@@ -20,7 +20,7 @@ from scheduler.speculation import SpeculationStep, attach_drafts, record_outcome
 from scheduler.stats import StepStats
 
 if TYPE_CHECKING:
-    from drafts.base import Proposer
+    from scheduler.drafter import Proposer
     from scheduler.config import EngineConfig
     from scheduler.runner import ModelRunner
 
@@ -61,6 +61,11 @@ class LLMEngine:
     @property
     def max_model_len(self) -> int:
         return self.batcher.max_model_len
+
+    @property
+    def num_kv_slots(self) -> int:
+        """Requests the engine keeps resident at once."""
+        return self.batcher.kv.num_slots
 
     @property
     def fault_hook(self) -> FaultHook | None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from scheduler.plan import ScheduledRequest, StepPlan, StepResult
 
 if TYPE_CHECKING:
-    from drafts.base import Proposer
+    from scheduler.drafter import Proposer
     from scheduler.batching import ContinuousBatcher
 
 
@@ -52,7 +52,7 @@ def attach_drafts(
     estimator: Any | None,
     gate: Any | None = None,  # scheduler.draft_gate.DraftGate
 ) -> SpeculationStep:
-    from drafts.base import DraftRequest
+    from scheduler.drafter import DraftRequest
 
     t0 = time.perf_counter()
     step = SpeculationStep()

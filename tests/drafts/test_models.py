@@ -122,7 +122,7 @@ def test_proposers_return_what_they_sampled_and_stay_lossless(tiny_target) -> No
 
 
 def test_dspark_confidences_use_the_sts_table_of_the_sampling_mode(tiny_target) -> None:  # type: ignore[no-untyped-def]
-    from drafts.base import DraftRequest
+    from scheduler.drafter import DraftRequest
 
     model = _dspark(tiny_target)
     model.cfg.sts_temperatures = [2.0] * 7
@@ -148,7 +148,7 @@ def test_dspark_confidences_use_the_sts_table_of_the_sampling_mode(tiny_target) 
 def test_drafts_a_batch_as_it_drafts_each_request_alone(tiny_target, method) -> None:  # type: ignore[no-untyped-def]
     """Padded batched forwards for the whole batch: same tokens, distributions and confidences
     as drafting each request on its own, for contexts of different lengths and different k."""
-    from drafts.base import DraftRequest
+    from scheduler.drafter import DraftRequest
 
     model: torch.nn.Module
     if method == "dspark":

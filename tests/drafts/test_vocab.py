@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drafts.base import DraftRequest
+from scheduler.drafter import DraftRequest
 from drafts.checkpoint import load_draft, save_draft, set_draft_vocab
 from drafts.common import config_from_target
 from drafts.dspark import DSparkModel

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from drafts.base import DraftProposal, DraftRequest
+from scheduler.drafter import DraftProposal, DraftRequest
 from scheduler.sampling import process_logits
 
 
