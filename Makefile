@@ -18,11 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# DSpark drafting with confidence-scheduled verification is the shipped default.
-SERVE_ARGS ?= --speculative dspark --verify-policy dspark
-
+# The engine's defaults (scheduler/config.py) are the shipped configuration, the same one the
+# Docker images and compose serve; ARGS overrides them: make serve ARGS="--speculative dspark"
 serve: $(STAMP)
-	$(PY) -m server $(SERVE_ARGS) $(ARGS)
+	$(PY) -m server $(ARGS)
 
 # The deploy tests need Debian's prometheus package (promtool and a real server).
 test: $(STAMP)

@@ -1,29 +1,54 @@
-"""Engine configuration: one frozen dataclass, built once by server/settings.py (or tests)."""
+"""Engine configuration: one frozen dataclass, the one home of the engine's defaults.
+
+`python -m server` turns every field into a flag (`--max-num-seqs`) with an environment twin
+(`DSPARK_MAX_NUM_SEQS`), using each field's `help` metadata. `make serve`, the Docker images and
+compose override none of these defaults (the images only point `cache_dir` at the model they
+baked in), so every way of starting the server serves the same configuration unless a user
+asks otherwise.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 # The embedded default model (see scheduler/loader.py); defined here so that reading the
 # configuration never imports torch.
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
 
+def _option(default: Any, help: str) -> Any:
+    """A field with the help text its command-line flag shows."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str = DEFAULT_MODEL  # HF folder, .gguf file, hub id (online only), or "fake"
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    max_num_seqs: int = 16  # KV slots = requests resident at once
-    max_model_len: int = 2048  # prompt + output tokens per request
-    max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decode + drafts)
-    speculative: str = "none"  # drafter name in drafts/registry.py
-    num_speculative_tokens: int = 7  # gamma: tokens drafted per request per step
-    verify_policy: str = "fixed"  # none | fixed | dspark | dspark-production
-    draft_checkpoint: str | None = None  # None: the drafter's shipped default
-    cache_dir: str | None = None  # converted-model cache; None: $DSPARK_CACHE_DIR or ~/.cache
-    seed: int = 0  # seeds requests that bring no seed of their own
-    profile_on_start: bool = True  # measure the throughput profile before serving
+    model: str = _option(
+        DEFAULT_MODEL, "HF folder, .gguf file, hub id (online only), embedded:NAME, 'fake' (tests)"
+    )
+    device: str = _option("auto", "auto | cpu | cuda")
+    dtype: str = _option("auto", "auto | float32 | bfloat16 | float16")
+    max_num_seqs: int = _option(16, "requests decoded at once (KV slots)")
+    max_model_len: int = _option(2048, "prompt + output tokens per request")
+    max_num_batched_tokens: int = _option(
+        512, "token budget of one engine step (prefill chunks + decode + drafts)"
+    )
+    speculative: str = _option("ngram", "drafter that proposes tokens for the target to verify")
+    num_speculative_tokens: int = _option(7, "draft tokens proposed per request per step (gamma)")
+    verify_policy: str = _option(
+        "dspark", "how many drafts to verify: none | fixed | dspark | dspark-production"
+    )
+    draft_checkpoint: str | None = _option(
+        None, "draft head checkpoint (default: the drafter's shipped one)"
+    )
+    cache_dir: str | None = _option(
+        None, "converted-model cache (default: $DSPARK_CACHE_DIR or ~/.cache/dspark-serve)"
+    )
+    seed: int = _option(0, "seed for requests that bring none")
+    profile_on_start: bool = _option(
+        True, "measure the throughput profile before serving (the dspark policies weigh it)"
+    )
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -28,9 +28,9 @@ EXIT_ENGINE_FAILED = 1
 def _engine_factory(settings: ServerSettings):  # type: ignore[no-untyped-def]
     def build():  # type: ignore[no-untyped-def]
         # The only path from the gateway into torch: the engine builder, in a worker thread.
-        from scheduler.engine import build_engine
+        from scheduler.build import build_engine
 
-        return build_engine(settings.engine_config())
+        return build_engine(settings.engine)
 
     return build
 

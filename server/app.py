@@ -1,4 +1,4 @@
-"""FastAPI application: state, lifespan (load -> warm up -> serve -> drain), guards.
+"""FastAPI application: lifespan (load -> warm up -> serve -> drain) and guards.
 
 The HTTP listener comes up at once; the model loads in the background so `/health` (liveness)
 answers 200 during a long load while `/ready` and `/v1/*` answer 503 until the engine thread
@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
@@ -26,29 +25,15 @@ from scheduler.request import SamplingParams
 from server.engine_client import AsyncEngineClient, ThreadFactory
 from server.errors import APIError, error_response, install_error_handlers, overloaded
 from server.metrics import Metrics
+from server.routes import router
 from server.settings import ServerSettings
+from server.state import AppState
 from server.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
 
 MONITOR_INTERVAL_S = 0.2
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-
-
-@dataclass
-class AppState:
-    settings: ServerSettings
-    metrics: Metrics
-    engine_factory: Callable[[], Any]
-    thread_factory: ThreadFactory
-    on_fatal: Callable[[str], None] | None = None
-    client: AsyncEngineClient | None = None
-    tokenizer: ChatTokenizer | None = None
-    model_name: str = ""
-    max_model_len: int = 0
-    ready: bool = False
-    fatal: str | None = None  # why the server can no longer serve (load failure, engine death)
-    created: int = field(default_factory=lambda: int(time.time()))
 
 
 def default_thread_factory(engine: Any, on_step: Any) -> Any:
@@ -65,12 +50,11 @@ def create_app(
     on_fatal: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """`engine_factory` builds (or returns) an LLMEngine; it runs in a worker thread."""
-    from server.routes import router
-
+    engine_config = settings.engine
     metrics = Metrics(
-        settings.served_model_name or settings.model or "default",
-        max_model_len=settings.max_model_len,
-        max_spec_tokens=max(settings.num_speculative_tokens, 1),
+        settings.served_model_name or engine_config.model,
+        max_model_len=engine_config.max_model_len,
+        max_spec_tokens=max(engine_config.num_speculative_tokens, 1),
     )
     state = AppState(
         settings, metrics, engine_factory, thread_factory or default_thread_factory, on_fatal
@@ -114,7 +98,7 @@ async def _load_and_watch(state: AppState) -> None:
             engine,
             state.metrics,
             state.thread_factory,
-            max_running=_num_slots(engine, s.max_num_seqs),
+            max_running=engine.num_kv_slots,
             max_queue=s.max_queue,
         )
         client.start()
@@ -139,12 +123,6 @@ async def _load_and_watch(state: AppState) -> None:
     log.error("engine thread died: %r", err)
     client.fail_all("the engine stopped unexpectedly")
     _die(state, "engine thread died")
-
-
-def _num_slots(engine: Any, default: int) -> int:
-    """Requests the engine runs at once (its KV slots); the settings value if it won't say."""
-    kv = getattr(getattr(engine, "batcher", None), "kv", None)
-    return int(getattr(kv, "num_slots", default))
 
 
 async def _warmup(state: AppState, client: AsyncEngineClient) -> None:

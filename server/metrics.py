@@ -92,7 +92,6 @@ class Metrics:
         self.kv_usage = gauge("dspark_kv_cache_usage_perc", "Fraction of KV slots in use (0-1).")
         self.prompt_tokens = counter("dspark_prompt_tokens", "Prompt tokens prefilled.")
         self.gen_tokens = counter("dspark_generation_tokens", "Tokens generated.")
-        self.preemptions = counter("dspark_num_preemptions", "Engine preemptions.")
         self.success = counter("dspark_request_success", "Finished engine requests.",
                                ["finished_reason"])
         self.rejected = counter("dspark_request_rejected", "Requests refused by the gateway.",
@@ -133,8 +132,6 @@ class Metrics:
             self.kv_usage.labels(m).set(s.num_kv_slots_used / s.num_kv_slots_total)
         if s.num_scheduled_tokens:
             self.iteration_tokens.labels(m).observe(s.num_scheduled_tokens)
-        if s.num_preemptions:
-            self.preemptions.labels(m).inc(s.num_preemptions)
         if s.num_draft_tokens_proposed or s.num_draft_tokens:
             self.drafts.labels(m).inc(s.num_drafts)
             self.draft_tokens.labels(m).inc(s.num_draft_tokens)

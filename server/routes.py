@@ -17,12 +17,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from scheduler.request import SamplingParams
-from server.app import AppState
 from server.choices import ChoiceState
 from server.errors import APIError, bad_request, overloaded, unavailable
 from server.metrics import CONTENT_TYPE
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.serving import Job, collect, stream
+from server.state import AppState
 from server.streaming import ClientDisconnected, SSEResponse, race_disconnect
 
 log = logging.getLogger(__name__)

@@ -142,18 +142,13 @@ def overview() -> Panel:
                 )
             ],
             "reqps",
-            w=8,
             stack=True,
         ),
         timeseries(
             "Rejected requests by reason",
             [target(rate("dspark_request_rejected_total", by="reason"), "{{reason}}")],
             "reqps",
-            w=8,
             stack=True,
-        ),
-        timeseries(
-            "Preemptions", [target(rate("dspark_num_preemptions_total"), "preemptions")], "ops", w=8
         ),
         heatmap("Prompt length", "dspark_request_prompt_tokens", "short"),
         heatmap("Generation length", "dspark_request_generation_tokens", "short"),

@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shlex
+import subprocess
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +21,17 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from server.settings import ENV_PREFIX, parse_settings
+from scheduler.config import EngineConfig
+from server.settings import ENV_PREFIX, ServerSettings, build_parser, parse_settings
 
 from .support import DOCKER, REPO
+from .test_dockerfiles import entrypoint, env_of, stages
 
 SCHEMA = json.loads((Path(__file__).parent / "compose_spec" / "compose-spec.json").read_text())
 COMPOSE = REPO / "docker-compose.yml"
 CUDA_OVERRIDE = DOCKER / "compose.cuda.yml"
 _VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+ENGINE_FIELDS = frozenset(f.name for f in fields(EngineConfig))
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -92,16 +97,64 @@ def test_server_port_healthcheck_and_scrape_target_agree() -> None:
     assert server_job["static_configs"][0]["targets"] == ["server:8000"]
 
 
+def container_env(shell: dict[str, str]) -> dict[str, str]:
+    """The server container's DSPARK_* environment as compose builds it from `shell`: a key
+    given no value is passed on from the shell when set there, and left out otherwise."""
+    env: dict[str, str] = {}
+    for key, value in load(COMPOSE)["services"]["server"]["environment"].items():
+        if value is not None:
+            env[key] = interpolate(str(value), shell)
+        elif key in shell:
+            env[key] = shell[key]
+    return env
+
+
+def setting(settings: ServerSettings, name: str) -> Any:
+    return getattr(settings.engine if name in ENGINE_FIELDS else settings, name)
+
+
 def test_server_environment_names_real_settings() -> None:
-    """Each DSPARK_* variable is a settings twin, and the defaults parse as the server would."""
-    env = {
-        k: interpolate(str(v), {})
-        for k, v in load(COMPOSE)["services"]["server"]["environment"].items()
-    }
-    assert env and all(k.startswith(ENV_PREFIX) for k in env)
+    """Each DSPARK_* variable is a settings twin, and the set ones parse as the server would."""
+    declared = load(COMPOSE)["services"]["server"]["environment"]
+    flags = {a.dest for a in build_parser(env={})._actions}
+    assert declared and all(k.startswith(ENV_PREFIX) for k in declared)
+    assert {k.removeprefix(ENV_PREFIX).lower() for k in declared} <= flags
+    env = container_env({})
     settings = parse_settings([], env=env)
     for key, value in env.items():
-        assert str(getattr(settings, key.removeprefix(ENV_PREFIX).lower())) == value
+        assert str(setting(settings, key.removeprefix(ENV_PREFIX).lower())) == value
+    # A value set in the shell reaches the server.
+    shell = {"DSPARK_SPECULATIVE": "dspark", "DSPARK_NUM_SPECULATIVE_TOKENS": "4"}
+    engine = parse_settings([], env=container_env(shell)).engine
+    assert (engine.speculative, engine.num_speculative_tokens) == ("dspark", 4)
+
+
+def make_serve_argv() -> list[str]:
+    """The arguments `make serve` passes to `python -m server` when the user adds none."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ARGS", "MAKEFLAGS", "MFLAGS")}
+    dry = subprocess.run(["make", "-n", "serve"], cwd=REPO, env=env, check=True,
+                         capture_output=True, text=True).stdout
+    (line,) = [ln for ln in dry.splitlines() if " -m server" in ln]
+    argv = shlex.split(line)
+    return argv[argv.index("server") + 1 :]
+
+
+def test_every_way_of_starting_the_server_serves_the_engine_defaults() -> None:
+    """`python -m server`, `make serve`, both images and compose run EngineConfig()'s
+    configuration: nothing on their way to the engine overrides one of its defaults."""
+    default = EngineConfig()
+    assert parse_settings([], env={}).engine == default
+    assert parse_settings(make_serve_argv(), env={}).engine == default
+    for dockerfile in (DOCKER / "Dockerfile", DOCKER / "Dockerfile.cuda"):
+        runtime = stages(dockerfile)[-1]
+        entry = entrypoint(runtime)
+        argv = entry[entry.index("server") + 1 :]
+        image_env = env_of(runtime)
+        # The image points the model cache at what its build converted; nothing else differs.
+        expected = replace(default, cache_dir=image_env["DSPARK_CACHE_DIR"])
+        assert parse_settings(argv, env=image_env).engine == expected, dockerfile.name
+        compose_env = {**image_env, **container_env({})}
+        assert parse_settings(argv, env=compose_env).engine == expected, dockerfile.name
 
 
 def test_prometheus_mounts_the_checked_config() -> None:

@@ -106,11 +106,17 @@ def test_model_is_converted_into_the_cache_the_runtime_reads(dockerfile: Path) -
     assert env_of(runtime)["TRANSFORMERS_OFFLINE"] == "1"
 
 
+def entrypoint(stage: Stage) -> list[str]:
+    """The exec-form ENTRYPOINT as an argument list."""
+    (value,) = [i["value"] for i in stage if i["instruction"] == "ENTRYPOINT"]
+    return shlex.split(value.replace("[", "").replace("]", "").replace(",", " "))
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_runtime_serves_on_all_interfaces_with_a_liveness_probe(dockerfile: Path) -> None:
     runtime = stages(dockerfile)[-1]
     by = {i["instruction"]: i["value"] for i in runtime}
-    entry = shlex.split(by["ENTRYPOINT"].replace("[", "").replace("]", "").replace(",", " "))
+    entry = entrypoint(runtime)
     assert entry[:3] == ["python", "-m", "server"]
     assert entry[entry.index("--host") + 1] == "0.0.0.0"
     assert entry[entry.index("--port") + 1] == by["EXPOSE"] == "8000"

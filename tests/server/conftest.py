@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from gateway_harness import FAKE_SETTINGS, Running, fake_engine_factory, serve
 
+from scheduler.config import EngineConfig
 from server.app import create_app
 
 
@@ -26,18 +27,18 @@ def fake_server() -> Iterator[Running]:
 
 @pytest.fixture(scope="session")
 def real_server() -> Iterator[Running]:
-    """The embedded SmolLM2 (float32, CPU) behind a real server, shared by the session."""
+    """The embedded SmolLM2 (float32, CPU, no drafting) behind a real server, for the session."""
     import torch
 
-    from scheduler.config import EngineConfig
-    from scheduler.engine import build_engine
+    from scheduler.build import build_engine
 
     torch.set_num_threads(2)
-    settings = replace(FAKE_SETTINGS, max_model_len=1024, max_num_seqs=8, max_queue=64)
+    engine = EngineConfig(dtype="float32", device="cpu", max_num_seqs=8, max_model_len=1024,
+                          max_num_batched_tokens=256, speculative="none")
+    settings = replace(FAKE_SETTINGS, max_queue=64, engine=engine)
 
     def build() -> Any:
-        return build_engine(EngineConfig(dtype="float32", device="cpu", max_num_seqs=8,
-                                         max_model_len=1024, max_num_batched_tokens=256))
+        return build_engine(settings.engine)
 
     with serve(create_app(settings, build), timeout_s=300) as running:
         yield running

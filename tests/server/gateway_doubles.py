@@ -13,7 +13,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 from scheduler.request import FinishReason, Request, RequestOutput, SpecStats
@@ -41,7 +40,7 @@ class ScriptedEngine:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset({tokenizer.eos_token_id})
-        self.batcher = SimpleNamespace(kv=SimpleNamespace(num_slots=num_slots))
+        self.num_kv_slots = num_slots
         self.script = script
         self.step_s = step_s
         self.tokens_per_step = tokens_per_step
@@ -95,7 +94,7 @@ class ScriptedThread:
     def _stats(self) -> StepStats:
         n = len(self._running)
         return StepStats(self.engine.step_s, self.engine.step_s, 0.0, n, len(self._waiting), n, n,
-                         0, n, self.engine.batcher.kv.num_slots)
+                         0, n, self.engine.num_kv_slots)
 
     def _finish(self, live: _Live, reason: FinishReason, error: str | None = None) -> RequestOutput:
         self._running.pop(live.req.req_id, None)
@@ -125,7 +124,7 @@ class ScriptedThread:
                         item = self._inbox.get_nowait()
                 except queue.Empty:
                     pass
-                while self._waiting and len(self._running) < self.engine.batcher.kv.num_slots:
+                while self._waiting and len(self._running) < self.engine.num_kv_slots:
                     live = self._waiting.popleft()
                     self._running[live.req.req_id] = live
                 if self._running:

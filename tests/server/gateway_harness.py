@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import httpx
@@ -15,10 +15,23 @@ import uvicorn
 from fastapi import FastAPI
 from gateway_doubles import Script, ScriptedEngine, ScriptedThread
 
-from server.app import AppState, create_app
+from scheduler.config import EngineConfig
+from server.app import create_app
 from server.settings import ServerSettings
+from server.state import AppState
 
-FAKE_SETTINGS = ServerSettings(max_num_seqs=4, max_model_len=512, max_queue=64)
+# The torch-free fake model, no drafting (tests that speculate ask for it), no startup profile.
+FAKE_ENGINE = EngineConfig(model="fake", max_num_seqs=4, max_model_len=512,
+                           max_num_batched_tokens=64, speculative="none", profile_on_start=False)
+FAKE_SETTINGS = ServerSettings(max_queue=64, engine=FAKE_ENGINE)
+_ENGINE_FIELDS = frozenset(f.name for f in fields(EngineConfig))
+
+
+def fake_settings(**overrides: Any) -> ServerSettings:
+    """FAKE_SETTINGS with server and engine fields overridden by name, as flags would."""
+    engine = {k: v for k, v in overrides.items() if k in _ENGINE_FIELDS}
+    server = {k: v for k, v in overrides.items() if k not in _ENGINE_FIELDS}
+    return replace(FAKE_SETTINGS, engine=replace(FAKE_SETTINGS.engine, **engine), **server)
 
 
 @dataclass
@@ -79,14 +92,13 @@ def serve(app: FastAPI, wait_ready: bool = True, timeout_s: float = 60.0) -> Ite
         thread.join(30)
 
 
-def fake_engine_factory(step_s: float = 0.002, **config: Any) -> Callable[[], Any]:
+def fake_engine_factory(
+    step_s: float = 0.002, config: EngineConfig = FAKE_ENGINE
+) -> Callable[[], Any]:
     def build() -> Any:
-        from scheduler.config import EngineConfig
-        from scheduler.engine import build_engine
+        from scheduler.build import build_engine
 
-        cfg = {"model": "fake", "max_num_seqs": 4, "max_model_len": 512,
-               "max_num_batched_tokens": 64, "profile_on_start": False, **config}
-        engine = build_engine(EngineConfig(**cfg))
+        engine = build_engine(config)
         engine.runner.step_time_s = step_s  # a few ms per step: realistic interleaving
         return engine
 
@@ -94,10 +106,9 @@ def fake_engine_factory(step_s: float = 0.002, **config: Any) -> Callable[[], An
 
 
 def fake_app(settings: ServerSettings = FAKE_SETTINGS, step_s: float = 0.002, **config: Any) -> FastAPI:
-    """The real engine (scheduler.engine) around the torch-free FakeRunner."""
-    factory = fake_engine_factory(step_s, max_num_seqs=settings.max_num_seqs,
-                                  max_model_len=settings.max_model_len, **config)
-    return create_app(settings, factory)
+    """The real engine (scheduler.engine) around the torch-free FakeRunner; `config` overrides
+    the settings' engine fields for the engine alone."""
+    return create_app(settings, fake_engine_factory(step_s, replace(settings.engine, **config)))
 
 
 def fake_tokenizer() -> Any:

@@ -12,14 +12,15 @@ import os
 import sys
 from typing import Any
 
+from scheduler.build import build_engine
 from scheduler.config import EngineConfig
-from scheduler.engine import LLMEngine, build_engine
+from scheduler.engine import LLMEngine
 from server.__main__ import main
 
 
 def build() -> LLMEngine:
     engine = build_engine(EngineConfig(model="fake", max_num_seqs=4, max_model_len=2048,
-                                       max_num_batched_tokens=64))
+                                       max_num_batched_tokens=64, speculative="none"))
     runner: Any = engine.runner
     runner.step_time_s = float(os.environ.get("GATEWAY_TEST_STEP_S", "0.02"))
     marker = engine.tokenizer.encode("CRASH", add_special_tokens=False)

@@ -10,12 +10,11 @@ import json
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 
 import httpx
 import openai
 import pytest
-from gateway_harness import FAKE_SETTINGS, Running, fake_app, serve, wait_until
+from gateway_harness import Running, fake_app, fake_settings, serve, wait_until
 
 STEP_S = 0.05
 MSGS = [{"role": "user", "content": "talk"}]
@@ -28,7 +27,7 @@ LONG = {"max_tokens": 900, "extra_body": {"ignore_eos": True}}
 @pytest.fixture(scope="module")
 def slow() -> Iterator[Running]:
     """Four slots, 50 ms steps: requests with ignore_eos run until someone stops them."""
-    settings = replace(FAKE_SETTINGS, max_num_seqs=4, max_model_len=2048)
+    settings = fake_settings(max_num_seqs=4, max_model_len=2048)
     with serve(fake_app(settings, step_s=STEP_S)) as running:
         yield running
 

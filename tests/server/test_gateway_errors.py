@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -16,6 +15,7 @@ from gateway_harness import (
     Running,
     fake_app,
     fake_engine_factory,
+    fake_settings,
     serve,
     wait_until,
 )
@@ -47,7 +47,7 @@ def assert_openai_error(r: httpx.Response, status: int, code: str | None = None,
 @pytest.fixture(scope="module")
 def guarded() -> Iterator[Running]:
     """API key set, 4 KiB body limit, 2 slots and no queue, slow steps (so requests overlap)."""
-    settings = replace(FAKE_SETTINGS, api_key=KEY, max_body_bytes=4096, max_num_seqs=2,
+    settings = fake_settings(api_key=KEY, max_body_bytes=4096, max_num_seqs=2,
                        max_queue=0)
     app = fake_app(settings, step_s=0.02)
     with serve(app) as running:

@@ -6,13 +6,12 @@ The bar: never a 5xx, never a hang (every call has a timeout), and the server ke
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import httpx
 import pytest
 import schemathesis
-from gateway_harness import FAKE_SETTINGS, Running, fake_app, serve
+from gateway_harness import Running, fake_app, fake_settings, serve
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
@@ -20,7 +19,7 @@ from schemathesis.generation import GenerationMode
 
 from server.app import create_app
 
-SETTINGS = replace(FAKE_SETTINGS, max_body_bytes=256 * 1024, max_model_len=256)
+SETTINGS = fake_settings(max_body_bytes=256 * 1024, max_model_len=256)
 TIMEOUT = httpx.Timeout(15.0)
 
 

@@ -65,7 +65,7 @@ def test_observe_step_maps_speculation_and_engine_stats() -> None:
                         num_accepted_tokens=3, accepted_per_position=[2, 1, 0],
                         verify_lengths=[3, 2], predicted_per_position=[1.5, 0.75],
                         realised_per_position=[2, 1], count_per_position=[2, 2],
-                        profile=[(16, 40.0), (64, 25.0)], num_preemptions=1))
+                        profile=[(16, 40.0), (64, 25.0)]))
     value = m.registry.get_sample_value
     lbl = {"model_name": "m"}
     assert value("dspark_num_requests_running", lbl) == 3
@@ -87,7 +87,6 @@ def test_observe_step_maps_speculation_and_engine_stats() -> None:
     m.observe_step(step(draft_skipped=True))
     assert value("dspark_spec_decode_draft_steps_skipped_total", lbl) == 1
     assert value("dspark_scheduler_verified_tokens_per_step_sum", lbl) == 5
-    assert value("dspark_num_preemptions_total", lbl) == 1
 
 
 def test_request_timer_latencies() -> None:

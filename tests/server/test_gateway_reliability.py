@@ -8,14 +8,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from gateway_harness import FAKE_SETTINGS, Running, fake_app, fake_tokenizer, serve
+from gateway_harness import Running, fake_app, fake_settings, fake_tokenizer, serve
 
 from scheduler.request import Request
 
@@ -33,7 +32,7 @@ def run_script(name: str, *args: str, timeout: float = 240) -> dict[str, Any]:
 
 
 def test_overload_burst_completes_or_rejects_everything() -> None:
-    settings = replace(FAKE_SETTINGS, max_num_seqs=4, max_queue=4, max_model_len=2048)
+    settings = fake_settings(max_num_seqs=4, max_queue=4, max_model_len=2048)
     with serve(fake_app(settings, step_s=0.01)) as server:
         result = run_script("stress.py", "--url", server.base_url, "--capacity", "8",
                             "--scenario", "burst", "--max-tokens", "16")
@@ -51,7 +50,7 @@ def test_overload_burst_completes_or_rejects_everything() -> None:
 
 
 def test_disconnect_storm_frees_every_slot() -> None:
-    settings = replace(FAKE_SETTINGS, max_num_seqs=4, max_queue=128, max_model_len=2048)
+    settings = fake_settings(max_num_seqs=4, max_queue=128, max_model_len=2048)
     with serve(fake_app(settings, step_s=0.01)) as server:
         result = run_script("stress.py", "--url", server.base_url, "--capacity", "132",
                             "--scenario", "storm", "--clients", "100", "--max-tokens", "200")
@@ -63,7 +62,7 @@ def test_disconnect_storm_frees_every_slot() -> None:
 
 
 def test_soak_short_mode() -> None:
-    settings = replace(FAKE_SETTINGS, max_num_seqs=4, max_queue=32, max_model_len=2048)
+    settings = fake_settings(max_num_seqs=4, max_queue=32, max_model_len=2048)
     with serve(fake_app(settings, step_s=0.005)) as server:
         result = run_script("soak.py", "--url", server.base_url, "--duration", "6",
                             "--calibrate-s", "2", "--max-tokens", "16")
@@ -137,7 +136,7 @@ def test_unexpected_exception_is_a_bare_500(faulty: Running, monkeypatch: pytest
 @pytest.mark.parametrize("log_prompts", [False, True])
 def test_prompts_are_logged_only_when_asked(caplog: pytest.LogCaptureFixture, log_prompts: bool) -> None:
     marker = "zebra-quartz-7781"
-    settings = replace(FAKE_SETTINGS, log_prompts=log_prompts)
+    settings = fake_settings(log_prompts=log_prompts)
     with serve(fake_app(settings)) as server, caplog.at_level(logging.DEBUG):
         httpx.post(server.url("/v1/chat/completions"),
                    json={"messages": [{"role": "user", "content": marker}], "max_tokens": 2})
@@ -158,7 +157,7 @@ def test_api_key_uses_constant_time_compare(monkeypatch: pytest.MonkeyPatch) -> 
         return real(a, b)
 
     monkeypatch.setattr(app_module.hmac, "compare_digest", spy)
-    settings = replace(FAKE_SETTINGS, api_key="k3y")
+    settings = fake_settings(api_key="k3y")
     with serve(fake_app(settings), wait_ready=False) as s:
         assert httpx.get(s.url("/v1/models"), headers={"Authorization": "Bearer nope"}).status_code == 401
     assert calls and calls[-1] == (b"Bearer nope", b"Bearer k3y")

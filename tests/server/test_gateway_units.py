@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 from gateway_harness import fake_tokenizer
 from pydantic import ValidationError
 
+from scheduler.build import drafter_names
+from scheduler.config import EngineConfig
 from scheduler.request import FinishReason, RequestOutput
 from server.choices import ChoiceState, _held_back
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.settings import ServerSettings, parse_settings
+from server.settings import ServerSettings, build_parser, parse_settings
 from server.tokenizer import REPLACEMENT, ChatTokenizer, IncrementalDetokenizer
 
 TEXT = "Hi 🚀 東京 café — done"
@@ -139,13 +143,29 @@ def test_completion_prompt_forms() -> None:
 
 
 def test_settings_flags_env_and_engine_config() -> None:
-    env = {"DSPARK_PORT": "9001", "DSPARK_API_KEY": "k", "DSPARK_LOG_PROMPTS": "true"}
-    s = parse_settings(["--max-queue", "5", "--speculative", "ngram", "--num-speculative-tokens", "3",
-                        "--verify-policy", "dspark", "--draft-checkpoint", "ck.safetensors"], env)
+    env = {"DSPARK_PORT": "9001", "DSPARK_API_KEY": "k", "DSPARK_LOG_PROMPTS": "true",
+           "DSPARK_MAX_NUM_SEQS": "3", "DSPARK_PROFILE_ON_START": "false"}
+    s = parse_settings(["--max-queue", "5", "--speculative", "eagle3", "--num-speculative-tokens",
+                        "3", "--verify-policy", "fixed", "--draft-checkpoint", "ck.safetensors"], env)
     assert (s.port, s.api_key, s.log_prompts, s.max_queue) == (9001, "k", True, 5)
     assert parse_settings(["--port", "9002"], env).port == 9002  # the flag beats the environment
-    cfg = s.engine_config()
+    cfg = s.engine
     assert (cfg.speculative, cfg.num_speculative_tokens, cfg.verify_policy, cfg.draft_checkpoint) == (
-        "ngram", 3, "dspark", "ck.safetensors")
+        "eagle3", 3, "fixed", "ck.safetensors")
+    assert (cfg.max_num_seqs, cfg.profile_on_start) == (3, False)  # engine fields have env twins
+    assert parse_settings(["--max-num-seqs", "2"], env).engine.max_num_seqs == 2
     with pytest.raises(ValueError):
         ServerSettings(api_key="")
+
+
+def test_engine_flags_are_the_engine_config_fields() -> None:
+    """Every EngineConfig field is a flag whose default is the field's own: one default, one home."""
+    assert parse_settings([], env={}).engine == EngineConfig()
+    flags = {a.dest: a for a in build_parser(env={})._actions}
+    for f in fields(EngineConfig):
+        assert flags[f.name].default == f.default, f.name
+        assert f.metadata["help"] in flags[f.name].help
+    # The drafter names in --speculative's help come from the registry.
+    assert all(name in flags["speculative"].help for name in drafter_names())
+    with pytest.raises(ValueError):  # EngineConfig still validates what the flags produce
+        parse_settings(["--max-num-seqs", "8", "--max-num-batched-tokens", "4"], env={})
