@@ -22,7 +22,7 @@ import time
 import torch
 
 from scheduler.batching import ContinuousBatcher
-from scheduler.engine import LLMEngine
+from scheduler.engine import LLMEngine, ServedModel
 from scheduler.loader import load_target
 from scheduler.model import build_packed_batch
 from scheduler.request import SamplingParams
@@ -103,7 +103,8 @@ def hf_step_time(hf, batch: int, new_tokens: int, repeats: int) -> float:
 
 def ours_generate(target, prompts, max_tokens: int, num_slots: int) -> float:
     runner = TorchModelRunner(target.hf_model, num_slots, 1024)
-    engine = LLMEngine(runner, ContinuousBatcher(num_slots, 1024, 512), target.tokenizer, "bench", frozenset())
+    model = ServedModel("bench", target.tokenizer, frozenset())
+    engine = LLMEngine(runner, ContinuousBatcher(num_slots, 1024, 512), model)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
     t = time.perf_counter()

@@ -1,26 +1,63 @@
-"""Assemble an LLMEngine from an EngineConfig: model, runner, drafter, verify policy, profile."""
+"""Assemble an LLMEngine from an EngineConfig: target, runner, batcher and Speculator.
+
+This is the one place the scheduler reaches into drafts/: the drafter registry, at build time.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from scheduler.batching import ContinuousBatcher
 from scheduler.config import EngineConfig
-from scheduler.engine import LLMEngine
+from scheduler.engine import LLMEngine, ServedModel
+from scheduler.speculator import Speculator
 
 if TYPE_CHECKING:
+    from scheduler.drafter import Proposer
     from scheduler.loader import LoadedModel
+    from scheduler.runner import TorchModelRunner
 
 log = logging.getLogger(__name__)
+
+
+def drafter_names() -> list[str]:
+    """Names `--speculative` accepts ("none" first); reading them loads no drafter code."""
+    from drafts.registry import available
+
+    return available()
+
+
+def build_proposer(config: EngineConfig, target: Any) -> Proposer | None:
+    """The configured drafter around the target's HF model (None: no drafting)."""
+    from drafts.registry import build_proposer as build
+
+    return build(
+        config.speculative, target, config.draft_checkpoint, config.num_speculative_tokens
+    )
+
+
+def build_speculator(config: EngineConfig, proposer: Proposer | None) -> Speculator | None:
+    """Proposer + verify policy + online acceptance estimator, plus the throughput profile and
+    the draft gate when the policy weighs cost."""
+    if proposer is None:
+        return None
+    from scheduler.acceptance import OnlineAcceptanceEstimator
+    from scheduler.draft_gate import DraftGate
+    from scheduler.profiler import ThroughputProfile
+    from scheduler.verify_policy import build_policy
+
+    profile = ThroughputProfile(config.max_num_batched_tokens)
+    policy = build_policy(config.verify_policy, config.num_speculative_tokens, profile)
+    gate = DraftGate(profile) if policy.uses_profile else None
+    return Speculator(proposer, policy, OnlineAcceptanceEstimator(), profile, gate)
 
 
 def build_engine(config: EngineConfig) -> LLMEngine:
     if config.model == "fake":
         return _build_fake(config)
-    from pathlib import Path
-
     from scheduler.loader import load_target
 
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
@@ -29,30 +66,20 @@ def build_engine(config: EngineConfig) -> LLMEngine:
 
 def assemble_engine(loaded: LoadedModel, config: EngineConfig) -> LLMEngine:
     """An engine around an already loaded target (benchmarks build several per model)."""
-    from drafts.registry import build_proposer
     from scheduler.runner import TorchModelRunner
 
-    proposer = build_proposer(
-        config.speculative, loaded.hf_model, config.draft_checkpoint, config.num_speculative_tokens
-    )
+    speculator = build_speculator(config, build_proposer(config, loaded.hf_model))
     runner = TorchModelRunner(
         loaded.hf_model,
         num_slots=config.max_num_seqs,
         max_model_len=config.max_model_len,
-        aux_layer_ids=tuple(proposer.aux_layer_ids) if proposer is not None else (),
+        aux_layer_ids=speculator.aux_layer_ids if speculator is not None else (),
         seed=config.seed,
     )
-    engine = LLMEngine(
-        runner=runner,
-        batcher=_batcher(config),
-        tokenizer=loaded.tokenizer,
-        model_name=loaded.name,
-        eos_token_ids=_eos_ids(loaded.hf_model, loaded.tokenizer),
-        proposer=proposer,
-    )
-    _attach_scheduling(engine, config)
-    if config.profile_on_start and engine.profile is not None:
-        _measure_profile(engine, runner, config)
+    model = ServedModel(loaded.name, loaded.tokenizer, _eos_ids(loaded.hf_model, loaded.tokenizer))
+    engine = LLMEngine(runner, _batcher(config), model, speculator)
+    if config.profile_on_start and speculator is not None and speculator.profile is not None:
+        _measure_profile(speculator, runner, config)
     return engine
 
 
@@ -60,23 +87,7 @@ def _batcher(config: EngineConfig) -> ContinuousBatcher:
     return ContinuousBatcher(config.max_num_seqs, config.max_model_len, config.max_num_batched_tokens)
 
 
-def _attach_scheduling(engine: LLMEngine, config: EngineConfig) -> None:
-    """Verify policy, throughput profile and online acceptance estimator (when drafting)."""
-    if engine.proposer is None:
-        return
-    from scheduler.acceptance import OnlineAcceptanceEstimator
-    from scheduler.draft_gate import DraftGate
-    from scheduler.profiler import ThroughputProfile
-    from scheduler.verify_policy import build_policy
-
-    engine.profile = ThroughputProfile(config.max_num_batched_tokens)
-    engine.policy = build_policy(config.verify_policy, config.num_speculative_tokens, engine.profile)
-    engine.estimator = OnlineAcceptanceEstimator()
-    if engine.policy.name in ("dspark", "dspark-production"):  # throughput-aware policies
-        engine.gate = DraftGate(engine.profile)
-
-
-def _eos_ids(hf_model, tokenizer) -> frozenset[int]:
+def _eos_ids(hf_model: Any, tokenizer: Any) -> frozenset[int]:
     ids: set[int] = set()
     eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
     if isinstance(eos, int):
@@ -88,15 +99,15 @@ def _eos_ids(hf_model, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _measure_profile(engine: LLMEngine, runner, config: EngineConfig) -> None:
+def _measure_profile(speculator: Speculator, runner: TorchModelRunner, config: EngineConfig) -> None:
     """Time real target steps of several sizes on unallocated slots (their KV is scratch)."""
     import torch
 
     from scheduler.model import build_packed_batch
     from scheduler.profiler import default_profile_sizes, measure_profile
 
-    assert engine.proposer is not None and engine.profile is not None
-    profile, gamma = engine.profile, engine.proposer.max_draft_tokens
+    assert speculator.profile is not None
+    gamma = speculator.max_draft_tokens
     model = runner.model
     context = min(256, config.max_model_len // 2)
     max_query = 1 + gamma
@@ -116,26 +127,16 @@ def _measure_profile(engine: LLMEngine, runner, config: EngineConfig) -> None:
         return time.perf_counter() - t
 
     sizes = default_profile_sizes(config.max_num_seqs, gamma, config.max_num_batched_tokens)
-    profile.seed(measure_profile(run_step, sizes, repeats=3))
-    log.info("throughput profile (tokens, steps/s): %s", profile.table())
+    speculator.profile.seed(measure_profile(run_step, sizes, repeats=3))
+    log.info("throughput profile (tokens, steps/s): %s", speculator.profile.table())
 
 
 def _build_fake(config: EngineConfig) -> LLMEngine:
-    from drafts.registry import build_proposer
     from scheduler.fake import FAKE_TEXT, FakeRunner, build_fake_tokenizer
 
     tokenizer = build_fake_tokenizer()
     fake_ids = tokenizer.encode(FAKE_TEXT, add_special_tokens=False)
     eos = tokenizer.eos_token_id
-    runner = FakeRunner(fake_ids, eos)
-    proposer = build_proposer(config.speculative, None, config.draft_checkpoint, config.num_speculative_tokens)
-    engine = LLMEngine(
-        runner=runner,
-        batcher=_batcher(config),
-        tokenizer=tokenizer,
-        model_name="fake",
-        eos_token_ids=frozenset({eos}),
-        proposer=proposer,
-    )
-    _attach_scheduling(engine, config)
-    return engine
+    model = ServedModel("fake", tokenizer, frozenset({eos}))
+    speculator = build_speculator(config, build_proposer(config, None))
+    return LLMEngine(FakeRunner(fake_ids, eos), _batcher(config), model, speculator)

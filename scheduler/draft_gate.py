@@ -16,8 +16,7 @@ means of acc (accepted drafts), ver (verified drafts) and d (drafting seconds). 
 change in load or in the text being written. Each probe that leaves the verdict at "skip"
 doubles that wait (up to `max_probe_every`), and a verdict of "draft" resets it: a probe
 costs a drafted step that is expected to lose, and with a drafter that keeps losing under
-load (measured: a probe every 16 steps took ~3% of the engine's time at 3 requests) that
-cost should shrink rather than stay fixed.
+load that cost should shrink rather than stay fixed (docs/benchmarks.md has the measurement).
 
 Lossless: the decision depends only on earlier steps, never on drafts of this one.
 
@@ -27,11 +26,8 @@ Pure Python: no torch, no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
-
-class StepThroughput(Protocol):
-    def steps_per_second(self, num_tokens: int) -> float: ...
+from scheduler.profiler import StepThroughput
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The engine loop: schedule -> draft -> one target forward + verify -> update -> emit.
+"""The engine loop: schedule -> speculator.attach -> one target forward + verify -> update ->
+record -> emit.
 
 `LLMEngine.step()` is synchronous and single-threaded; `EngineThread` runs it on its own thread
 behind a thread-safe inbox so the HTTP server's event loop never blocks on torch.
@@ -11,24 +12,29 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from scheduler.batching import ContinuousBatcher, FaultHook
 from scheduler.plan import StepPlan, StepResult
 from scheduler.request import FinishReason, Request, RequestOutput, SamplingParams
-from scheduler.speculation import SpeculationStep, attach_drafts, record_outcomes
+from scheduler.speculator import SpeculationStep, Speculator
 from scheduler.stats import StepStats
 
 if TYPE_CHECKING:
-    from scheduler.drafter import Proposer
     from scheduler.config import EngineConfig
     from scheduler.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
 
-class VerifyPolicy(Protocol):
-    def choose(self, confidences: Sequence[Sequence[float]], num_base_tokens: int) -> list[int]: ...
+@dataclass(frozen=True)
+class ServedModel:
+    """What the front end needs to know about the target: its name, tokenizer and stop ids."""
+
+    name: str
+    tokenizer: Any  # a transformers tokenizer (chat template, incremental detokenizing)
+    eos_token_ids: frozenset[int]
 
 
 class LLMEngine:
@@ -36,27 +42,23 @@ class LLMEngine:
         self,
         runner: ModelRunner,
         batcher: ContinuousBatcher,
-        tokenizer: Any,
-        model_name: str,
-        eos_token_ids: frozenset[int],
-        proposer: Proposer | None = None,
-        policy: VerifyPolicy | None = None,
-        profile: Any | None = None,  # scheduler.profiler.ThroughputProfile
-        estimator: Any | None = None,  # scheduler.acceptance.OnlineAcceptanceEstimator
-        gate: Any | None = None,  # scheduler.draft_gate.DraftGate
+        model: ServedModel,
+        speculator: Speculator | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.runner = runner
         self.batcher = batcher
-        self.tokenizer = tokenizer
-        self.model_name = model_name
-        self.eos_token_ids = eos_token_ids
-        self.proposer = proposer
-        self.policy = policy
-        self.profile = profile
-        self.estimator = estimator
-        self.gate = gate
+        self.model = model
+        self.speculator = speculator
         self.clock = clock
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
 
     @property
     def max_model_len(self) -> int:
@@ -81,7 +83,7 @@ class LLMEngine:
 
     def add_request(self, req: Request) -> RequestOutput | None:
         if not req.eos_token_ids:
-            req.eos_token_ids = self.eos_token_ids
+            req.eos_token_ids = self.model.eos_token_ids
         if not req.arrival_s:
             req.arrival_s = self.clock()
         return self.batcher.add(req)
@@ -98,54 +100,25 @@ class LLMEngine:
         if plan.is_empty:
             return None
         spec = SpeculationStep()
-        if self.proposer is not None:
-            spec = attach_drafts(
-                plan, self.batcher, self.proposer, self.policy, self.estimator, self.gate
-            )
-        # update() moves the counters these read, so take them first.
-        start_positions = [s.start_pos for s in plan.scheduled]
-        # Every new token is prompt work except the anchor of a request that samples.
-        num_prefill_tokens = sum(s.num_new_tokens - s.samples for s in plan.scheduled)
+        if self.speculator is not None:
+            spec = self.speculator.attach(plan, self.batcher)
         result = self.runner.execute(plan)
         outputs = self.batcher.update(plan, result)
-        self._feed_proposer(plan, result, start_positions)
-        record_outcomes(plan, result, spec, self.estimator)
-        if self.gate is not None and spec.num_candidates and not spec.skipped:
-            self.gate.record(
-                spec.num_candidates, spec.draft_time_s, spec.num_draft_tokens, spec.num_accepted
-            )
+        step_time_s = self.clock() - t0
+        if self.speculator is not None:
+            self.speculator.record(plan, result, spec, step_time_s)
         for out in outputs:
             if out.finished:
                 self._release(out.req_id)
-        step_time_s = self.clock() - t0
-        if self.profile is not None:
-            # The step without drafting: when verify lengths are chosen the drafting time is
-            # already spent, so what one more verified token costs is the rest of the step
-            # (the draft gate accounts for drafting separately). Real steps keep the curve
-            # current with co-located load and context growth.
-            self.profile.observe(plan.num_tokens, step_time_s - spec.draft_time_s)
-        return outputs, self._stats(plan, result, spec, step_time_s, num_prefill_tokens)
-
-    def _feed_proposer(self, plan: StepPlan, result: StepResult, start_positions: list[int]) -> None:
-        """Hand the proposer the target features of the positions committed this step."""
-        if self.proposer is None or result.aux_hidden is None:
-            return
-        for s, start, hidden in zip(plan.scheduled, start_positions, result.aux_hidden):
-            if hidden is not None and hidden.shape[0] and not s.req.is_finished:
-                self.proposer.observe(s.req.req_id, start, hidden)
+        return outputs, self._stats(plan, result, spec, step_time_s)
 
     def _release(self, req_id: str) -> None:
         self.runner.release(req_id)
-        if self.proposer is not None:
-            self.proposer.release(req_id)
+        if self.speculator is not None:
+            self.speculator.release(req_id)
 
     def _stats(
-        self,
-        plan: StepPlan,
-        result: StepResult,
-        spec: SpeculationStep,
-        step_time_s: float,
-        num_prefill_tokens: int,
+        self, plan: StepPlan, result: StepResult, spec: SpeculationStep, step_time_s: float
     ) -> StepStats:
         kv = self.batcher.kv
         return StepStats(
@@ -156,7 +129,8 @@ class LLMEngine:
             num_waiting=len(self.batcher.waiting),
             num_scheduled_requests=len(plan.scheduled),
             num_scheduled_tokens=plan.num_tokens,
-            num_prefill_tokens=num_prefill_tokens,
+            # Every new token is prompt work except the anchor of a request that samples.
+            num_prefill_tokens=sum(s.num_new_tokens - s.samples for s in plan.scheduled),
             num_kv_slots_used=kv.num_used,
             num_kv_slots_total=kv.num_slots,
             num_drafts=spec.num_drafts,
@@ -169,7 +143,7 @@ class LLMEngine:
             predicted_per_position=spec.predicted_per_position,
             realised_per_position=spec.realised_per_position,
             count_per_position=spec.count_per_position,
-            profile=self.profile.table() if self.profile is not None else [],
+            profile=self.speculator.profile_table() if self.speculator is not None else [],
         )
 
     def generate(

@@ -30,28 +30,33 @@ class ScheduledRequest:
     # [len(draft_ids), vocab] distribution each draft was drawn from; None = deterministic draft.
     draft_probs: torch.Tensor | None = None
     predicted_survival: list[float] = field(default_factory=list)  # per verified draft position
+    # Taken from the request's counters when the step is planned: update() moves those counters,
+    # and whoever reads the plan after it (stats, the proposer's features) must see the step as
+    # it was scheduled.
+    start_pos: int = field(init=False)  # position of the first new token
+    samples: bool = field(init=False)  # the new tokens reach the anchor: this step emits tokens
+
+    def __post_init__(self) -> None:
+        self.start_pos = self.req.num_computed_tokens
+        self.samples = self.start_pos + self.num_new_tokens == self.req.num_tokens
 
     @property
-    def start_pos(self) -> int:
-        return self.req.num_computed_tokens
-
-    @property
-    def samples(self) -> bool:
-        return self.req.num_computed_tokens + self.num_new_tokens == self.req.num_tokens
+    def is_decoding(self) -> bool:
+        """Only the anchor is new: the request may verify drafts after it."""
+        return self.samples and self.num_new_tokens == 1
 
     @property
     def num_query_tokens(self) -> int:
         return self.num_new_tokens + len(self.draft_ids)
 
     def input_ids(self) -> list[int]:
-        start = self.req.num_computed_tokens
+        start = self.start_pos
         return self.req.all_token_ids[start : start + self.num_new_tokens] + self.draft_ids
 
 
 @dataclass(slots=True)
 class StepPlan:
     scheduled: list[ScheduledRequest]
-    num_preemptions: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -35,10 +35,17 @@ import bisect
 import math
 import statistics
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 _LOG_CLIP = math.log(2.0)  # largest log-error one observation may push
 _KERNEL_OCTAVES = 2.0  # width of the neighbourhood an observation updates
 _GLOBAL_SHARE = 0.5  # part of every correction applied to all sizes alike
+
+
+class StepThroughput(Protocol):
+    """What the verify policies and the draft gate read from a profile: SPS(B)."""
+
+    def steps_per_second(self, num_tokens: int) -> float: ...
 
 
 def bucket_sizes(max_tokens: int) -> list[int]:

@@ -30,15 +30,14 @@ from itertools import accumulate
 from operator import mul
 from typing import Protocol
 
-
-class StepThroughput(Protocol):
-    """What a policy needs from the throughput profile (scheduler.profiler.ThroughputProfile)."""
-
-    def steps_per_second(self, num_tokens: int) -> float: ...
+from scheduler.profiler import StepThroughput
 
 
 class VerifyPolicy(Protocol):
     name: str
+    # The policy reads the throughput profile: the engine then also gates drafting on it
+    # (scheduler/draft_gate.py), since a policy that weighs cost wants drafting weighed too.
+    uses_profile: bool
 
     def choose(
         self,
@@ -110,6 +109,7 @@ class NoSpeculation:
     """Verify nothing: plain decoding, whatever the drafter proposed."""
 
     name = "none"
+    uses_profile = False
 
     def choose(
         self,
@@ -124,6 +124,7 @@ class FixedLength:
     """Verify the first k proposed drafts of every request (the classic fixed-k setting)."""
 
     name = "fixed"
+    uses_profile = False
 
     def __init__(self, k: int) -> None:
         if k < 0:
@@ -184,6 +185,7 @@ class DSparkPolicy:
     """
 
     name = "dspark"
+    uses_profile = True
 
     def __init__(self, profile: StepThroughput) -> None:
         self.profile = profile
@@ -251,6 +253,7 @@ class DSparkProductionPolicy:
     """
 
     name = "dspark-production"
+    uses_profile = True
 
     def __init__(self, profile: StepThroughput, lag: int = 1) -> None:
         if lag < 1:

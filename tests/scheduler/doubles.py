@@ -12,8 +12,19 @@ from collections.abc import Sequence
 
 import torch
 
-from scheduler.drafter import DraftProposal, DraftRequest
+from scheduler.drafter import DraftProposal, DraftRequest, Proposer
+from scheduler.draft_gate import DraftGate
 from scheduler.sampling import process_logits
+from scheduler.speculator import Speculator
+from scheduler.verify_policy import FixedLength, VerifyPolicy
+
+
+def make_speculator(
+    proposer: Proposer, policy: VerifyPolicy | None = None, gate: DraftGate | None = None
+) -> Speculator:
+    """A Speculator without an online estimator or a profile to keep current, so the tests see
+    exactly the confidences and costs they script. Default policy: verify every proposed draft."""
+    return Speculator(proposer, policy or FixedLength(proposer.max_draft_tokens), gate=gate)
 
 
 def _k_for(req: DraftRequest, gamma: int) -> int:

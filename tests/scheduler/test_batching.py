@@ -9,11 +9,12 @@ import pytest
 
 from drafts.ngram import NgramProposer
 from scheduler.batching import ContinuousBatcher
-from scheduler.engine import EngineThread, LLMEngine
+from scheduler.engine import EngineThread, LLMEngine, ServedModel
 from scheduler.fake import FakeRunner
 from scheduler.kv_slots import KVSlotManager
 from scheduler.plan import RequestResult, StepResult
 from scheduler.request import FinishReason, Request, SamplingParams
+from tests.scheduler.doubles import make_speculator
 
 EOS = 999
 FAKE_IDS = list(range(100, 140))  # the fake model's answer: 40 tokens, then EOS
@@ -24,15 +25,17 @@ def make_request(req_id: str, prompt_len: int = 5, **params) -> Request:
 
 
 def make_engine(num_slots=2, budget=8, proposer=None) -> LLMEngine:
-    return LLMEngine(FakeRunner(FAKE_IDS, EOS), ContinuousBatcher(num_slots, 64, budget), None, "fake",
-                     frozenset({EOS}), proposer=proposer)
+    speculator = make_speculator(proposer) if proposer is not None else None
+    return LLMEngine(FakeRunner(FAKE_IDS, EOS), ContinuousBatcher(num_slots, 64, budget),
+                     ServedModel("fake", None, frozenset({EOS})), speculator)
 
 
 def test_pure_modules_do_not_import_torch():
     import subprocess
 
     code = ("import sys, scheduler.config, scheduler.batching, scheduler.kv_slots, scheduler.engine, scheduler.fake, "
-            "scheduler.verify_policy, scheduler.profiler, scheduler.acceptance, drafts.ngram; "
+            "scheduler.verify_policy, scheduler.profiler, scheduler.acceptance, scheduler.speculator, "
+            "scheduler.drafter, scheduler.draft_gate, scheduler.build, drafts.registry, drafts.ngram; "
             "assert 'torch' not in sys.modules, 'pure modules imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from scheduler.batching import ContinuousBatcher
-from scheduler.engine import LLMEngine
+from scheduler.engine import LLMEngine, ServedModel
 from scheduler.model import (
     MATMUL_ATTENTION_MIN_ROWS,
     TargetModel,
@@ -15,6 +15,7 @@ from scheduler.model import (
 )
 from scheduler.request import Request, SamplingParams
 from scheduler.runner import TorchModelRunner
+from tests.scheduler.doubles import make_speculator
 
 NEW_TOKENS = 24
 # float32 on CPU: packed attention and transformers' eager/SDPA path differ only in summation
@@ -22,14 +23,17 @@ NEW_TOKENS = 24
 LOGITS_ATOL = 1e-3
 
 
-def make_engine(target, num_slots=4, max_model_len=512, budget=64, proposer=None, policy=None):
+def make_engine(
+    target, num_slots=4, max_model_len=512, budget=64, proposer=None, policy=None, gate=None
+):
+    speculator = make_speculator(proposer, policy, gate) if proposer is not None else None
     runner = TorchModelRunner(
         target.hf_model, num_slots, max_model_len,
-        aux_layer_ids=tuple(proposer.aux_layer_ids) if proposer is not None else (),
+        aux_layer_ids=speculator.aux_layer_ids if speculator is not None else (),
     )
     batcher = ContinuousBatcher(num_slots, max_model_len, budget)
-    eos = frozenset({target.tokenizer.eos_token_id})
-    return LLMEngine(runner, batcher, target.tokenizer, "test", eos, proposer=proposer, policy=policy)
+    model = ServedModel("test", target.tokenizer, frozenset({target.tokenizer.eos_token_id}))
+    return LLMEngine(runner, batcher, model, speculator)
 
 
 @pytest.fixture(scope="module")

@@ -100,18 +100,19 @@ def test_draft_gate_keeps_output_identical_and_skips_a_useless_drafter(
     proposer = drafters(target, prompts, reference)[name]
     profile = ThroughputProfile(64)
     profile.seed([(1, 0.050), (16, 0.055), (64, 0.090)])
+    gate = DraftGate(profile, probe_every=4)
     engine = make_engine(
-        target, num_slots=4, budget=48, proposer=proposer, policy=build_policy("dspark", 7, profile)
+        target, num_slots=4, budget=48, proposer=proposer,
+        policy=build_policy("dspark", 7, profile), gate=gate,
     )
-    engine.gate = DraftGate(profile, probe_every=4)
     greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
     outs, spec = run_staggered(engine, prompts, lambda i: greedy)
     assert outs == reference
     if name == "random":  # almost never accepted: most steps do not draft at all
-        assert engine.gate.num_skipped > 20
+        assert gate.num_skipped > 20
     else:  # accepted most of the time: drafting goes on
         assert sum(s.num_accepted_tokens for s in spec.values()) > 0
-        assert engine.gate.num_skipped < 5
+        assert gate.num_skipped < 5
 
 
 def test_stop_inside_accepted_run_is_exact(target, prompts, reference):

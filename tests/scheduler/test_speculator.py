@@ -1,0 +1,109 @@
+"""The Speculator inside the engine loop (FakeRunner, no torch model): what it records per step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from scheduler.batching import ContinuousBatcher
+from scheduler.drafter import DraftProposal, DraftRequest
+from scheduler.engine import LLMEngine, ServedModel
+from scheduler.fake import FakeRunner
+from scheduler.plan import StepPlan
+from scheduler.request import Request, SamplingParams
+from scheduler.speculator import Speculator
+from scheduler.verify_policy import FixedLength
+
+EOS = 999
+FAKE_IDS = list(range(100, 140))
+
+
+class RepeatProposer:
+    """Always proposes k copies of one token (deterministic drafts), and logs what it is told."""
+
+    aux_layer_ids: tuple[int, ...] = ()
+
+    def __init__(self, gamma: int) -> None:
+        self.max_draft_tokens = gamma
+        self.released: list[str] = []
+
+    def propose(self, requests: Sequence[DraftRequest]) -> DraftProposal:
+        return DraftProposal([[FAKE_IDS[0]] * r.num_draft_tokens for r in requests])
+
+    def observe(self, req_id: str, start_pos: int, hidden: object) -> None:
+        pass
+
+    def release(self, req_id: str) -> None:
+        self.released.append(req_id)
+
+
+def _engine(budget: int, proposer: RepeatProposer) -> tuple[LLMEngine, list[int]]:
+    """An engine whose every plan is logged as the number of decoding requests in it, counted
+    from the requests' counters when the plan is made (before update() moves them)."""
+    batcher = ContinuousBatcher(2, 64, budget)
+    decoding_per_step: list[int] = []
+    schedule = batcher.schedule
+
+    def logged_schedule() -> StepPlan:
+        plan = schedule()
+        decoding_per_step.append(
+            sum(
+                1 for s in plan.scheduled
+                if s.num_new_tokens == 1 and s.req.num_computed_tokens + 1 == s.req.num_tokens
+            )
+        )
+        return plan
+
+    batcher.schedule = logged_schedule  # type: ignore[method-assign]
+    speculator = Speculator(proposer, FixedLength(proposer.max_draft_tokens))
+    model = ServedModel("fake", None, frozenset({EOS}))
+    return LLMEngine(FakeRunner(FAKE_IDS, EOS), batcher, model, speculator), decoding_per_step
+
+
+def test_prefill_chunks_of_one_token_are_not_recorded_as_verifications() -> None:
+    """A budget of 2 gives a decoding request 1 token and a prefilling one a 1-token chunk; after
+    update() that chunk's request looks like it sampled. Only decoding requests may appear in
+    verify_lengths (the bug: every such chunk was counted as a verification of length 0)."""
+    proposer = RepeatProposer(gamma=3)
+    engine, decoding_per_step = _engine(budget=2, proposer=proposer)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    engine.add_request(Request("a", [1, 2], greedy))
+    engine.add_request(Request("b", list(range(1, 9)), greedy))
+    one_token_chunks = verifications = 0
+    while engine.has_work:
+        plan_steps = len(decoding_per_step)
+        stepped = engine.step()
+        assert stepped is not None
+        _, stats = stepped
+        decoding = decoding_per_step[plan_steps]
+        one_token_chunks += stats.num_prefill_tokens == 1
+        verifications += len(stats.verify_lengths)
+        # A decoding request without room left in max_tokens does not draft at all.
+        assert len(stats.verify_lengths) <= decoding
+        if not stats.num_draft_tokens_proposed:
+            assert stats.verify_lengths == []
+    assert one_token_chunks >= 3, "the scenario must include 1-token prefill chunks"
+    assert verifications >= 5
+    assert sorted(proposer.released) == ["a", "b"]
+
+
+def test_drafts_are_recorded_per_position_and_outputs_stay_exact() -> None:
+    """The fake target accepts a draft of FAKE_IDS[0] only at output position 0: the first
+    verification accepts one draft, later ones none, and the text is the fake model's."""
+    proposer = RepeatProposer(gamma=3)
+    engine, _ = _engine(budget=16, proposer=proposer)
+    greedy = SamplingParams(max_tokens=10, temperature=0.0)
+    engine.add_request(Request("a", [1, 2, 3], greedy))
+    out: list[int] = []
+    accepted = proposed = 0
+    while engine.has_work:
+        stepped = engine.step()
+        assert stepped is not None
+        outputs, stats = stepped
+        out += [t for o in outputs for t in o.new_token_ids]
+        accepted += stats.num_accepted_tokens
+        proposed += stats.num_draft_tokens
+        assert sum(stats.count_per_position) == stats.num_draft_tokens
+        assert sum(stats.accepted_per_position) == stats.num_accepted_tokens
+    assert out == FAKE_IDS[:10]
+    assert proposed > 0
+    assert accepted == 0  # the anchor is FAKE_IDS[0] itself; drafts repeat it, never the next
