@@ -22,7 +22,6 @@ class StepStats:
     num_prefill_tokens: int
     num_kv_slots_used: int
     num_kv_slots_total: int
-    num_preemptions: int = 0
     # Speculation, this step only.
     num_drafts: int = 0  # requests that verified >= 1 draft token
     num_draft_tokens: int = 0  # draft tokens verified
