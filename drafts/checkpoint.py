@@ -15,20 +15,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from drafts.common import DraftConfig
-
-SHIPPED = Path(__file__).resolve().parent / "checkpoints"
+from drafts.registry import get, resolve
 
 
 def build_model(cfg: DraftConfig) -> nn.Module:
-    model: nn.Module
-    if cfg.method == "eagle3":
-        from drafts.eagle3 import Eagle3Model
-
-        model = Eagle3Model(cfg)
-    else:
-        from drafts.dspark import DSparkModel
-
-        model = DSparkModel(cfg)
+    """A fresh draft of the drafter `cfg.method` names (its spec's model class)."""
+    model_class = get(cfg.method).model
+    if model_class is None:
+        raise ValueError(f"drafter {cfg.method!r} has no trained model")
+    model: nn.Module = resolve(model_class)(cfg)
     if cfg.draft_vocab_size:  # filled in by load_state_dict
         model.register_buffer("draft_vocab", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
     return model
@@ -85,7 +80,3 @@ def load_draft(
 def draft_config(model: nn.Module) -> DraftConfig:
     """The DraftConfig a draft module carries (typed accessor)."""
     return cast(DraftConfig, model.cfg)
-
-
-def shipped_path(method: str) -> Path:
-    return SHIPPED / method

@@ -11,7 +11,8 @@ and safetensors weights named
     markov_head.markov_w1.weight, markov_head.markov_w2.weight, confidence_head.proj.{weight,bias},
     embed_tokens.weight, lm_head.weight   (frozen copies of the target's; not used here)
 
-Usage: `load_proposer(qwen3_target, "path/to/dspark_qwen3_4b_block7", 7)`.
+Served as `--speculative deepspec --draft-checkpoint FOLDER`; in code,
+`drafts.registry.build_proposer("deepspec", qwen3_target, "path/to/dspark_qwen3_4b_block7", 7)`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from torch import nn
 
 from drafts.common import DraftConfig
 from drafts.dspark import DSparkModel
+from drafts.proposer import make_proposer
+from scheduler.drafter import Proposer
 
 _FROZEN = ("embed_tokens.weight", "lm_head.weight")
 
@@ -111,12 +114,11 @@ def check_target(model: DSparkModel, target: Any) -> None:
         raise ValueError("target_layer_ids must not include the target's last layer")
 
 
-def load_proposer(target: nn.Module, checkpoint: str | None, num_speculative_tokens: int):  # type: ignore[no-untyped-def]
-    """Engine entry point for a DeepSpec DSpark/DFlash checkpoint folder (required)."""
-    from drafts.proposer import make_proposer
-
+def load_deepspec_proposer(target: nn.Module, checkpoint: str | None, k: int) -> Proposer:
+    """`--speculative deepspec`: a DeepSpec DSpark/DFlash checkpoint folder (required; there is
+    no shipped one) for this target."""
     if checkpoint is None:
-        raise ValueError("the DeepSpec loader needs a checkpoint folder")
+        raise ValueError("the DeepSpec loader needs a checkpoint folder (--draft-checkpoint)")
     model = load_deepspec(checkpoint)
     check_target(model, target)
-    return make_proposer(model, target, num_speculative_tokens)
+    return make_proposer(model, target, k)

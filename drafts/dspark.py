@@ -2,7 +2,8 @@
 Markov sequential head (low-rank transition bias) and the confidence head (dspark.md §1).
 
 `markov_rank=0, confidence_head=False` gives the DFlash baseline as DeepSpec ships it
-(same backbone, anchor-as-first-slot block layout); see drafts/dflash.py.
+(same backbone, anchor-as-first-slot block layout, trained with CE only); drafts/registry.py
+builds both from this class. The training losses live in drafts/train/losses.py.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from drafts.common import DecoderLayer, DraftConfig, FrozenTargetParts, init_weights
@@ -114,95 +114,3 @@ class DSparkModel(nn.Module):
         if bias is not None:
             logits = logits + bias.float()
         return BlockOutput(logits, self.conf_logits(h, prev_ids))
-
-
-def sample_anchors(
-    loss_mask: torch.Tensor,
-    lengths: torch.Tensor,
-    num_anchors: int,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anchors p with loss_mask[p] and loss_mask[p+1] (anchor and first label in the answer)."""
-    b = loss_mask.shape[0]
-    valid = loss_mask.bool() & torch.cat(
-        [loss_mask[:, 1:].bool(), torch.zeros_like(loss_mask[:, :1]).bool()], 1
-    )
-    anchors = torch.zeros((b, num_anchors), dtype=torch.long)
-    keep = torch.zeros((b, num_anchors), dtype=torch.bool)
-    for i in range(b):
-        cand = valid[i].nonzero().squeeze(-1)
-        if cand.numel() == 0:
-            continue
-        pick = cand[torch.randperm(cand.numel(), generator=generator)[:num_anchors]].sort().values
-        anchors[i, : pick.numel()] = pick
-        keep[i, : pick.numel()] = True
-    return anchors.to(loss_mask.device), keep.to(loss_mask.device)
-
-
-def position_weights(gamma: int, decay: float, device: torch.device) -> torch.Tensor:
-    """w_k = exp(-(k-1)/decay), k = 1..gamma (DeepSpec's loss_decay_gamma = 4)."""
-    return torch.exp(-torch.arange(gamma, device=device, dtype=torch.float32) / decay)
-
-
-def block_losses(
-    out: BlockOutput,
-    input_ids: torch.Tensor,
-    loss_mask: torch.Tensor,
-    target_logits: torch.Tensor,
-    anchors: torch.Tensor,
-    keep: torch.Tensor,
-    alpha_ce: float,
-    alpha_tv: float,
-    alpha_conf: float,
-    decay: float = 4.0,
-) -> dict[str, torch.Tensor]:
-    """CE + L1 (2 x TV) + confidence BCE, each = sum(w * mask * term) / sum(w * mask) (dspark.md §1.4)."""
-    b, n, g, v = out.logits.shape
-    s = input_ids.shape[1]
-    slot = torch.arange(g, device=input_ids.device)
-    lab_pos = anchors[:, :, None] + slot + 1  # [B,N,g]
-    inside = lab_pos < s
-    lab_idx = lab_pos.clamp(max=s - 1).view(b, n * g)
-    labels = input_ids.gather(1, lab_idx).view(b, n, g)
-    m = inside & loss_mask.gather(1, lab_idx).view(b, n, g).bool() & keep[:, :, None]
-    m = m.long().cumprod(-1).float()  # only a contiguous valid prefix is supervised
-    w = position_weights(g, decay, input_ids.device) * m
-    denom = w.sum().clamp(min=1.0)
-    logp = F.log_softmax(out.logits, dim=-1)
-    ce = -logp.gather(-1, labels[..., None]).squeeze(-1)
-    result = {"ce": (ce * w).sum() / denom}
-    if alpha_tv > 0 or out.conf_logits is not None:
-        # target distribution of label p+k+1 is the target's logit row at p+k (temperature 1)
-        t_idx = (lab_pos - 1).clamp(max=s - 1).view(b, n * g, 1).expand(b, n * g, v)
-        p_t = torch.softmax(target_logits.float().gather(1, t_idx).view(b, n, g, v), dim=-1)
-        p_d = logp.exp()
-        l1 = (p_d - p_t).abs().sum(-1)
-        result["tv"] = (l1 * w).sum() / denom
-        if out.conf_logits is not None:
-            accept = torch.minimum(p_d, p_t).sum(-1).detach().clamp(0.0, 1.0)
-            bce = F.binary_cross_entropy_with_logits(
-                out.conf_logits.float(), accept, reduction="none"
-            )
-            result["conf"] = (bce * w).sum() / denom
-            result["accept_rate"] = (accept * w).sum() / denom
-    loss = alpha_ce * result["ce"]
-    if alpha_tv > 0:
-        loss = loss + alpha_tv * result["tv"]
-    if out.conf_logits is not None and alpha_conf > 0:
-        loss = loss + alpha_conf * result["conf"]
-    result["loss"] = loss
-    result["tokens"] = m.sum()
-    return result
-
-
-def param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def load_proposer(target: nn.Module, checkpoint: str | None, num_speculative_tokens: int):  # type: ignore[no-untyped-def]
-    """Engine entry point: the DSpark drafter (shipped default when checkpoint is None)."""
-    from drafts.checkpoint import load_draft, shipped_path
-    from drafts.proposer import make_proposer
-
-    model = load_draft(checkpoint or shipped_path("dspark"))
-    return make_proposer(model, target, num_speculative_tokens)

@@ -21,6 +21,7 @@ import torch
 
 from drafts.common import StsTable
 from drafts.offline import GenResult, speculative_generate
+from drafts.registry import available, build_proposer, describe, get
 from drafts.train.data import MATH_SUFFIX, data_dir, encode_chat, prompt_of, read_jsonl
 from drafts.train.sts import ece_noise_floor, per_position_ece
 from scheduler.request import SamplingParams
@@ -52,11 +53,9 @@ def load_prompts(path: Path, limit: int) -> list[str]:
     return [prompt_of(r) for r in read_jsonl(path)][:limit]
 
 
-def load(drafter: str, target: Any, checkpoint: str | None, gamma: int) -> Any:
-    import importlib
-
-    mod = importlib.import_module(f"drafts.{drafter}")
-    return mod.load_proposer(target, checkpoint, gamma)
+def model_drafters() -> list[str]:
+    """The drafters this evaluates: those with a draft model (it reads target features)."""
+    return [n for n in available() if n != "none" and get(n).model is not None]
 
 
 def summarize(results: list[GenResult], gamma: int, sts: StsTable | None) -> dict[str, Any]:
@@ -130,8 +129,11 @@ def evaluate(
     seed: int = SEED,
     progress: Any = None,
 ) -> dict[str, Any]:
-    proposer = load(drafter, target, checkpoint, gamma)
-    sts = proposer.cfg.sts_for(temperature) or None
+    proposer = build_proposer(drafter, target, checkpoint, gamma)
+    if proposer is None:
+        raise ValueError("nothing to evaluate: choose a drafter and gamma > 0")
+    cfg = getattr(proposer, "cfg", None)  # a trained draft's config carries its STS tables
+    sts = (cfg.sts_for(temperature) or None) if cfg is not None else None
     report: dict[str, Any] = {
         "drafter": drafter,
         "temperature": temperature,
@@ -154,9 +156,10 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__ + "\ndrafters:\n" + describe(model_drafters()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--drafter", required=True, choices=["eagle3", "dflash", "dspark"])
+    ap.add_argument("--drafter", required=True, choices=model_drafters())
     ap.add_argument("--checkpoint", default=None, help="draft folder (default: the shipped one)")
     ap.add_argument("--model", default=None, help="target model (default: the embedded SmolLM2)")
     ap.add_argument(

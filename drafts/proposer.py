@@ -14,12 +14,15 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from scheduler.drafter import DraftProposal, DraftRequest
-from drafts.common import DraftConfig, FrozenTargetParts, filtered_probs, sample_from, target_parts
+from drafts.checkpoint import draft_config, load_draft
+from drafts.common import DraftConfig, FrozenTargetParts, sample_from, target_parts
 from drafts.dspark import DSparkModel
 from drafts.eagle3 import Eagle3Model
+from drafts.registry import get, resolve
 from drafts.vocab import DraftHead
+from scheduler.drafter import DraftProposal, DraftRequest, Proposer
 from scheduler.linear import frozen_copy
+from scheduler.sampling import process_logits
 
 
 @dataclass
@@ -109,19 +112,16 @@ class _FeatureProposer:
         p = req.params
         if p.temperature <= 0:
             return int(logits.argmax()), None
-        probs = filtered_probs(logits[None], p.temperature, p.top_k, p.top_p, p.min_p)
+        probs = process_logits(logits[None], p)  # the filters the target's sampler applies
         if st.generator is None and p.seed is not None:
             st.generator = torch.Generator(device=logits.device).manual_seed(p.seed)
         return int(sample_from(probs, st.generator)), probs[0]
 
     @torch.no_grad()
     def propose(self, requests: Sequence[DraftRequest]) -> DraftProposal:
-        """All requests' drafts from batched draft forwards and batched LM-head products.
-
-        Drafting request by request cost one small forward each (most of it the full-vocab LM
-        head), so drafting grew linearly with the batch; batched, the weights are read once per
-        forward. Contexts of different lengths are right-padded and masked.
-        """
+        """All requests' drafts from batched draft forwards and batched LM-head products, so the
+        weights are read once per forward rather than once per request; contexts of different
+        lengths are right-padded and masked."""
         n = len(requests)
         ids: list[list[int]] = [[] for _ in range(n)]
         probs: list[torch.Tensor | None] = [None] * n
@@ -351,12 +351,22 @@ class Eagle3Proposer(_FeatureProposer):
 
 
 def make_proposer(model: nn.Module, target: Any, num_speculative_tokens: int) -> _FeatureProposer:
+    """The engine proposer of a trained draft: the class its drafter's spec names."""
+    proposer_class = get(draft_config(model).method).proposer_class
+    if proposer_class is None:
+        raise ValueError(f"drafter {draft_config(model).method!r} names no proposer class")
     emb = target.get_input_embeddings().weight
     model = model.to(device=emb.device, dtype=emb.dtype).eval()
     head = DraftHead(model, target)
     model = frozen_copy(model)  # the drafter only runs forward: fastest weight layout
-    parts = target_parts(target)
-    if isinstance(model, Eagle3Model):
-        return Eagle3Proposer(model, parts, head, num_speculative_tokens)
-    assert isinstance(model, DSparkModel)
-    return DSparkProposer(model, parts, head, num_speculative_tokens)
+    proposer: _FeatureProposer = resolve(proposer_class)(
+        model, target_parts(target), head, num_speculative_tokens
+    )
+    return proposer
+
+
+def load_trained_proposer(target: Any, checkpoint: str | None, k: int) -> Proposer:
+    """Serving entry of a draft trained by `drafts.train` (checkpoint: its saved folder)."""
+    if checkpoint is None:
+        raise ValueError("this drafter ships no checkpoint: pass --draft-checkpoint")
+    return make_proposer(load_draft(checkpoint), target, k)

@@ -13,13 +13,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from drafts.registry import available
 from loadtest.analysis import PointSummary, Slo, read_records, summarize_point
 from loadtest.pacing import pool_size
 from loadtest.records import token_times
 from loadtest.runtime import ServerProcess, scrape_counters, subtract
 
 TRAFFIC = Path(__file__).resolve().with_name("traffic.py")
-DRAFTERS = ("ngram", "eagle3", "dflash", "dspark")
 
 
 def config_args(spec: str, drafter: str = "dspark", k: int | None = None) -> tuple[str, list[str]]:
@@ -46,7 +46,7 @@ def config_args(spec: str, drafter: str = "dspark", k: int | None = None) -> tup
             "--num-speculative-tokens",
             head[5:],
         ]
-    if head in DRAFTERS:
+    if head in available() and head != "none":  # the registry's names (it imports no torch)
         if not tail:
             return spec, ["--speculative", head, *kk]
         if tail == "dspark":

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from drafts.checkpoint import draft_config, load_draft
-from drafts.train.trainer import METHODS
+from drafts.registry import available, trainable
 
 
 def _fmt(x: float | None, pct: bool = False) -> str:
@@ -24,11 +24,15 @@ def write_table(run: Path) -> str:
     if not evals:
         return "no evaluation results"
     datasets = list(next(iter(evals.values()))["datasets"])
+    order = available()  # registry order; a drafter it no longer lists goes last
+    names = sorted(
+        {n for n, _ in evals}, key=lambda n: (order.index(n) if n in order else len(order), n)
+    )
     lines = [
         "| method | T | " + " | ".join(datasets) + " | macro tau |",
         "|---|---|" + "---|" * len(datasets) + "---|",
     ]
-    for name in METHODS:
+    for name in names:
         for t in (0.0, 1.0):
             rep = evals.get((name, t))
             if rep is None:
@@ -90,7 +94,7 @@ def write_table(run: Path) -> str:
             ]
             lines.append(f"| {t:g} | {d} | " + " | ".join(cells) + " |")
     sizes = ["", "| method | layers | draft params | checkpoint MB |", "|---|---|---|---|"]
-    for name in METHODS:
+    for name in trainable():
         p = run / "train" / name
         if (p / "model.safetensors").exists():
             model = load_draft(p)

@@ -1,8 +1,9 @@
-"""Step 3+4: stream target features and train EAGLE-3, DFlash and DSpark in lockstep.
+"""Step 3+4: stream target features and train the trainable drafters (EAGLE-3, DFlash and
+DSpark; drafts/registry.py) in lockstep.
 
-One target forward per batch feeds all three drafts, so the three see exactly the same data and
-the same number of optimiser steps (equal budget), and nothing is cached on disk: the 5-layer
-features and the target logits live only for the step that uses them.
+One target forward per batch feeds every draft, so they see exactly the same data and the same
+number of optimiser steps (equal budget), and nothing is cached on disk: the 5-layer features
+and the target logits live only for the step that uses them.
 """
 
 from __future__ import annotations
@@ -12,19 +13,16 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from drafts.checkpoint import draft_config, save_draft
-from drafts.common import DraftConfig, FrozenTargetParts, config_from_target, target_parts
-from drafts.dspark import DSparkModel, block_losses, sample_anchors
-from drafts.eagle3 import Eagle3Model, ttt_losses
-
-METHODS = ("eagle3", "dflash", "dspark")
+from drafts.checkpoint import build_model, draft_config, save_draft
+from drafts.common import target_parts
+from drafts.registry import Ref, get, resolve, trainable
 
 
 @dataclass
@@ -47,33 +45,30 @@ class TrainConfig:
     loss_decay: float = 4.0
     seed: int = 42
     save_every: int = 20
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = field(default_factory=lambda: tuple(trainable()))
     bf16_target: bool = True
 
 
+@dataclass
+class TrainBatch:
+    """One batch as every draft's loss sees it (drafts/train/losses.py)."""
+
+    input_ids: torch.Tensor  # [B, S], right-padded
+    loss_mask: torch.Tensor  # [B, S], 1 on answer tokens
+    lengths: torch.Tensor  # [B]
+    feats: torch.Tensor  # [B, S, m*d] the target layers the drafts read
+    target_logits: torch.Tensor  # [B, S, V]
+
+
 def build_drafts(target: Any, tc: TrainConfig, mask_token_id: int) -> dict[str, nn.Module]:
-    target_config = target.config
-    common = {"block_size": tc.block_size, "mask_token_id": mask_token_id}
-    cfgs: dict[str, DraftConfig] = {
-        "eagle3": config_from_target(
-            target_config, "eagle3", num_layers=tc.eagle3_layers, **common
-        ),
-        "dflash": config_from_target(
-            target_config, "dflash", num_layers=tc.dspark_layers, **common
-        ),
-        "dspark": config_from_target(
-            target_config,
-            "dspark",
-            num_layers=tc.dspark_layers,
-            markov_rank=tc.markov_rank,
-            confidence_head=True,
-            **common,
-        ),
-    }
     out: dict[str, nn.Module] = {}
     for name in tc.methods:
+        spec = get(name)
+        if not spec.trainable:
+            raise ValueError(f"drafter {name!r} is not trainable; these are: {trainable()}")
+        cfg = resolve(cast(Ref, spec.draft_config))(target.config, tc, mask_token_id)
         torch.manual_seed(tc.seed)
-        out[name] = Eagle3Model(cfgs[name]) if name == "eagle3" else DSparkModel(cfgs[name])
+        out[name] = build_model(cfg)
         # Start from a tenth of the target's final-norm scale: random directions through the frozen
         # LM head at full scale give wildly over-confident logits (CE ~60 nats); at 0.1x the first
         # distributions are near uniform, which a short CPU budget recovers from much faster.
@@ -121,40 +116,6 @@ def lr_factor(progress: float, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
 
 
-def method_loss(
-    name: str,
-    model: nn.Module,
-    parts: FrozenTargetParts,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    lengths: torch.Tensor,
-    feats: torch.Tensor,
-    logits: torch.Tensor,
-    tc: TrainConfig,
-    gen: torch.Generator,
-) -> dict[str, torch.Tensor]:
-    if name == "eagle3":
-        assert isinstance(model, Eagle3Model)
-        return ttt_losses(model, parts, ids, mask, feats, logits, tc.num_anchors, generator=gen)
-    assert isinstance(model, DSparkModel)
-    anchors, keep = sample_anchors(mask, lengths, tc.num_anchors, generator=gen)
-    out = model.train_forward(parts, ids, feats, anchors, keep)
-    if name == "dflash":  # DeepSpec's DFlash config: CE only
-        return block_losses(out, ids, mask, logits, anchors, keep, 1.0, 0.0, 0.0, tc.loss_decay)
-    return block_losses(
-        out,
-        ids,
-        mask,
-        logits,
-        anchors,
-        keep,
-        tc.alpha_ce,
-        tc.alpha_tv,
-        tc.alpha_conf,
-        tc.loss_decay,
-    )
-
-
 def train(
     target: Any,
     rows: list[dict[str, Any]] | Callable[[], list[dict[str, Any]]],
@@ -175,6 +136,7 @@ def train(
     fast = copy.deepcopy(target).to(torch.bfloat16) if tc.bf16_target else target
     parts = target_parts(fast, act_dtype=torch.float32)
     models = build_drafts(target, tc, mask_token_id)
+    losses = {name: resolve(cast(Ref, get(name).loss)) for name in models}
     opts = {
         n: torch.optim.AdamW(
             [p for p in m.parameters() if p.requires_grad],
@@ -208,14 +170,15 @@ def train(
         if (step + 1) * tc.batch_size > len(seqs):
             seqs = make_sequences(load_rows(), tc.max_len)
         i0 = (step * tc.batch_size) % len(seqs)
-        batch = [seqs[(i0 + j) % len(seqs)] for j in range(tc.batch_size)]
-        ids, mask, lengths = collate(batch, pad_id)
+        chosen = [seqs[(i0 + j) % len(seqs)] for j in range(tc.batch_size)]
+        ids, mask, lengths = collate(chosen, pad_id)
         feats, logits = target_features(fast, ids, layer_ids)
+        batch = TrainBatch(ids, mask, lengths, feats, logits)
         rec: dict[str, Any] = {"step": step, "lr_factor": round(lr_factor(frac, tc.warmup_frac), 4)}
         for name, model in models.items():
             for group in opts[name].param_groups:
                 group["lr"] = tc.lr * lr_factor(frac, tc.warmup_frac)
-            res = method_loss(name, model, parts, ids, mask, lengths, feats, logits, tc, gen)
+            res = losses[name](model, parts, batch, tc, gen)
             opts[name].zero_grad(set_to_none=True)
             res["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

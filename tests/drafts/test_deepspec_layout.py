@@ -12,6 +12,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from drafts import deepspec
 from drafts.offline import speculative_generate, target_generate
+from drafts.registry import build_proposer
 from scheduler.request import SamplingParams
 
 
@@ -111,7 +112,7 @@ def test_deepspec_checkpoint_loads_and_is_lossless(tmp_path: Path, rank: int) ->
     if rank:
         assert torch.equal(own["markov_w2.weight"], state["markov_head.markov_w2.weight"])
         assert torch.equal(own["confidence.bias"], state["confidence_head.proj.bias"])
-    prop = deepspec.load_proposer(target, str(tmp_path / "ckpt"), 7)
+    prop = build_proposer("deepspec", target, str(tmp_path / "ckpt"), 7)
     prompt = [1, 7, 9, 30, 44, 5, 60]
     res = speculative_generate(
         target, prop, prompt, SamplingParams(max_tokens=16, temperature=0), 7, {2}

@@ -3,21 +3,20 @@ exactly on the real model (offline batch-1 loop; the engine-level test lives wit
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 
-from drafts.checkpoint import shipped_path
 from drafts.offline import speculative_generate, target_generate
+from drafts.registry import build_proposer, get
 from scheduler.request import SamplingParams
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["eagle3", "dflash", "dspark"])
 def test_shipped_drafter_is_lossless_greedy(method: str, target, chat_prompts) -> None:  # type: ignore[no-untyped-def]
-    assert (shipped_path(method) / "model.safetensors").exists(), "shipped checkpoint missing"
+    shipped = get(method).shipped_checkpoint
+    assert shipped is not None and (shipped / "model.safetensors").exists(), "checkpoint missing"
     model = target.hf_model
-    proposer = importlib.import_module(f"drafts.{method}").load_proposer(model, None, 7)
+    proposer = build_proposer(method, model, None, 7)
     eos = {int(target.tokenizer.eos_token_id)}
     accepted = 0
     for i, prompt in enumerate(chat_prompts):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drafts.common import config_from_target, evenly_spaced_layers, filtered_probs, target_parts
-from drafts.dspark import DSparkModel, block_losses, sample_anchors
-from drafts.eagle3 import Eagle3Model, ttt_losses
+from drafts.common import config_from_target, evenly_spaced_layers, target_parts
+from drafts.dspark import DSparkModel
+from drafts.eagle3 import Eagle3Model
 from drafts.offline import speculative_generate, target_generate
 from drafts.proposer import make_proposer
+from drafts.train.losses import block_losses, sample_anchors, ttt_losses
 from scheduler.request import SamplingParams
 
 
@@ -87,14 +88,6 @@ def test_eagle3_ttt_loss_and_backward(tiny_target) -> None:  # type: ignore[no-u
     assert all(f"ce{k}" in res for k in range(7))
     res["loss"].backward()
     assert model.fc.weight.grad is not None
-
-
-def test_filtered_probs_respects_top_k_top_p_min_p() -> None:
-    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
-    assert int((filtered_probs(logits, 1.0, top_k=2) > 0).sum()) == 2
-    p = filtered_probs(logits, 1.0, top_p=0.5)
-    assert int((p > 0).sum()) == 1 and abs(float(p.sum()) - 1) < 1e-6
-    assert int((filtered_probs(logits, 1.0, min_p=0.3) > 0).sum()) == 2
 
 
 def test_proposers_return_what_they_sampled_and_stay_lossless(tiny_target) -> None:  # type: ignore[no-untyped-def]

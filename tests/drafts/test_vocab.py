@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from scheduler.drafter import DraftRequest
 from drafts.checkpoint import load_draft, save_draft, set_draft_vocab
 from drafts.common import config_from_target
 from drafts.dspark import DSparkModel
@@ -15,6 +14,7 @@ from drafts.eagle3 import Eagle3Model
 from drafts.offline import speculative_generate, target_generate
 from drafts.proposer import make_proposer
 from drafts.vocab import frequent_tokens
+from scheduler.drafter import DraftRequest
 from scheduler.request import SamplingParams
 
 PROMPT = [1, 5, 9, 17, 33, 12, 7, 40]
