@@ -6,7 +6,6 @@ so that DeepSpec checkpoints map onto these modules by name.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -282,25 +281,6 @@ def target_parts(target: Any, act_dtype: torch.dtype | None = None) -> FrozenTar
     return FrozenTargetParts(
         target.get_input_embeddings(), target.get_output_embeddings(), act_dtype
     )
-
-
-def filtered_probs(
-    logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
-) -> torch.Tensor:
-    """The distribution a sampler with these settings draws from: logits [..., V] -> probs (fp32)."""
-    x = logits.float() / max(temperature, 1e-6)
-    if top_k and top_k < x.shape[-1]:
-        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, -math.inf)
-    probs = torch.softmax(x, dim=-1)
-    if min_p > 0:
-        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-    if top_p < 1.0:
-        sp, idx = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop = (sp.cumsum(-1) - sp) >= top_p * sp.sum(-1, keepdim=True)
-        probs = probs.scatter(-1, idx, sp.masked_fill(drop, 0.0))
-    return probs / probs.sum(-1, keepdim=True)
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -2,10 +2,13 @@
 
 Runs any scheduler.drafter.Proposer without the serving engine: prefill, then rounds of
 propose -> one target forward over [anchor, drafts] -> lossless rejection sampling -> commit.
+Sampling and verification are the server's own (scheduler.sampling.verify_draft), so the
+evaluation scores drafts against the distribution the server samples from.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,8 +16,8 @@ import torch
 from transformers import DynamicCache
 
 from scheduler.drafter import DraftRequest
-from drafts.common import filtered_probs, sample_from
 from scheduler.request import SamplingParams
+from scheduler.sampling import verify_draft
 
 
 @dataclass
@@ -35,10 +38,6 @@ def _aux(hidden_states: Any, layer_ids: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([hidden_states[i + 1][0] for i in layer_ids], dim=-1)
 
 
-def _target_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    return filtered_probs(logits, p.temperature, p.top_k, p.top_p, p.min_p)
-
-
 @torch.no_grad()
 def speculative_generate(
     target: Any,
@@ -52,7 +51,8 @@ def speculative_generate(
 ) -> GenResult:
     """Generate up to params.max_tokens tokens; lossless for any proposer (greedy: exact match)."""
     dev = target.get_input_embeddings().weight.device
-    greedy = params.temperature <= 0
+    if generator is None:  # seeded from the global RNG, so torch.manual_seed still reproduces a run
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
     cache = DynamicCache()
     out = target(
         input_ids=torch.tensor([prompt_ids], device=dev),
@@ -61,13 +61,19 @@ def speculative_generate(
         output_hidden_states=True,
     )
     proposer.observe(req_id, 0, _aux(out.hidden_states, proposer.aux_layer_ids))
-    last = out.logits[0, -1].float()
-    first = (
-        int(last.argmax())
-        if greedy
-        else int(sample_from(_target_probs(last[None], params), generator))
-    )
+    counts: Counter[int] = Counter()  # output tokens so far, for the penalties
+
+    def verify(
+        logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None
+    ) -> tuple[int, list[int]]:
+        # The draws happen where the generator lives (a CPU generator may meet GPU logits).
+        here = generator.device
+        q = q.to(here) if q is not None else None
+        return verify_draft(logits.to(here), params, prompt_ids, counts, drafts, q, generator)
+
+    _, (first,) = verify(out.logits[0, -1:], [], None)
     tokens = list(prompt_ids) + [first]
+    counts[first] += 1
     result = GenResult([first])
     try:
         while len(result.output_ids) < params.max_tokens and first not in eos_ids:
@@ -77,9 +83,7 @@ def speculative_generate(
             base = len(tokens) - 1  # anchor position; the cache holds positions < base
             inp = torch.tensor([[tokens[-1]] + drafts], device=dev)
             out = target(input_ids=inp, cache=cache, use_cache=True, output_hidden_states=True)
-            logits = out.logits[0].float()
-            accepted, nxt = _verify(logits, drafts, q, params, greedy, generator)
-            new = drafts[:accepted] + [nxt]
+            accepted, new = verify(out.logits[0], drafts, q)
             _crop_cache(cache, base + accepted + 1)
             proposer.observe(
                 req_id, base, _aux(out.hidden_states, proposer.aux_layer_ids)[: accepted + 1]
@@ -91,6 +95,7 @@ def speculative_generate(
             conf = getattr(proposer, "last_conf_logits", {}).get(req_id)
             result.rounds.append(RoundLog(len(drafts), accepted, tau, conf))
             tokens += new
+            counts.update(new)
             result.output_ids += new
             if hit_eos:
                 break
@@ -104,38 +109,6 @@ def _crop_cache(cache: DynamicCache, keep: int) -> None:
     extra = cache.get_seq_length() - keep
     if extra > 0:
         cache.crop(-extra)  # transformers 5: a negative value removes that many tokens
-
-
-def _verify(
-    logits: torch.Tensor,
-    drafts: list[int],
-    q: torch.Tensor | None,
-    params: SamplingParams,
-    greedy: bool,
-    generator: torch.Generator | None,
-) -> tuple[int, int]:
-    """Standard speculative sampling: accept d_i w.p. min(1, p(d_i)/q(d_i)); residual on reject."""
-    if greedy:
-        best = logits.argmax(-1).tolist()
-        a = 0
-        while a < len(drafts) and drafts[a] == best[a]:
-            a += 1
-        return a, int(best[a])
-    p_all = _target_probs(logits, params)
-    for i, d in enumerate(drafts):
-        p = p_all[i]
-        qi = (
-            q[i]
-            if q is not None
-            else torch.nn.functional.one_hot(torch.tensor(d), p.numel()).float()
-        )
-        ratio = float(p[d]) / max(float(qi[d]), 1e-8)
-        u = float(torch.rand((), generator=generator))
-        if u >= min(1.0, ratio):
-            resid = (p - qi.to(p.device)).clamp(min=0)
-            resid = resid / resid.sum() if float(resid.sum()) > 1e-8 else p
-            return i, int(sample_from(resid[None], generator))
-    return len(drafts), int(sample_from(p_all[len(drafts)][None], generator))
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
 """Sampling and lossless verification of draft tokens.
 
 Every distribution the target samples from is built by `target_probs`: penalties on the raw
-logits, then temperature, then top-k / top-p / min-p (vLLM's order). Drafters apply the same
-`process_logits` to their own logits, so the rejection test compares like with like.
+logits, then `process_logits`. The drafters (drafts.proposer) apply the same `process_logits` to
+their own logits and the offline evaluation (drafts.offline) verifies with `verify_draft`, so
+serving, drafting and evaluation filter with one law and the rejection test compares like with
+like.
 
 Verification of drafts d_1..d_k after an anchor, with target distributions p_0..p_k (p_j is the
 distribution of the token that follows position j of the query):
@@ -25,18 +27,27 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from scheduler.request import SamplingParams, TokenLogprob
+from scheduler.verification import verify_greedy
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p on logits [n, vocab] -> probabilities [n, vocab] float32.
+    """Logits [n, vocab] -> the probabilities [n, vocab] (float32) that `params` sample from.
 
+    The order is vLLM v1's sampler (`Sampler.sample`): temperature; then min-p, judged on the
+    probabilities of the tempered logits (its argmax-invariant MinPLogitsProcessor); then
+    top-k; then top-p over what is left (`apply_top_k_top_p`). The order matters: top-p after
+    min-p measures mass within what min-p kept, so it can keep fewer tokens than top-p first.
     For temperature 0 (greedy) returns the one-hot of the argmax.
     """
     logits = logits.float()
     if params.is_greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        floor = params.min_p * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
@@ -46,12 +57,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    if params.min_p > 0.0:
-        floor = params.min_p * probs.max(dim=-1, keepdim=True).values
-        probs = probs.masked_fill(probs < floor, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    return logits.softmax(-1)
 
 
 def apply_penalties(
@@ -118,6 +124,31 @@ def rejection_sample(
         return j, [*draft_ids[:j], token]
     bonus = int(torch.multinomial(probs[k], 1, generator=generator))
     return k, [*draft_ids, bonus]
+
+
+def verify_draft(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prompt_ids: Sequence[int],
+    output_counts: Mapping[int, int],
+    draft_ids: Sequence[int],
+    draft_probs: torch.Tensor | None,
+    generator: torch.Generator,
+) -> tuple[int, list[int]]:
+    """Target logits [k+1, vocab] at the anchor and each draft -> (accepted, emitted tokens).
+
+    Greedy requests keep the drafts that match the argmax (of the penalised logits when the
+    request has penalties); sampling requests go through `rejection_sample`. With no drafts
+    this is plain sampling of the next token.
+    """
+    if params.is_greedy and not params.has_penalties:  # the argmax of the raw logits suffices
+        return verify_greedy(logits.argmax(-1).tolist(), draft_ids)
+    probs = target_probs(logits, params, prompt_ids, output_counts, draft_ids)
+    if params.is_greedy:
+        return verify_greedy(probs.argmax(-1).tolist(), draft_ids)
+    if draft_probs is not None:
+        draft_probs = draft_probs.to(probs.device)
+    return rejection_sample(probs, draft_ids, draft_probs, generator)
 
 
 def top_logprobs(

@@ -1,12 +1,13 @@
-"""The rejection rule of the offline verifier reproduces the target distribution exactly."""
+"""The rejection rule of the offline verifier (scheduler.sampling.verify_draft, the server's own)
+reproduces the target distribution exactly."""
 
 from __future__ import annotations
 
 import torch
 
 from drafts.common import sample_from
-from drafts.offline import _verify
 from scheduler.request import SamplingParams
+from scheduler.sampling import verify_draft
 
 
 def test_rejection_sampling_output_follows_target() -> None:
@@ -21,7 +22,7 @@ def test_rejection_sampling_output_follows_target() -> None:
     n = 20000
     for _ in range(n):
         d = int(sample_from(q[None], gen))
-        a, nxt = _verify(target_logits, [d], q[None], params, False, gen)
-        counts[d if a == 1 else nxt] += 1
+        _, tokens = verify_draft(target_logits, params, [], {}, [d], q[None], gen)
+        counts[tokens[0]] += 1
     emp = counts / n
     assert float((emp - p).abs().max()) < 0.015, (emp, p)
