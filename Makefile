@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(PY) -m server $(ARGS)
 
+# The import contracts (pyproject.toml) first: they take a second and name a broken layer plainly.
 # The deploy tests need Debian's prometheus package (promtool and a real server).
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	bash tests/deploy/ensure_prometheus.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

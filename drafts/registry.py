@@ -1,6 +1,6 @@
 """Every drafter in one table: name -> DrafterSpec.
 
-A spec says all that serving (`--speculative NAME`), `drafts.train`, `drafts.evaluate` and the
+A spec says all that serving (`--speculative NAME`), `drafts.train`, `drafts.train.evaluate` and the
 load test need to know about a drafter. Adding one is its own module plus one `register` call
 (or one entry in `_BUILTIN` below).
 

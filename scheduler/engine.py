@@ -22,7 +22,6 @@ from scheduler.speculator import SpeculationStep, Speculator
 from scheduler.stats import StepStats
 
 if TYPE_CHECKING:
-    from scheduler.config import EngineConfig
     from scheduler.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -274,8 +273,3 @@ class EngineThread:
         ids = [r.req_id for r in [*self.engine.batcher.running, *self.engine.batcher.waiting]]
         return [out for i in ids if (out := self.engine.abort(i)) is not None]
 
-
-def build_engine(config: EngineConfig) -> LLMEngine:
-    from scheduler.build import build_engine as _build
-
-    return _build(config)

@@ -13,8 +13,8 @@ Layouts:
 Attention pads only where it is cheap. Requests with few new tokens (decode, verification) are
 attended in groups of consecutive query lengths, each padded to its longest, with the cut
 chosen at least cost (_group_by_query_length), so one request verifying 7 drafts does not pad
-every decode in the step to 8 queries (`benchmarks/attention.py`: 15 decodes + one 8-token
-verification, 55.7 ms as one padded group under SDPA, 36.2 ms now). A group attends over the
+every decode in the step to 8 queries (`benchmarks/attention.py` measures both; figures in
+docs/benchmarks.md). A group attends over the
 view `cache[:, :span]`, or over a gathered copy of its own rows when it owns few of those
 slots. Long prefill chunks are attended one by one against their own cache row. Projections
 and the MLP always run on the packed tokens, so cost follows the tokens actually computed, and
@@ -36,9 +36,7 @@ SMALL_QUERY_MAX = 16
 # On CPU a short-query group of several slots is attended with batched matmuls
 # (grouped_query_attention) once it has this many padded query rows: SDPA's flash kernel tiles
 # every (slot, head) pair on its own, and over many short queries that costs more than the
-# arithmetic. Whole steps on the embedded model in bfloat16 (context 256), SDPA -> matmul:
-# 4 slots x 2 tokens 18.9 -> 17.2 ms, 8 x 2 26.6 -> 22.8, 16 x 2 44.2 -> 36.6, 32 x 2 78.9 ->
-# 62.4, 32 x 1 47.2 -> 43.7; a lone request keeps SDPA (1 x 8: 15.0 vs 15.3 ms).
+# arithmetic; a lone request keeps SDPA, where the two are even (docs/benchmarks.md).
 MATMUL_ATTENTION_MIN_ROWS = 8
 # Cost model of _group_by_query_length, fitted to whole-step times of the embedded model on CPU
 # (units: one query row against one key): per attended entry, reading its keys and values

@@ -14,8 +14,7 @@ import torch
 
 from scheduler.model import TargetModel, build_packed_batch
 from scheduler.plan import RequestResult, ScheduledRequest, StepPlan, StepResult
-from scheduler.sampling import rejection_sample, target_probs, top_logprobs
-from scheduler.verification import verify_greedy
+from scheduler.sampling import top_logprobs, verify_draft
 
 
 class ModelRunner(Protocol):
@@ -98,16 +97,10 @@ class TorchModelRunner:
     def _verify(self, s: ScheduledRequest, logits: torch.Tensor) -> RequestResult:
         """logits: [1 + k, vocab] at the anchor and each draft position."""
         req, params = s.req, s.req.params
-        if params.is_greedy and not params.has_penalties:
-            argmax = logits.argmax(-1).tolist()
-            accepted, tokens = verify_greedy(argmax, s.draft_ids)
-        else:
-            probs = target_probs(logits, params, req.prompt_ids, req.output_counts, s.draft_ids)
-            if params.is_greedy:
-                accepted, tokens = verify_greedy(probs.argmax(-1).tolist(), s.draft_ids)
-            else:
-                draft_probs = s.draft_probs.to(probs.device) if s.draft_probs is not None else None
-                accepted, tokens = rejection_sample(probs, s.draft_ids, draft_probs, self._generator(s))
+        generator = None if params.is_greedy else self._generator(s)
+        accepted, tokens = verify_draft(
+            logits, params, req.prompt_ids, req.output_counts, s.draft_ids, s.draft_probs, generator
+        )
         logprobs = None
         if params.logprobs is not None:
             logprobs = top_logprobs(logits[: len(tokens)], tokens, params.logprobs)

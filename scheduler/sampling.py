@@ -133,7 +133,7 @@ def verify_draft(
     output_counts: Mapping[int, int],
     draft_ids: Sequence[int],
     draft_probs: torch.Tensor | None,
-    generator: torch.Generator,
+    generator: torch.Generator | None,  # the request's own; only sampling draws from it
 ) -> tuple[int, list[int]]:
     """Target logits [k+1, vocab] at the anchor and each draft -> (accepted, emitted tokens).
 
@@ -146,6 +146,8 @@ def verify_draft(
     probs = target_probs(logits, params, prompt_ids, output_counts, draft_ids)
     if params.is_greedy:
         return verify_greedy(probs.argmax(-1).tolist(), draft_ids)
+    if generator is None:
+        raise ValueError("a sampling request needs its generator")
     if draft_probs is not None:
         draft_probs = draft_probs.to(probs.device)
     return rejection_sample(probs, draft_ids, draft_probs, generator)

@@ -45,7 +45,7 @@ def calibrate(
     temperature: float,
 ) -> dict[str, object]:
     """Roll out the DSpark draft with full-length verification on held-out prompts; fit STS."""
-    from drafts.evaluate import run_set, summarize
+    from drafts.train.evaluate import run_set, summarize
     from drafts.proposer import make_proposer
     from drafts.train.sts import fit_sts, per_position_ece
 
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"shipped {name} to {dst}")
 
     if not args.skip_eval:
-        from drafts.evaluate import evaluate, standard_sets
+        from drafts.train.evaluate import evaluate, standard_sets
         from drafts.train.report import write_table
 
         sets = standard_sets(args.eval_limit)

@@ -146,7 +146,7 @@ def engine_generate_fn(
     """Generation through our serving engine (continuous batching, no drafting), if it builds."""
     try:
         from scheduler.config import EngineConfig
-        from scheduler.engine import build_engine
+        from scheduler.build import build_engine
         from scheduler.request import SamplingParams
     except ImportError:
         return None

@@ -1,7 +1,7 @@
 """Offline acceptance evaluation of a trained drafter (DeepSpec protocol, dspark.md §4.3-4.4).
 
-    python -m drafts.evaluate --drafter dspark --temperature 0 --limit 10 --json out.json
-    python -m drafts.evaluate --drafter eagle3 --prompts FILE.jsonl --temperature 1 --limit 20
+    python -m drafts.train.evaluate --drafter dspark --temperature 0 --limit 10 --json out.json
+    python -m drafts.train.evaluate --drafter eagle3 --prompts FILE.jsonl --temperature 1 --limit 20
 
 Reports tau (mean accepted length per round, bonus included, gamma = 7, lossless rule),
 per-position acceptance (unconditional and conditional) and, for DSpark, the per-position
