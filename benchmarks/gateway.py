@@ -23,13 +23,11 @@ import json
 import statistics
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 from gateway_load import spawn_server
 
-ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
     "What is the capital of France?", "Write a haiku about the sea.",
     "Explain photosynthesis in one sentence.", "List three prime numbers.",
@@ -161,8 +159,8 @@ def main() -> None:
 
     import torch
 
+    from scheduler.build import build_engine
     from scheduler.config import EngineConfig
-    from scheduler.engine import build_engine
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,15 +173,14 @@ def main() -> None:
     server_args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
     server_args += ["--max-queue", str(max_seqs)]
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
-    proc, base = spawn_server(server_args, env_extra=env)
+    server = spawn_server(server_args, env=env)
     result: dict[str, Any] = {"model": engine.model_name, "max_tokens": args.max_tokens,
                               "rounds": args.rounds, "torch_threads": torch.get_num_threads()}
     try:
         for c in args.concurrency:
-            result[f"concurrency_{c}"] = compare(engine, base, c, args.max_tokens, args.rounds)
+            result[f"concurrency_{c}"] = compare(engine, server.url, c, args.max_tokens, args.rounds)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.stop()
     print(json.dumps(result, indent=2))
 
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the gateway stress and soak scripts: start a server, classify outcomes.
+"""Shared pieces of the gateway benchmarks: start a server or use one, classify outcomes.
 
 Every request ends in exactly one outcome:
   ok        200 and a complete body (non-streaming) or a stream ending in a finish_reason + [DONE]
@@ -9,18 +9,18 @@ Every request ends in exactly one outcome:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from loadtest.runtime import ServerProcess, server_command
 
 ROOT = Path(__file__).resolve().parents[1]
 MSGS = [{"role": "user", "content": "Tell me about speculative decoding."}]
@@ -125,32 +125,37 @@ def rss_mb(base: str) -> float | None:
     return None if v is None else round(v / 2**20, 1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def spawn_server(args: list[str], env: dict[str, str] | None = None) -> ServerProcess:
+    """`python -m server <args>` on a free port, logging warnings to this terminal; started."""
+    cmd = server_command("--log-level", "warning", *args)
+    return ServerProcess(cmd, ready_timeout=300.0, env=env, cwd=ROOT).start()
 
 
-def spawn_server(args: list[str], timeout_s: float = 300.0,
-                 env_extra: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """`python -m server <args>` on a free port; returns once /ready says 200."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port),
-                             "--log-level", "warning", *args], cwd=ROOT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(base + "/ready", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
+def add_common_options(ap: argparse.ArgumentParser, default_server_args: str) -> None:
+    """The server to load (--url, or one spawned with --server-args) and the request options."""
+    ap.add_argument("--url", help="an already running server (default: spawn one)")
+    ap.add_argument("--server-args", default=default_server_args,
+                    help="flags for the spawned server")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+
+
+Scenario = Callable[[str], Coroutine[Any, Any, dict[str, Any]]]  # base URL -> result
+
+
+def run_against_server(url: str | None, server_args: list[str],
+                       scenario: Scenario) -> dict[str, Any]:
+    """`scenario(base_url)` against `url`, or against a server spawned for it and stopped after
+    (then the result also holds its exit code: 0 when it drained and shut down cleanly)."""
+    if url is not None:
+        return asyncio.run(scenario(url.rstrip("/")))
+    server = spawn_server(server_args)
+    try:
+        result = asyncio.run(scenario(server.url))
+    finally:
+        code = server.stop()
+    result["server_exit_code"] = code
+    return result
 
 
 async def wait_idle(base: str, timeout_s: float = 30.0) -> float:

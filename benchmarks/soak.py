@@ -22,7 +22,16 @@ import time
 from typing import Any
 
 import httpx
-from gateway_load import Outcome, Tally, chat, metric, rss_mb, spawn_server, wait_idle
+from gateway_load import (
+    Outcome,
+    Tally,
+    add_common_options,
+    chat,
+    metric,
+    rss_mb,
+    run_against_server,
+    wait_idle,
+)
 
 DEFAULT_SERVER = "--model fake --max-num-seqs 4 --max-queue 32"
 
@@ -84,27 +93,14 @@ async def soak(base: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", help="an already running server (default: spawn one)")
-    ap.add_argument("--server-args", default=DEFAULT_SERVER)
+    add_common_options(ap, DEFAULT_SERVER)
     ap.add_argument("--duration", type=float, default=900.0, help="seconds of steady load")
     ap.add_argument("--load", type=float, default=0.8, help="fraction of measured capacity")
     ap.add_argument("--concurrency", type=int, default=4, help="closed-loop clients for calibration")
     ap.add_argument("--calibrate-s", type=float, default=5.0)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    proc = None
-    base = args.url
-    if base is None:
-        proc, base = spawn_server(shlex.split(args.server_args))
-    try:
-        result = asyncio.run(soak(base.rstrip("/"), args))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            code = proc.wait(60)
-    if proc is not None:
-        result["server_exit_code"] = code
+    result = run_against_server(args.url, shlex.split(args.server_args),
+                                lambda base: soak(base, args))
     print(json.dumps(result, indent=2))
 
 

@@ -22,7 +22,15 @@ import time
 from typing import Any
 
 import httpx
-from gateway_load import Tally, chat, metric, metrics, rss_mb, spawn_server, wait_idle
+from gateway_load import (
+    Tally,
+    add_common_options,
+    chat,
+    metrics,
+    rss_mb,
+    run_against_server,
+    wait_idle,
+)
 
 DEFAULT_SERVER = "--model fake --max-num-seqs 4 --max-queue 12"
 
@@ -97,30 +105,16 @@ def capacity_of(server_args: list[str]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", help="an already running server (default: spawn one)")
-    ap.add_argument("--server-args", default=DEFAULT_SERVER, help="flags for the spawned server")
+    add_common_options(ap, DEFAULT_SERVER)
     ap.add_argument("--capacity", type=int, help="max_num_seqs + max_queue (default: from --server-args)")
     ap.add_argument("--scenario", choices=["burst", "storm", "all"], default="all")
     ap.add_argument("--factor", type=int, default=10, help="burst size as a multiple of capacity")
     ap.add_argument("--clients", type=int, default=100, help="storm clients")
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     server_args = shlex.split(args.server_args)
     if args.capacity is None:
         args.capacity = capacity_of(server_args)
-    proc = None
-    base = args.url
-    if base is None:
-        proc, base = spawn_server(server_args)
-    try:
-        result = asyncio.run(run(args, base.rstrip("/")))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            result_code = proc.wait(60)
-    if proc is not None:
-        result["server_exit_code"] = result_code
+    result = run_against_server(args.url, server_args, lambda base: run(args, base))
     print(json.dumps(result, indent=2))
 
 

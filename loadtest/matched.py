@@ -30,7 +30,7 @@ from typing import Any
 
 from loadtest.analysis import PointSummary, Slo
 from loadtest.report import publish, write_report
-from loadtest.runtime import ServerProcess, free_port
+from loadtest.runtime import ServerProcess
 from loadtest.sweep import PointSettings, Workload, config_args, probe_capacity, run_point
 
 QUICK_FRACTIONS = (0.25, 0.6, 1.0)
@@ -250,7 +250,7 @@ def sweep_config(
         return capacity
     cmd = a.server_cmd.format(python=sys.executable, port="{port}").split()
     cmd += (["--model", a.model] if a.model else []) + a.server_args.split() + args
-    with ServerProcess(cmd, free_port(), cdir / "server.log", a.ready_timeout) as server:
+    with ServerProcess(cmd, log=cdir / "server.log", ready_timeout=a.ready_timeout) as server:
         print(f"[{name}] ready at {server.url} ({' '.join(args)})", flush=True)
         if rates is None:  # only ever the baseline: the probe is cached after it runs
             capacity = probe_capacity(

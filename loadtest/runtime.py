@@ -1,4 +1,9 @@
-"""Start a server subprocess, wait until it is ready, scrape its counters, stop it cleanly."""
+"""Start a server subprocess, wait until it is ready, scrape its counters, stop it cleanly.
+
+The one place that spawns servers for the load tests, the gateway benchmarks and the deploy
+tests. It speaks HTTP only: the server is a child process (`python -m server`, the load-test
+stub, Prometheus: any command that answers on a ready path), never imported.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,12 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import IO, Self
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,6 +31,10 @@ COUNTERS = (
     "dspark_spec_decode_num_accepted_tokens",
 )
 
+# Longer than the server's default drain (30 s) plus its engine shutdown (5 s), so a graceful
+# stop is never cut short by the kill that follows.
+STOP_GRACE_S = 45.0
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -31,27 +42,64 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class ServerProcess:
-    """`cmd` with "{port}" filled in, run in its own process group, log to `log`.
+def server_command(*args: str) -> list[str]:
+    """`python -m server` on loopback, on the port ServerProcess fills in."""
+    return [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "{port}", *args]
 
-    On exit: SIGINT (graceful shutdown), then SIGTERM, then SIGKILL, each after a grace period,
-    all sent to the group this object created.
+
+class ServerProcess:
+    """`cmd` with "{port}" filled in, run in its own process group until /ready answers 200.
+
+    `log`: the file that takes the server's output (None: it shares this process's terminal).
+    `env`: variables added to this process's environment. `ready_path`: the URL path polled
+    until it answers 200. Use it as a context manager, or call start() and stop(). Stopping
+    sends SIGTERM (the server drains and exits 0), then SIGKILL after STOP_GRACE_S, to the
+    whole group this object created.
     """
 
-    def __init__(self, cmd: list[str], port: int, log: Path, ready_timeout: float = 600.0) -> None:
-        self.cmd = [c.replace("{port}", str(port)) for c in cmd]
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(
+        self,
+        cmd: list[str],
+        port: int | None = None,
+        log: Path | None = None,
+        ready_timeout: float = 600.0,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        ready_path: str = "/ready",
+    ) -> None:
+        self.port = free_port() if port is None else port
+        self.cmd = [c.replace("{port}", str(self.port)) for c in cmd]
+        self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.ready_timeout = ready_timeout
-        self.proc: subprocess.Popen[bytes] | None = None
+        # Unbuffered, so the log tail in an error message is the whole story.
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.cwd = cwd
+        self.ready_path = ready_path
+        self._proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> Self:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as f:
-            f.write(f"$ {' '.join(self.cmd)}\n".encode())
-            self.proc = subprocess.Popen(
-                self.cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        if self._proc is None:
+            raise RuntimeError("server not started")
+        return self._proc
+
+    def start(self) -> Self:
+        with ExitStack() as stack:
+            out: IO[bytes] | None = None
+            if self.log is not None:
+                self.log.parent.mkdir(parents=True, exist_ok=True)
+                out = stack.enter_context(open(self.log, "ab"))
+                out.write(f"$ {' '.join(self.cmd)}\n".encode())
+                out.flush()
+            self._proc = subprocess.Popen(
+                self.cmd,
+                stdout=out,
+                stderr=None if out is None else subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
             )
         try:
             self.wait_ready()
@@ -60,39 +108,54 @@ class ServerProcess:
             raise
         return self
 
+    def __enter__(self) -> Self:
+        return self.start()
+
     def __exit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
 
+    def log_tail(self, chars: int = 4000) -> str:
+        if self.log is None or not self.log.exists():
+            return "(output went to the terminal)"
+        return self.log.read_text(errors="replace")[-chars:]
+
     def wait_ready(self) -> None:
-        assert self.proc is not None
         deadline = time.monotonic() + self.ready_timeout
+        last: object = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                tail = self.log.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{tail}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(self.url + "/ready", timeout=2.0).status_code == 200:
+                r = httpx.get(self.url + self.ready_path, timeout=2.0)
+                if r.status_code == 200:
                     return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"server not ready after {self.ready_timeout:.0f}s; see {self.log}")
+                last = r.status_code
+            except httpx.HTTPError as e:
+                last = e
+            time.sleep(0.2)
+        raise TimeoutError(
+            f"{self.url}{self.ready_path} not ready after {self.ready_timeout:.0f}s "
+            f"(last: {last!r}):\n{self.log_tail()}"
+        )
 
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        for sig, grace in ((signal.SIGINT, 20.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+    def stop(self, grace_s: float = STOP_GRACE_S) -> int | None:
+        """The exit status: negative if a signal ended it, None if never started or unkillable."""
+        if self._proc is None:
+            return None
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            if self._proc.poll() is not None:
+                break
             try:
-                os.killpg(self.proc.pid, sig)
+                os.killpg(self._proc.pid, sig)
             except ProcessLookupError:
-                return
+                break
             try:
-                self.proc.wait(grace)
-                return
+                self._proc.wait(wait_s)
             except subprocess.TimeoutExpired:
                 continue
+        return self._proc.poll()
 
 
 def scrape_counters(url: str) -> dict[str, float]:

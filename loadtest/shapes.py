@@ -37,7 +37,8 @@ def build_schedule(opts: Any) -> RateSchedule:
 class TrafficShape(LoadTestShape):
     """Dispatches on `--load-shape`; see the module docstring."""
 
-    use_common_options = True  # `users` mode honours -u/-r/-t like a plain Locust run
+    # `users` mode answers -u/-r like a plain Locust run, and -t ends every shape's run.
+    use_common_options = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -70,6 +71,10 @@ class TrafficShape(LoadTestShape):
         if opts is None:
             return None
         t = self.get_run_time()
+        # Locust waits for a shape to finish before it would start its own -t timer, so the
+        # shape ends the run itself; an open loop's drain counts inside this limit.
+        if opts.run_time and t >= opts.run_time:
+            return None
         shape = opts.load_shape
         if shape == "users":
             if opts.load_duration and t >= opts.load_duration:

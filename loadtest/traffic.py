@@ -1,7 +1,7 @@
 """Locust traffic for dspark-serve (or any OpenAI-compatible streaming server).
 
     locust -f loadtest/traffic.py -H http://127.0.0.1:8000                      # web UI
-    locust -f loadtest/traffic.py -H http://127.0.0.1:8000 --headless -u 4 -t 60s --csv out
+    locust -f loadtest/traffic.py -H http://127.0.0.1:8000 --headless -u 4 -r 4 -t 60s --csv out
     locust -f loadtest/traffic.py -H ... --headless --load-shape constant-rate \
         --request-rate 2 --load-duration 60 --records-file points.jsonl       # open loop
 

@@ -1,19 +1,16 @@
 """Shared helpers for the deployment tests: dashboard queries, metric names, child processes.
 
 Nothing here fakes a tool: promtool and prometheus are Debian's binaries, the server is the real
-`python -m server` process, and PromQL is parsed by promql-parser (a port of Prometheus's parser).
+`python -m server` process (started by loadtest.runtime, as the load tests and benchmarks start
+it), and PromQL is parsed by promql-parser (a port of Prometheus's parser).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +19,8 @@ from typing import Any
 import httpx
 import promql_parser
 from prometheus_client.parser import text_string_to_metric_families
+
+from loadtest.runtime import ServerProcess, free_port, server_command
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
@@ -160,12 +159,6 @@ def exported_samples(metrics_text: str) -> dict[str, set[str]]:
 # ---------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def ensure_prometheus_tools() -> tuple[str, str]:
     """Paths of promtool and prometheus, installing Debian's package first when missing."""
     if not (shutil.which("promtool") and shutil.which("prometheus")):
@@ -180,24 +173,8 @@ def ensure_prometheus_tools() -> tuple[str, str]:
     return promtool, prometheus
 
 
-def wait_until_ok(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    last: object = None
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            r = httpx.get(url, timeout=2)
-            if r.status_code == 200:
-                return
-            last = r.status_code
-        except httpx.TransportError as e:
-            last = e
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout_s}s (last: {last!r})")
-
-
 def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL: for a process started as a ServerProcess, prefer its stop()."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -205,13 +182,6 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
-
-
-@dataclass
-class ServerProcess:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
 
 
 def start_server(
@@ -223,28 +193,12 @@ def start_server(
     """`python -m server` on a free loopback port, waited on until /ready answers 200."""
     port = free_port()
     log = log_dir / f"server-{port}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), *args],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ok(f"{url}/ready", ready_timeout_s, proc)
-    except Exception as e:
-        stop(proc)
-        raise RuntimeError(f"server did not start: {e}\n{log.read_text()[-4000:]}") from e
-    return ServerProcess(proc, url, log)
+    server = ServerProcess(server_command(*args), port, log, ready_timeout_s, env=env, cwd=REPO)
+    return server.start()
 
 
-@dataclass
-class PrometheusProcess:
-    proc: subprocess.Popen[bytes]
-    url: str
+class PrometheusProcess(ServerProcess):
+    """A Prometheus server, started and stopped like the service it scrapes."""
 
     def query(self, expr: str) -> dict[str, Any]:
         """The raw API answer for an instant query (status 'success' or 'error')."""
@@ -258,7 +212,6 @@ def start_prometheus(
 ) -> PrometheusProcess:
     """A real Prometheus on a free loopback port scraping `target` (host:port) every scrape_s,
     or running `config_text` as given."""
-    port = free_port()
     config = work / "prometheus.yml"
     config.write_text(
         config_text
@@ -269,23 +222,13 @@ def start_prometheus(
         "  - job_name: dspark-serve\n"
         f"    static_configs: [{{targets: ['{target}']}}]\n"
     )
-    with (work / "prometheus.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={work / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ok(f"{url}/-/ready", 60, proc)
-    except Exception as e:
-        stop(proc)
-        raise RuntimeError(
-            f"prometheus did not start: {e}\n{(work / 'prometheus.log').read_text()}"
-        ) from e
-    return PrometheusProcess(proc, url)
+    cmd = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={work / 'tsdb'}",
+        "--web.listen-address=127.0.0.1:{port}",
+    ]
+    prom = PrometheusProcess(
+        cmd, log=work / "prometheus.log", ready_timeout=60, ready_path="/-/ready"
+    )
+    return prom.start()

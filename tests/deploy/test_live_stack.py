@@ -30,7 +30,6 @@ from .support import (
     selector_names,
     start_prometheus,
     start_server,
-    stop,
     variable_queries,
 )
 
@@ -113,7 +112,7 @@ def loaded_server(
         send_rejected(server.url)
         yield server, before
     finally:
-        stop(server.proc)
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -200,8 +199,8 @@ def scraped(
         yield server, prom
     finally:
         if prom is not None:
-            stop(prom.proc)
-        stop(server.proc)
+            prom.stop()
+        server.stop()
 
 
 N_SCRAPED = 9

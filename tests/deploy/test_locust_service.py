@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from .support import REPO, ServerProcess, start_server, stop
+from .support import REPO, ServerProcess, start_server
 
 SERVICE = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["locust"]
 
@@ -36,7 +36,7 @@ def host_data_dir() -> Path:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     srv = start_server(tmp_path_factory.mktemp("locust-server"), ["--model", "fake"])
     yield srv
-    stop(srv.proc)
+    srv.stop()
 
 
 def success_count(url: str) -> float:
@@ -69,10 +69,8 @@ def test_compose_locust_command_drives_the_server(server: ServerProcess, tmp_pat
     ]
     before = success_count(server.url)
     proc = subprocess.run(
-        [sys.executable, "-m", "locust", *args, "--headless", "-u", "2", "-r", "2"]
-        # traffic.py's load shape ends the run after --load-duration seconds (-t does not).
-        + ["--load-duration", "6", "--max-tokens", "16", "--exit-code-on-error", "1"]
-        + ["--only-summary"],
+        [sys.executable, "-m", "locust", *args, "--headless", "-u", "2", "-r", "2", "-t", "6s"]
+        + ["--max-tokens", "16", "--exit-code-on-error", "1", "--only-summary"],
         cwd=root,
         env={**os.environ, **env},
         check=False,

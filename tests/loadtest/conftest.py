@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.runtime import ServerProcess, free_port
+from loadtest.runtime import ServerProcess
 
 STUB = Path(__file__).resolve().with_name("loadtest_stub.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -23,8 +23,10 @@ def start_stub(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     started: list[ServerProcess] = []
 
     def start(*args: str) -> ServerProcess:
-        srv = ServerProcess(stub_cmd(*args), free_port(), tmp_path / f"stub{len(started)}.log", 60)
-        started.append(srv.__enter__())
+        srv = ServerProcess(
+            stub_cmd(*args), log=tmp_path / f"stub{len(started)}.log", ready_timeout=60
+        )
+        started.append(srv.start())
         return srv
 
     yield start

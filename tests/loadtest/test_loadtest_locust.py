@@ -7,7 +7,9 @@ takes 20 ms and yields one token per request, so TPOT must come out near 20 ms.
 
 from __future__ import annotations
 
+import ast
 import csv
+import shlex
 import signal
 import subprocess
 import sys
@@ -168,6 +170,56 @@ def test_step_users_completions_and_spec_entries(
     assert ("POST", "/v1/completions stream") in rows
     assert float(rows[("SPEC", "acceptance_length_x1000")]["Average Response Time"]) > 2000
     assert ("SPEC", "acceptance_rate_permille") in rows
+
+
+def documented_headless_command() -> list[str]:
+    """The headless closed-loop command in traffic.py's docstring, split into arguments."""
+    doc = ast.get_docstring(ast.parse(TRAFFIC.read_text())) or ""
+    line = next(ln for ln in doc.splitlines() if "--headless" in ln and " -t " in ln)
+    return shlex.split(line.split("#")[0])
+
+
+def test_documented_command_stops_at_its_run_time(
+    start_stub: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    # Locust waits for a shape class to finish before it starts its own -t timer, so a shape
+    # that ignored -t ran the documented closed-loop command forever.
+    srv = start_stub("--step-base-ms", "10")
+    args = documented_headless_command()
+    assert args[:3] == ["locust", "-f", "loadtest/traffic.py"] and "-u" in args
+    args[args.index("-H") + 1] = srv.url
+    args[args.index("-t") + 1] = "3s"
+    args[args.index("--csv") + 1] = str(tmp_path / "out")
+    t0 = time.monotonic()
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", *args, "--only-summary", "--max-tokens", "8"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("locust -t 3s was still running after 60 s")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert time.monotonic() - t0 >= 3.0  # ended by -t, not before it
+    rows = stats_rows(tmp_path / "out")
+    assert int(rows[("POST", "/v1/chat/completions stream")]["Request Count"]) > 0
+
+
+def test_run_time_also_ends_an_open_loop_without_load_duration(
+    start_stub: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    srv = start_stub("--step-base-ms", "10")
+    records = tmp_path / "rec.jsonl"
+    shape = ["--load-shape", "constant-rate", "--request-rate", "5", "--max-tokens", "4"]
+    res = locust("-H", srv.url, *shape, "-t", "3s", "--records-file", str(records), timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    meta, recs = read_records(records)
+    assert meta["run_time"] == 3 and meta["load_duration"] == 0
+    # Arrivals every 200 ms until the 3 s limit: 15, give or take the one at the cut.
+    assert 13 <= len(recs) <= 16
 
 
 def test_web_ui_starts_a_constant_rate_test(
