@@ -25,8 +25,10 @@ TRAFFIC = Path(__file__).resolve().with_name("traffic.py")
 def config_args(spec: str, drafter: str = "dspark", k: int | None = None) -> tuple[str, list[str]]:
     """Server flags of a configuration name.
 
-    none | dspark | fixed<K> (drafter --drafter, fixed verify length K) | <drafter> |
-    <drafter>-fixed<K> | <drafter>-dspark | NAME=<raw server flags>
+    none | dspark | fixed<K> (drafter --drafter, fixed verify length K) | <drafter> (its
+    drafts all verified: the fixed policy) | <drafter>-fixed<K> | <drafter>-dspark |
+    NAME=<raw server flags>. Every name pins drafter and policy, so a configuration means the
+    same whatever the server's defaults are.
     """
     if "=" in spec:
         name, raw = spec.split("=", 1)
@@ -48,7 +50,7 @@ def config_args(spec: str, drafter: str = "dspark", k: int | None = None) -> tup
         ]
     if head in available() and head != "none":  # the registry's names (it imports no torch)
         if not tail:
-            return spec, ["--speculative", head, *kk]
+            return spec, ["--speculative", head, "--verify-policy", "fixed", *kk]
         if tail == "dspark":
             return spec, ["--speculative", head, "--verify-policy", "dspark", *kk]
         if tail.startswith("fixed") and tail[5:].isdigit():

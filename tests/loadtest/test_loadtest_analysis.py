@@ -216,6 +216,8 @@ def test_config_presets() -> None:
         "dspark",
     ]
     assert config_args("ngram-fixed3")[1][-1] == "3"
+    # a bare drafter name verifies every draft, whatever the server's default policy is
+    assert config_args("ngram") == ("ngram", ["--speculative", "ngram", "--verify-policy", "fixed"])
     assert config_args("mine=--speculative ngram --x 1") == (
         "mine",
         ["--speculative", "ngram", "--x", "1"],
