@@ -117,8 +117,8 @@ def ours_generate(target, prompts, max_tokens: int, num_slots: int) -> float:
 def hf_generate(target, prompt, max_tokens: int) -> float:
     hf = target.hf_model
     ids = torch.tensor([prompt])
-    kwargs = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                  attention_mask=torch.ones_like(ids), pad_token_id=0)
+    kwargs = {"max_new_tokens": max_tokens, "min_new_tokens": max_tokens, "do_sample": False,
+              "attention_mask": torch.ones_like(ids), "pad_token_id": 0}
     with torch.inference_mode():
         hf.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
         t = time.perf_counter()

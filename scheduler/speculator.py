@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from operator import mul
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from scheduler.drafter import DraftProposal, DraftRequest, Proposer
 from scheduler.plan import ScheduledRequest, StepPlan, StepResult

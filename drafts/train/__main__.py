@@ -45,8 +45,8 @@ def calibrate(
     temperature: float,
 ) -> dict[str, object]:
     """Roll out the DSpark draft with full-length verification on held-out prompts; fit STS."""
-    from drafts.train.evaluate import run_set, summarize
     from drafts.proposer import make_proposer
+    from drafts.train.evaluate import run_set, summarize
     from drafts.train.sts import fit_sts, per_position_ece
 
     model = load_draft(run / "train" / "dspark")

@@ -145,8 +145,8 @@ def engine_generate_fn(
 ) -> GenerateFn | None:
     """Generation through our serving engine (continuous batching, no drafting), if it builds."""
     try:
-        from scheduler.config import EngineConfig
         from scheduler.build import build_engine
+        from scheduler.config import EngineConfig
         from scheduler.request import SamplingParams
     except ImportError:
         return None

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from scheduler.drafter import DraftProposal, DraftRequest, Proposer
 from scheduler.draft_gate import DraftGate
+from scheduler.drafter import DraftProposal, DraftRequest, Proposer
 from scheduler.sampling import process_logits
 from scheduler.speculator import Speculator
 from scheduler.verify_policy import FixedLength, VerifyPolicy
