@@ -93,8 +93,10 @@ class Speculator:
         step = SpeculationStep()
         candidates, limits = [], []
         for s in plan.scheduled:
+            if not (s.is_decoding and s.req.params.speculative):
+                continue
             k = min(self.max_draft_tokens, batcher.max_draft_tokens(s))
-            if s.is_decoding and s.req.params.speculative and k > 0:
+            if k > 0:
                 candidates.append(s)
                 limits.append(k)
         if not candidates:

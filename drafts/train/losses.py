@@ -23,35 +23,29 @@ from drafts.train.trainer import TrainBatch, TrainConfig
 
 
 def eagle3_config(target_config: Any, tc: TrainConfig, mask_token_id: int) -> DraftConfig:
-    return config_from_target(
-        target_config,
-        "eagle3",
-        num_layers=tc.eagle3_layers,
-        block_size=tc.block_size,
-        mask_token_id=mask_token_id,
-    )
+    return _config(target_config, tc, mask_token_id, "eagle3", tc.eagle3_layers)
 
 
 def dflash_config(target_config: Any, tc: TrainConfig, mask_token_id: int) -> DraftConfig:
     """DFlash as DeepSpec ships it: DSpark's backbone without the Markov and confidence heads."""
-    return config_from_target(
-        target_config,
-        "dflash",
-        num_layers=tc.dspark_layers,
-        block_size=tc.block_size,
-        mask_token_id=mask_token_id,
-    )
+    return _config(target_config, tc, mask_token_id, "dflash", tc.dspark_layers)
 
 
 def dspark_config(target_config: Any, tc: TrainConfig, mask_token_id: int) -> DraftConfig:
+    return _config(
+        target_config, tc, mask_token_id, "dspark", tc.dspark_layers,
+        markov_rank=tc.markov_rank, confidence_head=True,
+    )
+
+
+def _config(
+    target_config: Any, tc: TrainConfig, mask_token_id: int, method: str, num_layers: int,
+    **heads: Any,
+) -> DraftConfig:
+    """The target's shape, the run's block size, and the method's own layers and heads."""
     return config_from_target(
-        target_config,
-        "dspark",
-        num_layers=tc.dspark_layers,
-        markov_rank=tc.markov_rank,
-        confidence_head=True,
-        block_size=tc.block_size,
-        mask_token_id=mask_token_id,
+        target_config, method, num_layers=num_layers, block_size=tc.block_size,
+        mask_token_id=mask_token_id, **heads,
     )
 
 

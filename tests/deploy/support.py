@@ -173,17 +173,6 @@ def ensure_prometheus_tools() -> tuple[str, str]:
     return promtool, prometheus
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL: for a process started as a ServerProcess, prefer its stop()."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-
-
 def start_server(
     log_dir: Path,
     args: list[str],

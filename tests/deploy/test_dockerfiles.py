@@ -21,7 +21,7 @@ import httpx
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from .support import DOCKER, REPO, start_server, stop
+from .support import DOCKER, REPO, start_server
 
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.cuda"]
 Stage = list[dict[str, str]]
@@ -171,7 +171,7 @@ def test_build_conversion_then_offline_start(tmp_path: Path) -> None:
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] >= 1
     finally:
-        stop(server.proc)
+        server.stop()
     assert {p.name: p.stat().st_mtime_ns for p in baked.iterdir()} == stamps, "cache rewritten"
     assert not list(cache.glob("models/*.tmp")), "the server converted again instead of reusing"
     assert not (elsewhere / "dspark-serve").exists(), "the server used a cache outside the image's"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .support import DOCKER, ServerProcess, start_prometheus, start_server, stop
+from .support import DOCKER, ServerProcess, start_prometheus, start_server
 
 CONFIG = DOCKER / "prometheus.yml"
 
@@ -39,7 +39,7 @@ def test_promtool_rejects_a_broken_config(promtool: str, tmp_path: Path) -> None
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     srv = start_server(tmp_path_factory.mktemp("config-server"), ["--model", "fake"])
     yield srv
-    stop(srv.proc)
+    srv.stop()
 
 
 def test_shipped_config_scrapes_the_service(
@@ -64,4 +64,4 @@ def test_shipped_config_scrapes_the_service(
         assert labels["config"] == job["static_configs"][0]["labels"]["config"]
         assert labels["model_name"]
     finally:
-        stop(prom.proc)
+        prom.stop()

@@ -21,9 +21,6 @@ import pytest
 import torch
 
 import scheduler.sampling
-from drafts.common import config_from_target
-from drafts.dspark import DSparkModel
-from drafts.eagle3 import Eagle3Model
 from drafts.offline import speculative_generate
 from drafts.proposer import make_proposer
 from scheduler.drafter import DraftRequest
@@ -61,32 +58,17 @@ def assert_the_check_has_teeth(logits: torch.Tensor, params: SamplingParams) -> 
         assert not torch.allclose(other, law, atol=1e-4, rtol=0), name
 
 
-def _draft(target: Any, method: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if method == "eagle3":
-        return Eagle3Model(config_from_target(target.config, "eagle3", aux_layer_ids=[0, 1, 2]))
-    cfg = config_from_target(
-        target.config,
-        "dspark",
-        aux_layer_ids=[0, 1, 2],
-        num_layers=1,
-        markov_rank=8,
-        confidence_head=True,
-        mask_token_id=3,
-    )
-    model = DSparkModel(cfg)
-    with torch.no_grad():  # a non-zero Markov head, so its sequential bias is in the logits
-        model.markov_w2.weight.normal_(std=0.5)  # type: ignore[union-attr]
-    return model
-
-
 @pytest.mark.parametrize(
     ("method", "params"), [("dspark", DSPARK), ("eagle3", EAGLE3)], ids=["dspark", "eagle3"]
 )
 def test_draft_q_rows_are_the_servers_law_of_the_draft_logits(
-    tiny_target: Any, method: str, params: SamplingParams, monkeypatch: pytest.MonkeyPatch
+    tiny_target: Any,
+    make_draft: Any,
+    method: str,
+    params: SamplingParams,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    prop = make_proposer(_draft(tiny_target, method), tiny_target, 7)
+    prop = make_proposer(make_draft(tiny_target, method), tiny_target, 7)
     out = tiny_target(input_ids=torch.tensor([PROMPT]), output_hidden_states=True)
     prop.observe("r", 0, torch.cat([out.hidden_states[i + 1][0] for i in (0, 1, 2)], -1)[:-1])
     seen: list[torch.Tensor] = []  # [1, vocab] logits of each draft position, as sampled from
@@ -108,7 +90,7 @@ def test_draft_q_rows_are_the_servers_law_of_the_draft_logits(
 
 
 def test_evaluation_verifies_against_the_servers_law_of_the_target_logits(
-    tiny_target: Any, monkeypatch: pytest.MonkeyPatch
+    tiny_target: Any, make_draft: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     class RecordingTarget:
         """The tiny target, keeping the logits of every forward."""
@@ -133,7 +115,7 @@ def test_evaluation_verifies_against_the_servers_law_of_the_target_logits(
 
     monkeypatch.setattr(scheduler.sampling, "rejection_sample", spy)
     target = RecordingTarget()
-    prop = make_proposer(_draft(tiny_target, "dspark"), tiny_target, 7)
+    prop = make_proposer(make_draft(tiny_target, "dspark"), tiny_target, 7)
     res = speculative_generate(
         target, prop, PROMPT, DSPARK, 7, {2}, generator=torch.Generator().manual_seed(0)
     )

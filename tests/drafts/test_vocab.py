@@ -8,9 +8,6 @@ import pytest
 import torch
 
 from drafts.checkpoint import load_draft, save_draft, set_draft_vocab
-from drafts.common import config_from_target
-from drafts.dspark import DSparkModel
-from drafts.eagle3 import Eagle3Model
 from drafts.offline import speculative_generate, target_generate
 from drafts.proposer import make_proposer
 from drafts.vocab import frequent_tokens
@@ -18,25 +15,6 @@ from scheduler.drafter import DraftRequest
 from scheduler.request import SamplingParams
 
 PROMPT = [1, 5, 9, 17, 33, 12, 7, 40]
-
-
-def _draft(target, method: str) -> torch.nn.Module:  # type: ignore[no-untyped-def]
-    torch.manual_seed(0)
-    if method == "eagle3":
-        return Eagle3Model(config_from_target(target.config, "eagle3", aux_layer_ids=[0, 1, 2]))
-    cfg = config_from_target(
-        target.config,
-        "dspark",
-        aux_layer_ids=[0, 1, 2],
-        num_layers=1,
-        markov_rank=8,
-        confidence_head=True,
-        mask_token_id=3,
-    )
-    model = DSparkModel(cfg)
-    with torch.no_grad():  # a non-zero Markov head, so its restricted rows matter
-        model.markov_w2.weight.normal_(std=0.5)  # type: ignore[union-attr]
-    return model
 
 
 def _proposer_with_context(model, target):  # type: ignore[no-untyped-def]
@@ -52,8 +30,8 @@ def test_frequent_tokens_are_the_most_common_sorted() -> None:
 
 
 @pytest.mark.parametrize("method", ["dspark", "eagle3"])
-def test_drafts_stay_in_the_vocabulary_and_match_the_full_head_there(tiny_target, method) -> None:  # type: ignore[no-untyped-def]
-    full_model = _draft(tiny_target, method)
+def test_drafts_stay_in_the_vocabulary_and_match_the_full_head_there(tiny_target, make_draft, method) -> None:  # type: ignore[no-untyped-def]
+    full_model = make_draft(tiny_target, method)
     greedy = SamplingParams(temperature=0)
     full = _proposer_with_context(full_model, tiny_target).propose(
         [DraftRequest("r", tuple(PROMPT), greedy, 7)]
@@ -61,7 +39,7 @@ def test_drafts_stay_in_the_vocabulary_and_match_the_full_head_there(tiny_target
     # A vocabulary holding the full head's greedy drafts plus every third other token: the
     # restricted argmax must pick the same drafts, Markov chain included.
     vocab = torch.tensor(sorted(set(full.token_ids[0]) | set(range(0, 96, 3))))
-    restricted_model = _draft(tiny_target, method)
+    restricted_model = make_draft(tiny_target, method)
     set_draft_vocab(restricted_model, vocab)
     restricted = _proposer_with_context(restricted_model, tiny_target)
     assert (
@@ -91,8 +69,8 @@ def test_drafts_stay_in_the_vocabulary_and_match_the_full_head_there(tiny_target
 
 
 @pytest.mark.parametrize("method", ["dspark", "eagle3"])
-def test_a_small_vocabulary_is_still_lossless(tiny_target, method) -> None:  # type: ignore[no-untyped-def]
-    model = _draft(tiny_target, method)
+def test_a_small_vocabulary_is_still_lossless(tiny_target, make_draft, method) -> None:  # type: ignore[no-untyped-def]
+    model = make_draft(tiny_target, method)
     set_draft_vocab(model, torch.arange(0, 96, 4))  # most target tokens cannot be drafted
     prop = make_proposer(model, tiny_target, 7)
     ref = target_generate(tiny_target, PROMPT, 20, {2})
@@ -103,9 +81,9 @@ def test_a_small_vocabulary_is_still_lossless(tiny_target, method) -> None:  # t
 
 
 def test_the_vocabulary_round_trips_through_a_checkpoint_exactly(
-    tmp_path: Path, wide_vocab_target
+    tmp_path: Path, wide_vocab_target, make_draft
 ) -> None:  # type: ignore[no-untyped-def]
-    model = _draft(wide_vocab_target, "eagle3")
+    model = make_draft(wide_vocab_target, "eagle3")
     ids = torch.tensor([3, 257, 4099, 49_999])
     set_draft_vocab(model, ids)
     save_draft(model, tmp_path / "d")  # weights in bf16; the ids must stay integers
