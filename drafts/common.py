@@ -266,14 +266,21 @@ class FrozenTargetParts(nn.Module):
         e: torch.Tensor = self._embed(ids)
         return e if self.act_dtype is None else e.to(self.act_dtype)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits in the LM head's dtype (callers upcast before softmax)."""
+    def logits(self, h: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits in the LM head's dtype (callers upcast before softmax); over the rows of
+        `vocab` (a draft vocabulary, training only) when given."""
         weight = cast(torch.Tensor, self._lm_head.weight)
+        bias = cast(torch.Tensor | None, self._lm_head.bias)
         if torch.is_grad_enabled():  # training: the module, so gradients reach h
+            if vocab is not None:
+                return F.linear(
+                    h.to(weight.dtype), weight[vocab], None if bias is None else bias[vocab]
+                )
             out: torch.Tensor = self._lm_head(h.to(weight.dtype))
             return out
+        if vocab is not None:
+            raise ValueError("inference reads a draft vocabulary through drafts.vocab.DraftHead")
         # Inference: the same blocked copy of the head the engine multiplies (no second copy).
-        bias = cast(torch.Tensor | None, self._lm_head.bias)
         return shared_frozen_linear(weight, bias)(h.to(weight.dtype))
 
 

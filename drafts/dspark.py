@@ -12,9 +12,18 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from drafts.common import DecoderLayer, DraftConfig, FrozenTargetParts, init_weights
+from drafts.common import (
+    Attention,
+    DecoderLayer,
+    DraftConfig,
+    FrozenTargetParts,
+    apply_rope,
+    init_weights,
+    rope_cos_sin,
+)
 
 
 @dataclass
@@ -43,7 +52,7 @@ class DSparkModel(nn.Module):
     # --- shared pieces -------------------------------------------------------------------
     def context(self, feats: torch.Tensor) -> torch.Tensor:
         """Fused target features H_ctx = RMSNorm(W_c [H(l1); ...; H(lm)])."""
-        return self.hidden_norm(self.fc(feats))
+        return self.hidden_norm(self.fc(feats).float())  # fp32 even under bf16 autocast
 
     def backbone(
         self,
@@ -67,10 +76,15 @@ class DSparkModel(nn.Module):
     def decoder_layers(self) -> list[DecoderLayer]:
         return [cast(DecoderLayer, m) for m in self.layers]
 
-    def markov_bias(self, prev_ids: torch.Tensor) -> torch.Tensor | None:
+    def markov_bias(
+        self, prev_ids: torch.Tensor, vocab: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The low-rank transition bias from the previous token (over `vocab`'s rows if given)."""
         if self.markov_w1 is None or self.markov_w2 is None:
             return None
-        return self.markov_w2(self.markov_w1(prev_ids))
+        if vocab is None:
+            return self.markov_w2(self.markov_w1(prev_ids))
+        return F.linear(self.markov_w1(prev_ids), self.markov_w2.weight[vocab])
 
     def conf_logits(self, h: torch.Tensor, prev_ids: torch.Tensor) -> torch.Tensor | None:
         if self.confidence is None:
@@ -86,8 +100,16 @@ class DSparkModel(nn.Module):
         feats: torch.Tensor,
         anchors: torch.Tensor,
         keep: torch.Tensor,
+        vocab: torch.Tensor | None = None,
     ) -> BlockOutput:
-        """input_ids [B,S], feats [B,S,m*d], anchors/keep [B,N] -> logits [B,N,gamma,V]."""
+        """input_ids [B,S], feats [B,S,m*d], anchors/keep [B,N] -> logits [B,N,gamma,V].
+
+        Block j's queries see the context strictly before its anchor and every slot of its own
+        block (the proposer's view at inference). The blocks never see each other, so attention
+        runs as two score tables joined in one softmax (`block_attention`) instead of one dense
+        [N*gamma, S + N*gamma] mask: with an anchor at every answer position the dense form
+        spends most of its work on zeros. `vocab`: the draft vocabulary (logits over its rows).
+        """
         b, s = input_ids.shape
         n, g = anchors.shape[1], self.cfg.block_size
         dev = input_ids.device
@@ -97,20 +119,53 @@ class DSparkModel(nn.Module):
         pos = (anchors[:, :, None] + slot).reshape(b, n * g)
         block_ids = torch.full((b, n, g), self.cfg.mask_token_id, dtype=torch.long, device=dev)
         block_ids[:, :, 0] = input_ids.gather(1, anchors)
-        x = parts.embed(block_ids.reshape(b, n * g))
-        # query in block j sees context strictly before its anchor and every slot of its own block
         ctx_ok = (torch.arange(s, device=dev)[None, None, :] < anchors[:, :, None]) & keep[
             :, :, None
-        ]
-        ctx_ok = ctx_ok[:, :, None, :].expand(b, n, g, s).reshape(b, n * g, s)
-        blk = torch.arange(n, device=dev).repeat_interleave(g)
-        own = (blk[:, None] == blk[None, :]).expand(b, n * g, n * g)
-        mask = torch.cat([ctx_ok, own], dim=2)[:, None]
-        h = self.backbone(x, pos, self.ctx_kv(ctx, ctx_pos), mask).view(b, n, g, -1)
-        logits = parts.logits(h).float()
+        ]  # [B, N, S]
+        h = parts.embed(block_ids.reshape(b, n * g))
+        for layer in self.decoder_layers():
+            kv = layer.self_attn.kv(ctx, ctx_pos)
+            h = h + block_attention(layer.self_attn, layer.input_layernorm(h), pos, kv, ctx_ok, g)
+            h = layer.mlp_block(h)
+        h = self.norm(h).view(b, n, g, -1)
+        logits = parts.logits(h, vocab).float()
         prev_idx = (anchors[:, :, None] + slot).clamp(max=s - 1).reshape(b, n * g)
         prev_ids = input_ids.gather(1, prev_idx).view(b, n, g)
-        bias = self.markov_bias(prev_ids)
+        bias = self.markov_bias(prev_ids, vocab)
         if bias is not None:
             logits = logits + bias.float()
         return BlockOutput(logits, self.conf_logits(h, prev_ids))
+
+
+def block_attention(
+    attn: Attention,
+    x: torch.Tensor,
+    pos: torch.Tensor,
+    ctx_kv: tuple[torch.Tensor, torch.Tensor],
+    ctx_ok: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """Attention of N blocks of `block_size` queries each: block j attends to the context keys
+    ctx_ok[:, j] allows and to its own block (bidirectionally), in one joint softmax.
+    x [B, N*g, d], pos [B, N*g], ctx_kv roped [B, kv, S, hd], ctx_ok bool [B, N, S]."""
+    b, q_len, _ = x.shape
+    g = block_size
+    n = q_len // g
+    h, n_kv, hd = attn.h, attn.n_kv, attn.hd
+    q = attn.q_proj(x).view(b, q_len, h, hd).transpose(1, 2)
+    if attn.q_norm is not None:
+        q = attn.q_norm(q)
+    cos, sin = rope_cos_sin(pos, hd, attn.theta)
+    q = apply_rope(q, cos, sin) * hd**-0.5
+    k_own, v_own = attn.kv(x, pos)
+    rep = h // n_kv
+    k_ctx, v_ctx = (t.repeat_interleave(rep, dim=1) for t in ctx_kv)  # [B, H, S, hd]
+    k_own, v_own = (t.repeat_interleave(rep, dim=1).view(b, h, n, g, hd) for t in (k_own, v_own))
+    q_blocks = q.view(b, h, n, g, hd)
+    s_ctx = (q @ k_ctx.transpose(-1, -2)).view(b, h, n, g, -1)  # [B, H, N, g, S]
+    s_ctx = s_ctx.masked_fill(~ctx_ok[:, None, :, None, :], float("-inf"))
+    s_own = q_blocks @ k_own.transpose(-1, -2)  # [B, H, N, g, g]
+    probs = torch.softmax(torch.cat([s_ctx, s_own], dim=-1), dim=-1)
+    p_ctx, p_own = probs.split([s_ctx.shape[-1], g], dim=-1)
+    out = (p_ctx.reshape(b, h, q_len, -1) @ v_ctx) + (p_own @ v_own).view(b, h, q_len, hd)
+    return attn.o_proj(out.transpose(1, 2).reshape(b, q_len, h * hd))

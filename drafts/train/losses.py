@@ -33,19 +33,32 @@ def dflash_config(target_config: Any, tc: TrainConfig, mask_token_id: int) -> Dr
 
 def dspark_config(target_config: Any, tc: TrainConfig, mask_token_id: int) -> DraftConfig:
     return _config(
-        target_config, tc, mask_token_id, "dspark", tc.dspark_layers,
-        markov_rank=tc.markov_rank, confidence_head=True,
+        target_config,
+        tc,
+        mask_token_id,
+        "dspark",
+        tc.dspark_layers,
+        markov_rank=tc.markov_rank,
+        confidence_head=True,
     )
 
 
 def _config(
-    target_config: Any, tc: TrainConfig, mask_token_id: int, method: str, num_layers: int,
+    target_config: Any,
+    tc: TrainConfig,
+    mask_token_id: int,
+    method: str,
+    num_layers: int,
     **heads: Any,
 ) -> DraftConfig:
     """The target's shape, the run's block size, and the method's own layers and heads."""
     return config_from_target(
-        target_config, method, num_layers=num_layers, block_size=tc.block_size,
-        mask_token_id=mask_token_id, **heads,
+        target_config,
+        method,
+        num_layers=num_layers,
+        block_size=tc.block_size,
+        mask_token_id=mask_token_id,
+        **heads,
     )
 
 
@@ -63,8 +76,9 @@ def eagle3_loss(
         batch.loss_mask,
         batch.feats,
         batch.target_logits,
-        tc.num_anchors,
+        tc.eagle3_rows,
         generator=generator,
+        vocab=batch.vocab,
     )
 
 
@@ -86,9 +100,18 @@ def dspark_loss(
     tc: TrainConfig,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    return _block_loss(
-        model, parts, batch, tc, generator, alphas=(tc.alpha_ce, tc.alpha_tv, tc.alpha_conf)
-    )
+    return _block_loss(model, parts, batch, tc, generator, alphas=dspark_alphas(tc, batch.progress))
+
+
+def dspark_alphas(tc: TrainConfig, progress: float) -> tuple[float, float, float]:
+    """(CE, TV, confidence) weights at this point of the run: the paper's mix, or with
+    `ce_start_frac` a cross-entropy start that moves linearly to it. CE pulls toward the right
+    token with full force from the first step; the TV pull scales with the draft's own
+    probability of it, slow while that is small."""
+    if tc.ce_start_frac <= 0:
+        return tc.alpha_ce, tc.alpha_tv, tc.alpha_conf
+    t = min(1.0, progress / tc.ce_start_frac)
+    return (1 - t) + t * tc.alpha_ce, t * tc.alpha_tv, tc.alpha_conf
 
 
 def _block_loss(
@@ -100,11 +123,11 @@ def _block_loss(
     alphas: tuple[float, float, float],
 ) -> dict[str, torch.Tensor]:
     anchors, keep = sample_anchors(batch.loss_mask, batch.lengths, tc.num_anchors, generator)
-    out = model.train_forward(parts, batch.input_ids, batch.feats, anchors, keep)
+    out = model.train_forward(parts, batch.input_ids, batch.feats, anchors, keep, batch.vocab)
     alpha_ce, alpha_tv, alpha_conf = alphas
     return block_losses(
         out,
-        batch.input_ids,
+        batch.vocab_index(batch.input_ids),
         batch.loss_mask,
         batch.target_logits,
         anchors,
@@ -122,11 +145,14 @@ def sample_anchors(
     num_anchors: int,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anchors p with loss_mask[p] and loss_mask[p+1] (anchor and first label in the answer)."""
+    """Anchors p with loss_mask[p] and loss_mask[p+1] (anchor and first label in the answer):
+    `num_anchors` random ones per sequence, or every one when num_anchors is 0."""
     b = loss_mask.shape[0]
     valid = loss_mask.bool() & torch.cat(
         [loss_mask[:, 1:].bool(), torch.zeros_like(loss_mask[:, :1]).bool()], 1
     )
+    if num_anchors <= 0:
+        num_anchors = max(1, int(valid.sum(1).max()))
     anchors = torch.zeros((b, num_anchors), dtype=torch.long)
     keep = torch.zeros((b, num_anchors), dtype=torch.bool)
     for i in range(b):
@@ -156,7 +182,11 @@ def block_losses(
     alpha_conf: float,
     decay: float = 4.0,
 ) -> dict[str, torch.Tensor]:
-    """CE + L1 (2 x TV) + confidence BCE, each = sum(w * mask * term) / sum(w * mask) (dspark.md §1.4)."""
+    """CE + L1 (2 x TV) + confidence BCE, each = sum(w * mask * term) / sum(w * mask) (dspark.md §1.4).
+
+    `input_ids` index the logits' vocabulary (a draft vocabulary's positions, -1 for a token
+    outside it: such a label gets no CE, while TV and the confidence still see its position
+    through the target's distribution, restricted to the draft vocabulary and renormalised)."""
     b, n, g, v = out.logits.shape
     s = input_ids.shape[1]
     slot = torch.arange(g, device=input_ids.device)
@@ -169,8 +199,9 @@ def block_losses(
     w = position_weights(g, decay, input_ids.device) * m
     denom = w.sum().clamp(min=1.0)
     logp = F.log_softmax(out.logits, dim=-1)
-    ce = -logp.gather(-1, labels[..., None]).squeeze(-1)
-    result = {"ce": (ce * w).sum() / denom}
+    in_vocab = labels >= 0
+    ce = -logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * in_vocab
+    result = {"ce": (ce * w).sum() / (w * in_vocab).sum().clamp(min=1.0)}
     if alpha_tv > 0 or out.conf_logits is not None:
         # target distribution of label p+k+1 is the target's logit row at p+k (temperature 1)
         t_idx = (lab_pos - 1).clamp(max=s - 1).view(b, n * g, 1).expand(b, n * g, v)
@@ -191,7 +222,10 @@ def block_losses(
     if out.conf_logits is not None and alpha_conf > 0:
         loss = loss + alpha_conf * result["conf"]
     result["loss"] = loss
-    result["tokens"] = m.sum()
+    result["positions"] = m.sum()
+    result["acc1"] = (
+        (out.logits[:, :, 0].argmax(-1) == labels[:, :, 0]).float() * m[:, :, 0]
+    ).sum() / m[:, :, 0].sum().clamp(min=1.0)
     return result
 
 
@@ -205,6 +239,7 @@ def ttt_losses(
     rows_per_step: int,
     step_decay: float = 0.8,
     generator: torch.Generator | None = None,
+    vocab: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Training-time test: step 0 row t pairs target features of t with token t+1 (predicting t+2);
     step k replaces the features by the draft's own step k-1 output, shifts tokens by k, and
@@ -221,6 +256,7 @@ def ttt_losses(
     keys: list[torch.Tensor] = []
     vals: list[torch.Tensor] = []
     total = torch.zeros((), device=dev)
+    positions = 0
     stats: dict[str, torch.Tensor] = {}
     for k in range(g):
         tok_idx = (rows + 1 + k).clamp(max=s - 1)
@@ -239,8 +275,9 @@ def ttt_losses(
         lab = rows + 2 + k
         valid = (lab < s)[None, :] & loss_mask[:, lab.clamp(max=s - 1)].bool()
         sel_b, sel_t = _sample_rows(valid, rows_per_step, generator)
+        positions += sel_b.numel()
         if sel_b.numel():
-            logits = parts.logits(model.norm(out[sel_b, sel_t])).float()
+            logits = parts.logits(model.norm(out[sel_b, sel_t]), vocab).float()
             p_t = torch.softmax(target_logits[sel_b, sel_t + 1 + k].float(), dim=-1)
             logp = F.log_softmax(logits, dim=-1)
             loss_k = -(p_t * logp).sum(-1).mean()
@@ -254,6 +291,7 @@ def ttt_losses(
             stats[f"kl{k}"] = (loss_k - ent).detach()
         hidden = out
     stats["loss"] = total
+    stats["positions"] = torch.tensor(float(positions))
     return stats
 
 

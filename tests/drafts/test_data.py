@@ -44,11 +44,12 @@ def test_prompt_fields() -> None:
 
 
 def test_calibration_prompts_cover_every_source_and_stay_out_of_training() -> None:
-    """With 700 training prompts per source mbpp's 374-task train split is used up; calibration
-    must still see code (from mbpp's validation split) and never a training prompt."""
-    per_source = 700
-    train = {p for _, p in training_prompts(per_source)}
-    calib = calibration_prompts(10, skip=per_source)
+    """Training takes every prompt that is not held out; calibration still sees chat, math and
+    code (mbpp's validation split) and never a training prompt."""
+    train = training_prompts()
+    calib = calibration_prompts(10)
     assert [s for s, _ in calib].count("mbpp") == 10
     assert {s for s, _ in calib} == {"alpaca", "gsm8k", "mbpp"}
-    assert not train & {p for _, p in calib}
+    assert not {p for _, p in train} & {p for _, p in calib}
+    assert {s for s, _ in train} == {"alpaca", "gsm8k", "mbpp"}
+    assert len(training_prompts(5)) == 15 and training_prompts(5)[0] == train[0]

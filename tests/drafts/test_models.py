@@ -70,6 +70,42 @@ def test_block_queries_do_not_see_the_future(tiny_target) -> None:  # type: igno
     assert torch.allclose(a[..., 0, :], b.logits[..., 0, :], atol=1e-5)
 
 
+def test_block_attention_equals_one_dense_masked_attention(tiny_target) -> None:  # type: ignore[no-untyped-def]
+    """The two-table joint softmax is the dense [N*g, S + N*g] masked attention it replaces."""
+    from drafts.dspark import block_attention
+
+    model = _dspark(tiny_target).eval()
+    attn = model.decoder_layers()[0].self_attn
+    b, s, n, g = 2, 12, 3, model.cfg.block_size
+    ctx = torch.randn(b, s, 32)
+    x = torch.randn(b, n * g, 32)
+    anchors = torch.tensor([[3, 6, 10], [2, 5, 9]])
+    keep = torch.tensor([[True, True, True], [True, False, True]])
+    pos = (anchors[:, :, None] + torch.arange(g)).reshape(b, n * g)
+    kv = attn.kv(ctx, torch.arange(s).expand(b, s))
+    ctx_ok = (torch.arange(s)[None, None, :] < anchors[:, :, None]) & keep[:, :, None]
+    dense_ctx = ctx_ok[:, :, None, :].expand(b, n, g, s).reshape(b, n * g, s)
+    blk = torch.arange(n).repeat_interleave(g)
+    own = (blk[:, None] == blk[None, :]).expand(b, n * g, n * g)
+    dense = attn(x, pos, kv, torch.cat([dense_ctx, own], dim=2)[:, None])
+    split = block_attention(attn, x, pos, kv, ctx_ok, g)
+    assert torch.allclose(split, dense, atol=1e-5)
+
+
+def test_vocab_restricted_logits_are_rows_of_the_full_ones(tiny_target) -> None:  # type: ignore[no-untyped-def]
+    model = _dspark(tiny_target)
+    ids = torch.randint(4, 96, (1, 16))
+    anchors, keep = torch.tensor([[5, 9]]), torch.ones(1, 2, dtype=torch.bool)
+    vocab = torch.tensor([2, 7, 30, 50, 95])
+    with torch.no_grad():
+        model.markov_w2.weight.normal_()  # type: ignore[union-attr]
+    parts = target_parts(tiny_target)
+    feats = torch.randn(1, 16, 96)
+    full = model.train_forward(parts, ids, feats, anchors, keep).logits
+    part = model.train_forward(parts, ids, feats, anchors, keep, vocab=vocab).logits
+    assert torch.allclose(part, full[..., vocab], atol=1e-5)
+
+
 def test_eagle3_ttt_loss_and_backward(tiny_target) -> None:  # type: ignore[no-untyped-def]
     cfg = config_from_target(tiny_target.config, "eagle3", aux_layer_ids=[0, 1, 2])
     model = Eagle3Model(cfg)

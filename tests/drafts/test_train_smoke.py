@@ -3,6 +3,7 @@ the run resumes from its state file, and checkpoints round-trip without the targ
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -67,3 +68,50 @@ def test_checkpoint_round_trip_excludes_target_weights(tiny_target, tmp_path: Pa
         for k, v in model.state_dict().items():
             assert torch.equal(back.state_dict()[k], v.to(torch.bfloat16).float()), (name, k)
         assert back.cfg.to_dict() == model.cfg.to_dict()
+
+
+def test_cached_features_equal_streamed_ones(tiny_target, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The second epoch reads what the first computed: same features, same target logits, and
+    the target does not run again."""
+    from drafts.train.features import TargetFeatures
+    from drafts.train.trainer import collate, make_sequences
+
+    seqs = make_sequences(_rows(), 64)
+    ids, _, lengths = collate(seqs, pad_id=2)
+    keys = [k for k, _, _ in seqs]
+    vocab = torch.arange(4, 60)
+    target = copy.deepcopy(tiny_target).to(torch.bfloat16)
+    streamed = TargetFeatures(target, [0, 1], vocab)(keys, ids, lengths)
+    cache = TargetFeatures(target, [0, 1], vocab, tmp_path / "cache")
+    first = cache(keys, ids, lengths)
+    reopened = TargetFeatures(target, [0, 1], vocab, tmp_path / "cache")
+    second = reopened(keys, ids, lengths)
+    assert reopened.computed_tokens == 0 and cache.computed_tokens == int(lengths.sum())
+    for a, b, c in zip(streamed, first, second, strict=True):
+        n = int(lengths.min())
+        assert torch.equal(a[:, :n], b[:, :n]) and torch.equal(b[:, :n], c[:, :n])
+    assert second[1].shape[-1] == vocab.numel()
+
+
+def test_epochs_shuffle_across_sources_and_group_lengths() -> None:
+    from drafts.train.trainer import epoch_batches
+
+    # 64 sequences, in blocks of one source (as the answer file stores them), lengths 10..73
+    seqs = [(i, [0] * (10 + i), 0) for i in range(64)]
+    one, two = (epoch_batches(seqs, 4, seed=1, epoch=e) for e in (0, 1))
+    assert sorted(i for b in one for i in b) == list(range(64))
+    assert one != two  # a new order every epoch
+    spread = [max(b) - min(b) for b in one]  # a batch spans few lengths, not the whole range
+    assert sum(spread) / len(spread) < 64 / 4
+
+
+def test_init_from_target_continues_the_target(tiny_target) -> None:  # type: ignore[no-untyped-def]
+    from drafts.train.trainer import build_drafts
+
+    tc = _cfg(Path("unused"), 1)
+    tc.init, tc.methods = "target", ("dspark",)
+    model = build_drafts(tiny_target, tc, mask_token_id=3)["dspark"]
+    last = tiny_target.model.layers[-1]
+    assert torch.equal(model.layers[-1].mlp.up_proj.weight, last.mlp.up_proj.weight)
+    feats = torch.randn(5, model.fc.in_features)
+    assert torch.allclose(model.fc(feats), feats[:, -32:])  # the last feature layer, passed through

@@ -30,7 +30,9 @@ def test_frequent_tokens_are_the_most_common_sorted() -> None:
 
 
 @pytest.mark.parametrize("method", ["dspark", "eagle3"])
-def test_drafts_stay_in_the_vocabulary_and_match_the_full_head_there(tiny_target, make_draft, method) -> None:  # type: ignore[no-untyped-def]
+def test_drafts_stay_in_the_vocabulary_and_match_the_full_head_there(
+    tiny_target, make_draft, method
+) -> None:  # type: ignore[no-untyped-def]
     full_model = make_draft(tiny_target, method)
     greedy = SamplingParams(temperature=0)
     full = _proposer_with_context(full_model, tiny_target).propose(
