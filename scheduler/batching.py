@@ -12,7 +12,11 @@ KV. `schedule()` hands out the step's token budget so requests catch up:
        first chunk possibly partial (chunked prefill).
 
 Draft tokens are added afterwards by the engine (they need the proposer and the verify policy)
-within whatever budget is left. `update()` applies the runner's result: advance
+within whatever budget is left. Structured requests (`SamplingParams.structured`) also own a
+grammar matcher here (`grammars`, set by the engine when its runner applies token masks), as
+they own a KV slot: `num_valid_drafts` cuts their drafts, `token_masks` gives the runner the
+allowed tokens at each verify position, and `update()` advances the matcher past what was
+emitted (rolling back rejected drafts) and stops the request when its grammar is complete. `update()` applies the runner's result: advance
 `num_computed_tokens` past the computed tokens and the *accepted* drafts only (that is the whole
 KV rollback), append the new tokens, and stop on EOS, stop ids, max_tokens or max_model_len.
 """
@@ -23,9 +27,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from typing import TYPE_CHECKING
+
 from scheduler.kv_slots import KVSlotManager
 from scheduler.plan import RequestResult, ScheduledRequest, StepPlan, StepResult
 from scheduler.request import FinishReason, Request, RequestOutput, TokenLogprob
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from scheduler.grammar import GrammarManager
 
 FaultHook = Callable[[Request], None]
 
@@ -45,6 +56,7 @@ class ContinuousBatcher:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # resident (own a KV slot), in admission order
         self.fault_hook: FaultHook | None = None  # test hook: raising fails that request only
+        self.grammars: GrammarManager | None = None  # None: structured requests are refused
 
     # -- intake ---------------------------------------------------------------------------
     def add(self, req: Request) -> RequestOutput | None:
@@ -52,7 +64,24 @@ class ContinuousBatcher:
         if req.num_prompt_tokens >= self.max_model_len:
             req.finish_reason = FinishReason.LENGTH
             return self._output(req, [])
+        if req.params.structured is not None:
+            error = self._add_grammar(req)
+            if error is not None:
+                req.finish_reason, req.error = FinishReason.ERROR, error
+                return self._output(req, [])
         self.waiting.append(req)
+        return None
+
+    def _add_grammar(self, req: Request) -> str | None:
+        from scheduler.grammar import GrammarError
+
+        if self.grammars is None:
+            return "structured output is not supported by this engine"
+        assert req.params.structured is not None
+        try:
+            self.grammars.add(req.req_id, req.params.structured)
+        except GrammarError as exc:
+            return f"invalid structured output constraint: {exc}"
         return None
 
     def abort(self, req_id: str) -> RequestOutput | None:
@@ -60,6 +89,7 @@ class ContinuousBatcher:
             if req.req_id == req_id:
                 self.waiting.remove(req)
                 req.finish_reason = FinishReason.ABORT
+                self._release(req)
                 return self._output(req, [])
         for req in self.running:
             if req.req_id == req_id:
@@ -73,6 +103,8 @@ class ContinuousBatcher:
         outputs = []
         for req in [*self.running, *self.waiting]:
             req.finish_reason, req.error = FinishReason.ERROR, message
+            if self.grammars is not None:
+                self.grammars.release(req.req_id)
             outputs.append(self._output(req, []))
         self.running.clear()
         self.waiting.clear()
@@ -119,6 +151,32 @@ class ContinuousBatcher:
         room_in_cache = self.max_model_len - req.num_tokens
         return max(0, min(room_in_output, room_in_cache))
 
+    def num_valid_drafts(self, req: Request, draft_ids: list[int]) -> int:
+        """How many of the drafts (a prefix) the request's grammar allows; all without one."""
+        if self.grammars is None or req.req_id not in self.grammars:
+            return len(draft_ids)
+        return self.grammars.num_valid(req.req_id, draft_ids)
+
+    def token_masks(self, plan: StepPlan) -> list[np.ndarray | None] | None:
+        """Per scheduled request, the grammar bitmask of each verify position ([1 + k, words],
+        see scheduler/grammar.py) or None; None for the whole plan when nothing is constrained.
+        Call once per step, after the drafts are attached."""
+        grammars = self.grammars
+        if grammars is None or not len(grammars):
+            return None
+        wanted = [
+            i for i, s in enumerate(plan.scheduled) if s.samples and s.req.req_id in grammars
+        ]
+        if not wanted:
+            return None
+        rows = grammars.step_masks(
+            [(plan.scheduled[i].req.req_id, plan.scheduled[i].draft_ids) for i in wanted]
+        )
+        masks: list[np.ndarray | None] = [None] * len(plan.scheduled)
+        for i, r in zip(wanted, rows):
+            masks[i] = r
+        return masks
+
     # -- update ---------------------------------------------------------------------------
     def update(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
@@ -153,6 +211,11 @@ class ContinuousBatcher:
             req.spec.num_drafts += 1
             req.spec.num_draft_tokens += len(s.draft_ids)
             req.spec.num_accepted_tokens += r.num_accepted_drafts
+        grammars = self.grammars
+        if grammars is not None and req.req_id not in grammars:
+            grammars = None
+        if grammars is not None:
+            grammars.commit(req.req_id, r.num_accepted_drafts, r.token_ids)
         emitted: list[int] = []
         for token in r.token_ids:
             emitted.append(token)
@@ -161,6 +224,8 @@ class ContinuousBatcher:
             if reason is not None:
                 req.finish_reason = reason
                 break
+        if grammars is not None and not req.is_finished and grammars.is_terminated(req.req_id):
+            req.finish_reason = FinishReason.STOP  # the grammar is complete: nothing may follow
         if req.first_token_s is None and emitted:
             req.first_token_s = now
         logprobs = r.logprobs[: len(emitted)] if r.logprobs is not None else None
@@ -169,16 +234,21 @@ class ContinuousBatcher:
         return self._output(req, emitted, logprobs)
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
-        if token in req.params.stop_token_ids:
-            return FinishReason.STOP
-        if not req.params.ignore_eos and token in req.eos_token_ids:
-            return FinishReason.STOP
+        # Before min_tokens the runner masks EOS and stop ids; a runner that cannot (the fake
+        # one) still does not stop early.
+        if req.num_output_tokens > req.params.min_tokens:  # this token is output number n - 1
+            if token in req.params.stop_token_ids:
+                return FinishReason.STOP
+            if not req.params.ignore_eos and token in req.eos_token_ids:
+                return FinishReason.STOP
         if req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 
     # -- helpers --------------------------------------------------------------------------
     def _release(self, req: Request) -> None:
+        if self.grammars is not None:
+            self.grammars.release(req.req_id)
         if req.slot is not None:
             self.kv.free(req.slot)
             req.slot = None

@@ -20,6 +20,29 @@ import enum
 from dataclasses import dataclass, field
 
 
+# What a StructuredOutput constrains the output to (its `spec` is the text in brackets).
+STRUCTURED_KINDS = (
+    "json_schema",  # a JSON document valid under a JSON schema (the schema as JSON text)
+    "json_object",  # any JSON object (spec unused)
+    "regex",  # text matching a regular expression
+    "grammar",  # a Lark or GBNF context-free grammar
+    "choice",  # exactly one of a list of strings (a JSON list)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A constraint on the output, as plain data: the engine compiles it (scheduler/grammar.py),
+    so requests can cross a process boundary and equal constraints share one compiled grammar."""
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind must be one of {', '.join(STRUCTURED_KINDS)}")
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """What the client asked for. Validated at the HTTP edge and again here (cheap invariants)."""
@@ -37,6 +60,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token plus top-k alternatives
     speculative: bool = True  # per-request opt-out of drafting
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many outputs
+    structured: StructuredOutput | None = None  # grammar the output must follow
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -53,6 +78,8 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be > 0")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError("logprobs must be >= 0")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be in [0, max_tokens]")
 
     @property
     def is_greedy(self) -> bool:

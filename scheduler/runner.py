@@ -3,22 +3,36 @@
 The only place where a step's plan becomes tensors. For each scheduled request the packed
 query is its new committed tokens followed by its draft tokens; a sampling request needs
 logits at the anchor (its last committed token) and at every draft, i.e. 1 + k rows.
+Structured requests bring a grammar bitmask per row (`token_masks`, from the batcher); with
+min_tokens the stop tokens are refused too; both mask the logits before verification.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from scheduler.model import TargetModel, build_packed_batch
 from scheduler.plan import RequestResult, ScheduledRequest, StepPlan, StepResult
-from scheduler.sampling import top_logprobs, verify_draft
+from scheduler.sampling import (
+    mask_logits,
+    refuse_stop_tokens,
+    top_logprobs,
+    unpack_bitmask,
+    verify_draft,
+)
 
+if TYPE_CHECKING:
+    import numpy as np
 
 class ModelRunner(Protocol):
-    """What the engine needs from a runner (TorchModelRunner here, FakeRunner in tests)."""
+    """What the engine needs from a runner (TorchModelRunner here, FakeRunner in tests).
+
+    A runner that sets `applies_token_masks` takes `token_masks` in execute(); the engine
+    serves structured requests only with such a runner.
+    """
 
     aux_layer_ids: tuple[int, ...]
 
@@ -28,6 +42,8 @@ class ModelRunner(Protocol):
 
 
 class TorchModelRunner:
+    applies_token_masks = True
+
     def __init__(
         self,
         hf_model: Any,  # a transformers *ForCausalLM
@@ -56,7 +72,10 @@ class TorchModelRunner:
         return g
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(
+        self, plan: StepPlan, token_masks: list[np.ndarray | None] | None = None
+    ) -> StepResult:
+        """token_masks: per scheduled request, its grammar bitmask [1 + k, words] or None."""
         t0 = time.perf_counter()
         queries: list[tuple[int, int, list[int]]] = []
         logits_rows: list[int] = []
@@ -77,12 +96,13 @@ class TorchModelRunner:
         results: list[RequestResult] = []
         aux_hidden: list[torch.Tensor | None] = []
         first = 0
-        for s, row0 in zip(plan.scheduled, row_starts):
+        for i, (s, row0) in enumerate(zip(plan.scheduled, row_starts)):
             result = RequestResult()
             if s.samples:
                 n = 1 + len(s.draft_ids)
+                bitmask = token_masks[i] if token_masks is not None else None
                 try:
-                    result = self._verify(s, logits[first : first + n])
+                    result = self._verify(s, logits[first : first + n], bitmask)
                 except Exception as exc:  # noqa: BLE001 - fail this request, not the step
                     result = RequestResult(error=f"{type(exc).__name__} during sampling")
                 first += n
@@ -94,9 +114,13 @@ class TorchModelRunner:
         forward_time_s = time.perf_counter() - t0
         return StepResult(results, forward_time_s, aux_hidden if aux is not None else None)
 
-    def _verify(self, s: ScheduledRequest, logits: torch.Tensor) -> RequestResult:
+    def _verify(
+        self, s: ScheduledRequest, logits: torch.Tensor, bitmask: np.ndarray | None
+    ) -> RequestResult:
         """logits: [1 + k, vocab] at the anchor and each draft position."""
         req, params = s.req, s.req.params
+        # Masked once: verification samples from it, logprobs report it (as vLLM does).
+        logits = mask_logits(logits, self._allowed(s, logits.shape, bitmask))
         generator = None if params.is_greedy else self._generator(s)
         accepted, tokens = verify_draft(
             logits, params, req.prompt_ids, req.output_counts, s.draft_ids, s.draft_probs, generator
@@ -105,3 +129,22 @@ class TorchModelRunner:
         if params.logprobs is not None:
             logprobs = top_logprobs(logits[: len(tokens)], tokens, params.logprobs)
         return RequestResult(tokens, accepted, logprobs)
+
+    def _allowed(
+        self, s: ScheduledRequest, shape: torch.Size, bitmask: np.ndarray | None
+    ) -> torch.Tensor | None:
+        """[1 + k, vocab] bool: the grammar's tokens, less stop tokens before min_tokens."""
+        req, params = s.req, s.req.params
+        needs_min_tokens = req.num_output_tokens < params.min_tokens
+        if bitmask is None and not needs_min_tokens:
+            return None
+        if bitmask is not None:
+            allowed = unpack_bitmask(torch.from_numpy(bitmask), shape[-1]).to(self.device)
+        else:
+            allowed = torch.ones(shape, dtype=torch.bool, device=self.device)
+        if needs_min_tokens:
+            stop_ids = set(params.stop_token_ids)
+            if not params.ignore_eos:
+                stop_ids |= req.eos_token_ids
+            allowed = refuse_stop_tokens(allowed, params, req.num_output_tokens, sorted(stop_ids))
+        return allowed

@@ -18,6 +18,15 @@ distribution of the token that follows position j of the query):
 
 A deterministic drafter's q_j is one-hot on d_j. Each request draws from its own
 torch.Generator, so a seeded request produces the same tokens alone or in a busy batch.
+
+Constrained requests (a grammar, or min_tokens) pass `allowed` [k+1, vocab]: each row's
+disallowed tokens get -inf on the raw logits before anything else, the order of vLLM v1 (the
+grammar bitmask is applied to the logits before the sampler's processors). Every position then
+samples from the masked target distribution p'. A draft the grammar rejects never reaches
+verification (the speculator cuts it); if it was sampled from q_j, `draft_probs` carries q_j as
+an extra row, and the token at that position is drawn from norm(max(0, p'_j - q_j)), which is
+what verifying it would have given (p'_j(d_j) = 0: rejected for certain). For one-hot q_j that
+residual is p'_j itself.
 """
 
 from __future__ import annotations
@@ -28,6 +37,46 @@ import torch
 
 from scheduler.request import SamplingParams, TokenLogprob
 from scheduler.verification import verify_greedy
+
+# Reported instead of -inf for a token the mask forbids (JSON has no infinity); vLLM's value.
+MIN_LOGPROB = -9999.0
+_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 bitmask [rows, words] (bit t % 32 of word t // 32: token t allowed) -> bool
+    [rows, vocab_size]; tokens beyond the bitmask (padding rows of the embedding) are refused."""
+    bits = (bitmask.unsqueeze(-1) >> _BIT_SHIFTS.to(bitmask.device)) & 1
+    allowed = bits.reshape(bitmask.shape[0], -1).bool()
+    if allowed.shape[1] >= vocab_size:
+        return allowed[:, :vocab_size]
+    pad = allowed.new_zeros(bitmask.shape[0], vocab_size - allowed.shape[1])
+    return torch.cat([allowed, pad], dim=1)
+
+
+def refuse_stop_tokens(
+    allowed: torch.Tensor, params: SamplingParams, num_output_tokens: int, stop_ids: Sequence[int]
+) -> torch.Tensor:
+    """min_tokens: row j samples output number num_output_tokens + j; before min_tokens it may
+    not be a stop token. A row the grammar leaves nothing else in keeps its stop tokens (the
+    grammar wins: the request ends there rather than sampling from nothing)."""
+    rows = min(allowed.shape[0], max(0, params.min_tokens - num_output_tokens))
+    if rows == 0 or not stop_ids:
+        return allowed
+    allowed = allowed.clone()
+    ids = torch.tensor(sorted(stop_ids), device=allowed.device)
+    kept = allowed[:rows].clone()
+    allowed[:rows, ids] = False
+    empty = ~allowed[:rows].any(dim=-1)
+    allowed[:rows][empty] = kept[empty]
+    return allowed
+
+
+def mask_logits(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Disallowed tokens -> -inf (a new tensor; the caller's logits stay raw)."""
+    if allowed is None:
+        return logits
+    return logits.float().masked_fill(~allowed.to(logits.device), float("-inf"))
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -104,7 +153,8 @@ def rejection_sample(
     draft_probs: torch.Tensor | None,
     generator: torch.Generator,
 ) -> tuple[int, list[int]]:
-    """probs: target [k+1, vocab]; draft_probs: [k, vocab] or None (one-hot drafts)."""
+    """probs: target [k+1, vocab]; draft_probs: [k, vocab], [k+1, vocab] when the draft was cut
+    after k tokens (row k: q of the cut draft), or None (one-hot drafts)."""
     k = len(draft_ids)
     for j, d in enumerate(draft_ids):
         p = probs[j]
@@ -118,12 +168,18 @@ def rejection_sample(
             residual[d] = 0.0
         else:
             residual = (p - draft_probs[j]).clamp_min(0.0)
-        if float(residual.sum()) <= 1e-12:  # p == q up to rounding: the residual is p itself
-            residual = p
-        token = int(torch.multinomial(residual, 1, generator=generator))
-        return j, [*draft_ids[:j], token]
+        return j, [*draft_ids[:j], _sample_residual(residual, p, generator)]
+    if draft_probs is not None and draft_probs.shape[0] > k:  # the cut draft counts as rejected
+        residual = (probs[k] - draft_probs[k]).clamp_min(0.0)
+        return k, [*draft_ids, _sample_residual(residual, probs[k], generator)]
     bonus = int(torch.multinomial(probs[k], 1, generator=generator))
     return k, [*draft_ids, bonus]
+
+
+def _sample_residual(residual: torch.Tensor, p: torch.Tensor, generator: torch.Generator) -> int:
+    if float(residual.sum()) <= 1e-12:  # p == q up to rounding: the residual is p itself
+        residual = p
+    return int(torch.multinomial(residual, 1, generator=generator))
 
 
 def verify_draft(
@@ -134,14 +190,16 @@ def verify_draft(
     draft_ids: Sequence[int],
     draft_probs: torch.Tensor | None,
     generator: torch.Generator | None,  # the request's own; only sampling draws from it
+    allowed: torch.Tensor | None = None,  # [k+1, vocab] bool: the grammar / min_tokens mask
 ) -> tuple[int, list[int]]:
     """Target logits [k+1, vocab] at the anchor and each draft -> (accepted, emitted tokens).
 
-    Greedy requests keep the drafts that match the argmax (of the penalised logits when the
-    request has penalties); sampling requests go through `rejection_sample`. With no drafts
-    this is plain sampling of the next token.
+    Greedy requests keep the drafts that match the argmax (of the masked, penalised logits);
+    sampling requests go through `rejection_sample`. With no drafts this is plain sampling of
+    the next token.
     """
-    if params.is_greedy and not params.has_penalties:  # the argmax of the raw logits suffices
+    logits = mask_logits(logits, allowed)
+    if params.is_greedy and not params.has_penalties:  # the argmax of the logits suffices
         return verify_greedy(logits.argmax(-1).tolist(), draft_ids)
     probs = target_probs(logits, params, prompt_ids, output_counts, draft_ids)
     if params.is_greedy:
@@ -156,8 +214,9 @@ def verify_draft(
 def top_logprobs(
     logits: torch.Tensor, token_ids: Sequence[int], num_top: int
 ) -> list[TokenLogprob]:
-    """Raw model log-probabilities (before penalties and temperature) of the emitted tokens."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    """Model log-probabilities of the emitted tokens before penalties and temperature (after a
+    grammar mask, as vLLM reports them; a forbidden token shows MIN_LOGPROB)."""
+    logp = torch.log_softmax(logits.float(), dim=-1).clamp_min(MIN_LOGPROB)
     out = []
     for row, token in enumerate(token_ids):
         top: list[tuple[int, float]] = []

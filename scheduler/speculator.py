@@ -5,7 +5,10 @@ One engine step, from speculation's side:
 
     attach(plan)    the gate decides whether drafting may pay; decoding requests get drafts from
                     the proposer; the policy picks each one's verify length from the drafts'
-                    confidences (the drafter's own, or the online estimator's) and the profile
+                    confidences (the drafter's own, or the online estimator's) and the profile;
+                    a structured request's draft is then cut at the first token its grammar
+                    rejects (after the policy: the policy's choice must not depend on the
+                    drafted tokens' values, see docs/scheduling.md)
     (the engine runs the target forward and update())
     record(...)     acceptance per position for stats, the estimator and the gate learn the
                     outcomes, the profile learns the step time, the proposer gets the target
@@ -121,13 +124,22 @@ class Speculator:
         lengths = _fit_budget(lengths, batcher.max_num_batched_tokens - plan.num_tokens)
         for i, (s, length) in enumerate(zip(candidates, lengths)):
             length = min(length, len(proposal.token_ids[i]))
-            if length == 0:
-                continue
-            s.draft_ids = list(proposal.token_ids[i][:length])
+            ids = list(proposal.token_ids[i][:length])
             probs = proposal.probs[i] if proposal.probs is not None else None
-            s.draft_probs = probs[:length] if probs is not None else None
-            s.predicted_survival = list(accumulate(confidences[i][:length], mul))
-            step.drafted.append((s, features[i][:length]))
+            valid = batcher.num_valid_drafts(s.req, ids)
+            if valid < length and probs is not None:
+                # Cut at the first draft the grammar rejects. Whether that happens depends on
+                # the sampled token, so the token sampled in its place must come from the
+                # residual against its q, exactly as if the target had rejected it:
+                # draft_probs keeps that one extra row (scheduler/sampling.py).
+                s.draft_probs = probs[: valid + 1]
+            elif valid:
+                s.draft_probs = probs[:valid] if probs is not None else None
+            if valid == 0:
+                continue
+            s.draft_ids = ids[:valid]
+            s.predicted_survival = list(accumulate(confidences[i][:valid], mul))
+            step.drafted.append((s, features[i][:valid]))
         # Requests that could have drafted but were given length 0 count as verify length 0.
         if step.num_proposed:
             step.verify_lengths.extend(0 for s in candidates if not s.draft_ids)
