@@ -205,9 +205,11 @@ class GrammarManager:
         if ahead > num_accepted and not matcher.rollback(ahead - num_accepted):
             raise RuntimeError("grammar rollback failed")
         self._ahead[req_id] = 0
-        rest = [int(t) for t in token_ids[min(ahead, num_accepted):]]
-        if rest and not matcher.consume_tokens(rest):
-            raise RuntimeError("the grammar rejected a sampled token")
+        # One at a time: llguidance's consume_tokens refuses EOS once the grammar is complete,
+        # consume_token accepts it (EOS is what a complete grammar allows).
+        for token in token_ids[min(ahead, num_accepted):]:
+            if not matcher.consume_token(int(token)):
+                raise RuntimeError("the grammar rejected a sampled token")
 
     def is_terminated(self, req_id: str) -> bool:
         """The grammar is complete and allows nothing more (not even whitespace)."""
