@@ -146,6 +146,16 @@ def main(argv: list[str] | None = None) -> None:
         "--ship", action="store_true", help="copy the checkpoints to drafts/checkpoints/"
     )
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--skip-calibration", action="store_true", help="no STS fit (A/B runs)")
+    ap.add_argument(
+        "--eval-temperatures", default="0,1", help="comma-separated sampling temperatures"
+    )
+    ap.add_argument(
+        "--answers", type=Path, help="train on this answer file (default: the run's own)"
+    )
+    ap.add_argument(
+        "--feature-cache", type=Path, help="feature cache folder (default: the run's features/)"
+    )
     ap.add_argument(
         "--train-while-generating",
         action="store_true",
@@ -167,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = data.training_prompts(args.per_source or None)
     print(f"[1/6] prompts: {len(prompts)} from alpaca, gsm8k train and mbpp train+test")
 
-    answers = run / "data" / "answers.jsonl"
-    if not _done(run, "answers") and not args.train_while_generating:
+    answers = args.answers or run / "data" / "answers.jsonl"
+    if not args.answers and not _done(run, "answers") and not args.train_while_generating:
         gen = None
         if args.generator == "engine":
             gen = data.engine_generate_fn(
@@ -218,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         init=args.init,
         autocast=not args.no_autocast,
         methods=methods,
-        feature_cache=None if args.stream_features else run / "features",
+        feature_cache=None if args.stream_features else args.feature_cache or run / "features",
     )
     if args.init_from and not (tc.out_dir / "state.pt").exists():
         seed_from_checkpoint(tc.out_dir, methods, args.init_from)
@@ -237,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         _mark(run, "train")
 
     # STS per sampling mode: acceptance under greedy verification differs from sampling.
-    if "dspark" in methods:
+    if "dspark" in methods and not args.skip_calibration:
         for step, temp, name in (("sts", 1.0, "sts.json"), ("sts-greedy", 0.0, "sts_greedy.json")):
             if not _done(run, step):
                 info = calibrate(run, target, tok, args.calib_prompts, args.eval_max_tokens, temp)
@@ -262,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
 
         sets = standard_sets(args.eval_limit)
         for name in methods:
-            for temp in (0.0, 1.0):
+            for temp in (float(t) for t in args.eval_temperatures.split(",")):
                 out = run / "eval" / f"{name}_T{temp:g}.json"
                 if out.exists():
                     continue
