@@ -26,7 +26,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-
 from typing import TYPE_CHECKING
 
 from scheduler.kv_slots import KVSlotManager

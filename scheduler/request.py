@@ -19,7 +19,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-
 # What a StructuredOutput constrains the output to (its `spec` is the text in brackets).
 STRUCTURED_KINDS = (
     "json_schema",  # a JSON document valid under a JSON schema (the schema as JSON text)

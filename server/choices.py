@@ -4,7 +4,9 @@ One `ChoiceState` per engine request (a response with n choices has n of them). 
 the gateway's job (the engine only knows token ids): the text is searched after every engine
 output, cut before the stop string, and the engine request is aborted. While streaming, the
 longest tail of the text that could still grow into a stop string is held back, so a stop
-string split across tokens never leaks.
+string split across tokens never leaks. vLLM's extras: `include_stop_str_in_output` keeps the
+stop string, `min_tokens` ignores stop strings in the text of its first outputs, and
+`skip_special_tokens=False` keeps special tokens in the text.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ class ChoiceState:
     tokenizer: ChatTokenizer
     prompt_ids: list[int]
     stops: list[str] = field(default_factory=list)
+    include_stop_str: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    # Tokens that end a request (EOS); when kept as text (skip_special_tokens false) the one
+    # that ended it is still not shown, as in vLLM, unless include_stop_str asks for it.
+    eos_token_ids: frozenset[int] = frozenset()
     detok: IncrementalDetokenizer = field(init=False)
     text: str = ""  # final text so far (stop strings already cut)
     sent: int = 0  # characters of `text` already handed out
@@ -56,7 +64,7 @@ class ChoiceState:
     _searched: int = 0  # text before this index cannot contain the start of a stop match
 
     def __post_init__(self) -> None:
-        self.detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids)
+        self.detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids, self.skip_special_tokens)
         self.num_prompt_tokens = len(self.prompt_ids)
 
     @property
@@ -74,12 +82,18 @@ class ChoiceState:
             self.num_prompt_tokens = out.num_prompt_tokens
         if out.spec is not None:
             self.spec = out.spec
-        new = self.detok.push(out.new_token_ids)
+        new_ids = out.new_token_ids
+        if (out.finish_reason is FinishReason.STOP and new_ids and new_ids[-1] in self.eos_token_ids
+                and not self.skip_special_tokens and not self.include_stop_str):
+            new_ids = new_ids[:-1]
+        new = self.detok.push(new_ids)
         if out.finished:
             new += self.detok.flush()
         self.text += new
         logprobs = list(out.logprobs or [])
-        if self.stops and self._cut_at_stop():
+        if self.stops and self.num_output_tokens < self.min_tokens:
+            self._searched = len(self.text)  # stop strings count only after min_tokens
+        elif self.stops and self._cut_at_stop():
             return self._emit(logprobs, final=True)
         if out.finish_reason is FinishReason.ERROR:
             self.error = out.error or "the request failed inside the engine"
@@ -91,11 +105,13 @@ class ChoiceState:
     def _cut_at_stop(self) -> bool:
         longest = max(len(s) for s in self.stops)
         start = max(0, self._searched - longest + 1)
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        found = ((self.text.find(s, start), s) for s in self.stops)
+        hits = [(i, len(s)) for i, s in found if i >= 0]
         self._searched = len(self.text)
         if not hits:
             return False
-        self.text = self.text[: min(hits)]
+        at, length = min(hits)
+        self.text = self.text[: at + length if self.include_stop_str else at]
         self.finish_reason = "stop"
         self.hit_stop_string = True
         return True

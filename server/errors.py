@@ -1,7 +1,10 @@
 """OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` for every failure.
 
 Every error body is built here, so no handler can leak a stack trace or a file path: unexpected
-exceptions become a fixed 500 message and their traceback goes to the server log only.
+exceptions become a fixed 500 message and their traceback goes to the server log only. Every
+4xx answered here is logged with its reason (the message names fields, never their values, so
+no prompt reaches the log): a client that shows only "400 Bad Request" can be debugged from
+the server's log.
 """
 
 from __future__ import annotations
@@ -126,33 +129,44 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 _STATUS_TYPES = {404: ("not_found", "not found"), 405: ("method_not_allowed", "method not allowed")}
 
 
+def log_client_error(request: Request, err: APIError) -> None:
+    """One line per refused request: route, status, code and the reason we gave the client."""
+    if 400 <= err.status < 500:
+        log.info("%s %s -> %d %s: %s", request.method, request.url.path, err.status,
+                 err.code or err.type, err.message)
+
+
 def install_error_handlers(app: FastAPI, on_reject: Any) -> None:
     """Map every exception to an OpenAI error body; `on_reject(reason)` counts rejections."""
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> Response:
+    async def _api_error(request: Request, exc: APIError) -> Response:
         if exc.reason:
             on_reject(exc.reason)
+        log_client_error(request, exc)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
         on_reject("validation")
         message, param = _validation_message(exc)
-        return error_response(APIError(400, message, param=param))
+        err = APIError(400, message, param=param)
+        log_client_error(request, err)
+        return error_response(err)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 413:
             on_reject("body_too_large")
-            return error_response(
-                APIError(413, "request body too large", code="request_too_large")
-            )
-        code, message = _STATUS_TYPES.get(exc.status_code, ("invalid_request", "bad request"))
-        if exc.status_code == 400:
-            on_reject("validation")
-            message = "request body could not be parsed"
-        return error_response(APIError(exc.status_code, message, code=code))
+            err = APIError(413, "request body too large", code="request_too_large")
+        else:
+            code, message = _STATUS_TYPES.get(exc.status_code, ("invalid_request", "bad request"))
+            if exc.status_code == 400:
+                on_reject("validation")
+                message = "request body could not be parsed"
+            err = APIError(exc.status_code, message, code=code)
+        log_client_error(request, err)
+        return error_response(err)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:

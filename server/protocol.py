@@ -2,18 +2,26 @@
 
 Policy: a field we do not implement is never silently ignored. Unknown fields fail validation
 (`extra="forbid"`, 400 naming the field); known OpenAI fields we do not support are accepted
-only at their "off" value (e.g. `tools: []`, `response_format: {"type": "text"}`) and otherwise
-get a 400 that names them. Fields that only label a request (user, metadata, ...) are accepted
-and have no effect. Extra fields beyond OpenAI follow vLLM's names (top_k, min_p, ...).
+only at their "off" value (e.g. `audio: null`, `logit_bias: {}`) and otherwise get a 400 that
+names them. Fields that only label a request (user, metadata, ...) are accepted and have no
+effect. Extra fields beyond OpenAI follow vLLM's names (top_k, min_p, min_tokens,
+structured_outputs, ...).
+
+Structured output: `response_format` (json_object, json_schema) and vLLM's
+`structured_outputs` (json, regex, choice, grammar, json_object) become one
+`StructuredOutput` (`constraint()`); tools and tool_choice live in server/tools.py.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from scheduler.request import StructuredOutput
 from server.errors import bad_request
+from server.tools import AssistantToolCall, NamedToolChoice, Tool, ToolPlan, closed
 
 MAX_STOP_STRINGS = 16
 MAX_N = 16
@@ -29,11 +37,8 @@ def _off(value: Any) -> bool:
 
 # Unsupported OpenAI fields -> predicate for values that are acceptable (ask for nothing).
 _CHAT_UNSUPPORTED: dict[str, Any] = {
-    "tools": _off,
-    "functions": _off,
+    "functions": _off,  # the deprecated forms of tools and tool_choice
     "function_call": lambda v: _off(v) or v == "none",
-    "tool_choice": lambda v: _off(v) or v == "none",
-    "response_format": lambda v: _off(v) or (isinstance(v, dict) and v.get("type") == "text"),
     "audio": _off,
     "modalities": lambda v: _off(v) or v == ["text"],
     "prediction": _off,
@@ -53,6 +58,67 @@ _COMPLETION_UNSUPPORTED: dict[str, Any] = {
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: with include_usage, usage on every chunk
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = Field(None, min_length=1)
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, min_length=1)
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [v for v in (self.json_, self.regex, self.choice, self.grammar, self.json_object)
+                 if v is not None and v is not False]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
+        return self
+
+    def constraint(self) -> StructuredOutput:
+        if self.json_ is not None:
+            schema = self.json_ if isinstance(self.json_, str) else json.dumps(self.json_)
+            return StructuredOutput("json_schema", schema)
+        if self.regex is not None:
+            return StructuredOutput("regex", self.regex)
+        if self.choice is not None:
+            return StructuredOutput("choice", json.dumps(self.choice))
+        if self.grammar is not None:
+            return StructuredOutput("grammar", self.grammar)
+        return StructuredOutput("json_object")
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the output always follows the schema, strict or not
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only then")
+        return self
+
+    def constraint(self) -> StructuredOutput | None:
+        if self.type == "json_object":
+            return StructuredOutput("json_object")
+        if self.type == "json_schema":
+            assert self.json_schema is not None
+            schema = self.json_schema.schema_ or {"type": "object"}  # OpenAI's default
+            return StructuredOutput("json_schema", json.dumps(closed(schema)))
+        return None
 
 
 def _check_unicode(value: Any, depth: int = 0) -> None:
@@ -100,6 +166,11 @@ class _Body(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
     # Extra: per-request opt-out of speculative decoding (output is identical either way).
     speculative: bool = True
+    # vLLM's extras with a meaning here.
+    min_tokens: int = Field(0, ge=0)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop")
     @classmethod
@@ -130,8 +201,21 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None  # a participant label; no effect
+    tool_calls: list[AssistantToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this message answers
+
+    @model_validator(mode="after")
+    def _fields_for_role(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only for assistant tool calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool messages need tool_call_id, and only they have one")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -144,8 +228,8 @@ class ChatMessage(BaseModel):
         return v
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
         return "".join(p.text for p in self.content)
 
 
@@ -166,18 +250,18 @@ class ChatCompletionRequest(_Body):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call
     # Accepted, no effect (labels / hints that do not change output).
     metadata: dict[str, str] | None = None
-    parallel_tool_calls: bool | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     service_tier: Literal["auto", "default"] | None = None
     # Known but unsupported: accepted only at their "off" value (checked before validation).
-    tools: Any = None
     functions: Any = None
     function_call: Any = None
-    tool_choice: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -198,8 +282,42 @@ class ChatCompletionRequest(_Body):
             raise ValueError("top_logprobs requires logprobs to be true")
         both = self.max_tokens is not None and self.max_completion_tokens is not None
         if both and self.max_tokens != self.max_completion_tokens:
-                raise ValueError("max_tokens and max_completion_tokens disagree")
+            raise ValueError("max_tokens and max_completion_tokens disagree")
         return self
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> ChatCompletionRequest:
+        # APIErrors (not ValueErrors) escape pydantic, so the 400 names the field.
+        try:
+            plan = self.tool_plan()
+        except ValueError as exc:
+            raise bad_request(str(exc), param="tool_choice") from None
+        from_format = self.response_format is not None and self.response_format.type != "text"
+        sources = [plan is not None and plan.constraint() is not None, from_format,
+                   self.structured_outputs is not None]
+        if sum(sources) > 1:
+            raise bad_request("response_format, structured_outputs and a required tool call "
+                              "each constrain the output; give only one",
+                              param="response_format" if from_format else "structured_outputs")
+        return self
+
+    def tool_plan(self) -> ToolPlan | None:
+        """What the request asks of tools; None when no tool may be called."""
+        return ToolPlan.from_request(self.tools, self.tool_choice, self.parallel_tool_calls)
+
+    def constraint(self) -> StructuredOutput | None:
+        plan = self.tool_plan()
+        if plan is not None and plan.constraint() is not None:
+            return plan.constraint()
+        if self.response_format is not None and self.response_format.constraint() is not None:
+            return self.response_format.constraint()
+        return self.structured_outputs.constraint() if self.structured_outputs else None
+
+    def constraint_param(self) -> str:
+        """The field a 400 about the constraint names."""
+        if self.structured_outputs is not None:
+            return "structured_outputs"
+        return "response_format" if self.response_format is not None else "tools"
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -242,6 +360,15 @@ class CompletionRequest(_Body):
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    def tool_plan(self) -> ToolPlan | None:
+        return None
+
+    def constraint(self) -> StructuredOutput | None:
+        return self.structured_outputs.constraint() if self.structured_outputs else None
+
+    def constraint_param(self) -> str:
+        return "structured_outputs"
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: text prompts or token-id prompts."""

@@ -16,11 +16,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from scheduler.request import SamplingParams
+from scheduler.grammar import check_structured
+from scheduler.request import SamplingParams, StructuredOutput
 from server.choices import ChoiceState
 from server.errors import APIError, bad_request, overloaded, unavailable
 from server.metrics import CONTENT_TYPE
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from server.serving import Job, collect, stream
 from server.state import AppState
 from server.streaming import ClientDisconnected, SSEResponse, race_disconnect
@@ -99,13 +100,15 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     arrival = time.monotonic()
     st = _prepare(request, body)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [_template_message(m) for m in body.messages]
+    tool_plan = body.tool_plan()
+    functions = tool_plan.functions if tool_plan is not None else None
     assert st.tokenizer is not None
     tokenizer = st.tokenizer
-    size = sum(len(m["content"]) for m in messages)
+    size = sum(len(m["content"] or "") for m in messages)
     job = await _submit(
         st, body, arrival, chat=True, prefix="chatcmpl",
-        encode=lambda: [tokenizer.encode_chat(messages)], size=size, param="messages",
+        encode=lambda: [tokenizer.encode_chat(messages, functions)], size=size, param="messages",
     )
     if st.settings.log_prompts:
         log.info("request %s messages=%r", job.response_id, messages)
@@ -133,6 +136,28 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def _template_message(m: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates take it: text content, plus tool calls or the call id."""
+    out: dict[str, Any] = {"role": m.role, "content": m.text()}
+    if m.tool_calls:
+        out["content"] = m.text() if m.content is not None else None
+        out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _constraint(body: ChatCompletionRequest | CompletionRequest) -> StructuredOutput | None:
+    """The request's output constraint, checked (a 400 naming the field if it cannot compile)."""
+    constraint = body.constraint()
+    if constraint is not None:
+        error = check_structured(constraint)
+        if error is not None:
+            raise bad_request(f"the output constraint cannot be compiled: {error}",
+                              param=body.constraint_param())
+    return constraint
 
 
 def _require_ready(st: AppState) -> AppState:
@@ -176,6 +201,7 @@ async def _submit(
     n = body.n
     num_prompts = 1 if chat else len(body.prompts())  # type: ignore[union-attr]
     total = n * num_prompts
+    constraint = _constraint(body)
     if not client.try_reserve(total):
         raise overloaded(f"the server is at capacity ({client.capacity} requests); retry later")
     try:
@@ -194,9 +220,14 @@ async def _submit(
             for i in range(n):
                 index = p * n + i
                 req_id = f"{response_id}-{index}"
-                params = _sampling_params(body, max_tokens, seed_offset=i)
+                params = _sampling_params(body, max_tokens, i, constraint)
                 items.append((req_id, prompt_ids, params))
-                choices.append(ChoiceState(index, req_id, tokenizer, prompt_ids, stops))
+                choices.append(ChoiceState(
+                    index, req_id, tokenizer, prompt_ids, stops,
+                    include_stop_str=body.include_stop_str_in_output,
+                    min_tokens=body.min_tokens, skip_special_tokens=body.skip_special_tokens,
+                    eos_token_ids=tokenizer.eos_token_ids,
+                ))
         if not client.is_alive:
             raise unavailable("the engine is not running", code="engine_unavailable", reason="engine_down")
         group = client.submit(items, arrival)
@@ -205,7 +236,8 @@ async def _submit(
     echo = None
     if not chat and body.echo:  # type: ignore[union-attr]
         echo = [tokenizer.decode(prompt_ids_list[c.index // n]) for c in choices]
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
     return Job(
         chat=chat,
         response_id=response_id,
@@ -215,7 +247,9 @@ async def _submit(
         prompt_counts=[len(p) for p in prompt_ids_list],
         logprobs=body.num_logprobs(),
         include_usage=include_usage,
+        continuous_usage=include_usage and bool(options and options.continuous_usage_stats),
         echo=echo,
+        tools=body.tool_plan(),
     )
 
 
@@ -245,7 +279,10 @@ def _check_token_ids(st: AppState, prompt_ids: list[int], param: str) -> None:
 
 
 def _sampling_params(
-    body: ChatCompletionRequest | CompletionRequest, max_tokens: int, seed_offset: int
+    body: ChatCompletionRequest | CompletionRequest,
+    max_tokens: int,
+    seed_offset: int,
+    constraint: StructuredOutput | None,
 ) -> SamplingParams:
     seed = None if body.seed is None else _wrap_seed(body.seed + seed_offset)
     try:
@@ -263,6 +300,8 @@ def _sampling_params(
             ignore_eos=body.ignore_eos,
             logprobs=body.num_logprobs(),
             speculative=body.speculative,
+            min_tokens=body.min_tokens,
+            structured=constraint,
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from None

@@ -3,8 +3,10 @@
 Chat and text completions share everything except the shape of a choice, which `Shape`
 supplies. Streaming follows OpenAI exactly: (chat) one role chunk per choice, content deltas,
 a chunk with finish_reason, then (with stream_options.include_usage) a usage chunk with empty
-choices, then `data: [DONE]`. An engine failure mid-stream becomes a `data: {"error": ...}`
-event followed by [DONE], as vLLM does; before any output it is an HTTP 500.
+choices, then `data: [DONE]`; with vLLM's continuous_usage_stats as well, every chunk carries
+the usage so far. An engine failure mid-stream becomes a `data: {"error": ...}` event followed
+by [DONE], as vLLM does; before any output it is an HTTP 500. With tools the text goes through
+server/tools.py: `message.tool_calls` / `delta.tool_calls`, finish_reason `tool_calls`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from server.choices import ChoiceDelta, ChoiceState, spec_metrics, usage
 from server.engine_client import RequestGroup
 from server.errors import APIError, error_body
 from server.streaming import DONE, sse
+from server.tools import ToolCallStream, ToolPlan
 
 
 @dataclass
@@ -33,7 +36,9 @@ class Job:
     prompt_counts: list[int]  # tokens of each distinct prompt (usage counts each once)
     logprobs: int | None
     include_usage: bool = False
+    continuous_usage: bool = False  # usage on every chunk (needs include_usage)
     echo: list[str] | None = None  # completions with echo=True: prompt text per choice
+    tools: ToolPlan | None = None  # chat with callable tools
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -85,11 +90,18 @@ async def collect(job: Job) -> dict[str, Any]:
 
 def _full_choice(job: Job, c: ChoiceState, lps: list[TokenLogprob]) -> dict[str, Any]:
     if job.chat:
+        message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        finish_reason = c.finish_reason
+        if job.tools is not None:
+            content, calls = job.tools.parse(c.text)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                finish_reason = _tool_finish(finish_reason)
         return {
             "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
+            "message": message,
             "logprobs": {"content": c.chat_logprobs(lps)} if job.logprobs is not None else None,
-            "finish_reason": c.finish_reason,
+            "finish_reason": finish_reason,
         }
     prefix = job.echo[c.index] if job.echo else ""
     return {
@@ -103,13 +115,23 @@ def _full_choice(job: Job, c: ChoiceState, lps: list[TokenLogprob]) -> dict[str,
 # --- streaming ----------------------------------------------------------------------------
 
 
+def _tool_finish(finish_reason: str | None) -> str | None:
+    """A choice that ended in tool calls says so (a cut one keeps `length`)."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
+
+
 async def stream(job: Job) -> AsyncIterator[bytes]:
     object_name = job.object_name + (".chunk" if job.chat else "")
     head = {"id": job.response_id, "object": object_name, "created": job.created, "model": job.model}
-    tail = {"usage": None} if job.include_usage else {}
     offsets = {c.index: 0 for c in job.choices}  # completion logprobs text_offset per choice
+    tool_streams = (
+        {c.index: ToolCallStream(job.tools) for c in job.choices} if job.tools is not None else {}
+    )
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        tail: dict[str, Any] = {}
+        if job.include_usage:
+            tail["usage"] = usage(job.choices, job.prompt_counts) if job.continuous_usage else None
         return sse({**head, "choices": choices, **tail, **extra})
 
     if job.chat:
@@ -127,11 +149,22 @@ async def stream(job: Job) -> AsyncIterator[bytes]:
             yield sse(error_body(d.error, "server_error", None, "engine_error"))
             yield DONE
             return
-        if not d.text and d.finish_reason is None and not (d.logprobs and job.logprobs is not None):
+        text, finish_reason = d.text, d.finish_reason
+        calls: list[dict[str, Any]] = []
+        if c.index in tool_streams:
+            tool_stream = tool_streams[c.index]
+            text, calls = tool_stream.push(d.text, final=d.finish_reason is not None)
+            if tool_stream.num_calls:
+                finish_reason = _tool_finish(finish_reason)
+        wants_logprobs = bool(d.logprobs) and job.logprobs is not None
+        if not text and not calls and finish_reason is None and not wants_logprobs:
             continue
         choice: dict[str, Any] = {"index": c.index}
         if job.chat:
-            choice["delta"] = {"content": d.text} if d.text else {}
+            delta: dict[str, Any] = {"content": text} if text else {}
+            if calls:
+                delta["tool_calls"] = calls
+            choice["delta"] = delta
             lp = {"content": c.chat_logprobs(d.logprobs)} if job.logprobs is not None else None
         else:
             choice["text"] = d.text
@@ -142,7 +175,7 @@ async def stream(job: Job) -> AsyncIterator[bytes]:
             )
             offsets[c.index] += len(d.text)
         choice["logprobs"] = lp
-        choice["finish_reason"] = d.finish_reason
+        choice["finish_reason"] = finish_reason
         extra: dict[str, Any] = {}
         if job.done():
             metrics = spec_metrics(job.choices)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -78,16 +79,30 @@ def test_validation_errors_are_400_and_name_the_field(guarded: Running) -> None:
 
 
 @pytest.mark.parametrize("field,value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("response_format", {"type": "json_object"}),
+    ("functions", [{"name": "f"}]),  # the deprecated form of tools
+    ("function_call", "auto"),
     ("audio", {"voice": "x"}),
     ("logit_bias", {"1": 5}),
-    ("tool_choice", "auto"),
 ])
 def test_unsupported_fields_are_400_naming_them(guarded: Running, field: str, value: Any) -> None:
     err = assert_openai_error(post(guarded, {"messages": MSGS, field: value}), 400, param=field,
                               code="unsupported_parameter")
     assert field in err["message"]
+
+
+def test_every_4xx_is_logged_with_its_reason_and_never_the_prompt(
+    guarded: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "my-secret-prompt-text"
+    with caplog.at_level(logging.INFO, logger="server.errors"):
+        post(guarded, {"messages": [{"role": "user", "content": secret}], "bogus": 1})
+        post(guarded, {"messages": [{"role": "user", "content": secret}], "audio": {"v": 1}})
+        post(guarded, {"messages": MSGS, "model": "gpt-9"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "server.errors"]
+    assert any("-> 400" in line and "bogus" in line for line in lines), lines
+    assert any("-> 400" in line and "audio is not supported" in line for line in lines), lines
+    assert any("-> 404" in line and "model_not_found" in line for line in lines), lines
+    assert not any(secret in line for line in lines)
 
 
 def test_unknown_model_is_404(guarded: Running) -> None:
