@@ -1,8 +1,9 @@
 """The engine loop: schedule -> speculator.attach -> one target forward + verify -> update ->
 record -> emit.
 
-`LLMEngine.step()` is synchronous and single-threaded; `EngineThread` runs it on its own thread
-behind a thread-safe inbox so the HTTP server's event loop never blocks on torch.
+`LLMEngine.step()` is synchronous and single-threaded; `EngineLoop` drives it from an inbox of
+commands (add, abort, drain), on a thread of the HTTP process (`EngineThread`) or in the engine
+process (server/engine_core.py), so the HTTP server's event loop never blocks on torch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from scheduler.batching import ContinuousBatcher, FaultHook
 from scheduler.plan import StepPlan, StepResult
@@ -174,22 +175,123 @@ class LLMEngine:
 
 
 def empty_stats(engine: LLMEngine) -> StepStats:
-    kv = engine.batcher.kv
-    return StepStats(0.0, 0.0, 0.0, 0, 0, 0, 0, 0, kv.num_used, kv.num_slots)
+    """Stats for a delivery without a step (aborts, refusals): no work, the queue as it is."""
+    batcher = engine.batcher
+    return StepStats(0.0, 0.0, 0.0, len(batcher.running), len(batcher.waiting), 0, 0, 0,
+                     batcher.kv.num_used, batcher.kv.num_slots)
 
 
 OnStep = Callable[[list[RequestOutput], StepStats], None]
+# What reaches the loop: ("add", Request), ("abort", req_id) or ("drain", timeout_s).
+Command = tuple[str, Any]
+
+
+class Inbox(Protocol):
+    def get(self, timeout_s: float) -> Command | None:
+        """The next command, waiting up to timeout_s for one (0: do not wait); None if none came."""
+        ...
+
+
+class QueueInbox:
+    """An in-process inbox: any thread puts, the engine loop gets."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Command] = queue.SimpleQueue()
+
+    def put(self, command: Command) -> None:
+        self._queue.put(command)
+
+    def get(self, timeout_s: float) -> Command | None:
+        try:
+            return self._queue.get(timeout=timeout_s) if timeout_s > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+
+class EngineLoop:
+    """drain the inbox -> step -> on_step(outputs, stats), until a drain has finished.
+
+    One loop for both homes of the engine: `EngineThread` runs it on a thread of the HTTP
+    process, the engine process (server/engine_core.py) on a thread of its own with an inbox
+    fed by a socket. Every step that did work, or any command that finished a request, makes
+    exactly one on_step call, so each step's stats reach the exporter once.
+    """
+
+    def __init__(
+        self, engine: LLMEngine, inbox: Inbox, on_step: OnStep, idle_wait_s: float = 0.05
+    ) -> None:
+        self.engine = engine
+        self.inbox = inbox
+        self.on_step = on_step
+        self.idle_wait_s = idle_wait_s
+
+    def run(self) -> BaseException | None:
+        """None after a drain; else the exception that stopped the loop, once every request
+        has been given an ERROR output."""
+        drain_deadline: float | None = None
+        try:
+            while True:
+                outputs: list[RequestOutput] = []
+                idle = not self.engine.has_work and drain_deadline is None
+                drain_deadline = self._drain_inbox(outputs, idle, drain_deadline)
+                if drain_deadline is not None and (
+                    not self.engine.has_work or time.monotonic() > drain_deadline
+                ):
+                    outputs.extend(self._abort_all())
+                    if outputs:
+                        self.on_step(outputs, empty_stats(self.engine))
+                    return None
+                stepped = self.engine.step() if self.engine.has_work else None
+                if stepped is not None:
+                    outputs.extend(stepped[0])
+                    self.on_step(outputs, stepped[1])
+                elif outputs:
+                    self.on_step(outputs, empty_stats(self.engine))
+        except BaseException as exc:
+            log.exception("engine loop died")
+            try:
+                self.on_step(self.engine.batcher.fail_all("engine failure"), empty_stats(self.engine))
+            except Exception:
+                log.exception("could not report the engine failure to clients")
+            return exc
+
+    def _drain_inbox(
+        self, outputs: list[RequestOutput], idle: bool, drain_deadline: float | None
+    ) -> float | None:
+        command = self.inbox.get(self.idle_wait_s if idle else 0.0)
+        while command is not None:
+            kind, payload = command
+            if kind == "add":
+                # Shutting down: new work is refused (finished as aborted) right away.
+                refused = self._refuse(payload) if drain_deadline is not None else None
+                done = refused or self.engine.add_request(payload)
+                if done is not None:
+                    outputs.append(done)
+            elif kind == "abort":
+                aborted = self.engine.abort(payload)
+                if aborted is not None:
+                    outputs.append(aborted)
+            elif kind == "drain" and drain_deadline is None:
+                drain_deadline = time.monotonic() + payload
+            command = self.inbox.get(0.0)
+        return drain_deadline
+
+    def _refuse(self, req: Request) -> RequestOutput:
+        req.finish_reason = FinishReason.ABORT
+        return RequestOutput(req.req_id, [], FinishReason.ABORT, num_prompt_tokens=len(req.prompt_ids))
+
+    def _abort_all(self) -> list[RequestOutput]:
+        ids = [r.req_id for r in [*self.engine.batcher.running, *self.engine.batcher.waiting]]
+        return [out for i in ids if (out := self.engine.abort(i)) is not None]
 
 
 class EngineThread:
-    """Runs LLMEngine.step() in a loop on a daemon thread; add/abort are thread-safe."""
+    """Runs the EngineLoop on a daemon thread of this process; add/abort are thread-safe."""
 
     def __init__(self, engine: LLMEngine, on_step: OnStep, idle_wait_s: float = 0.05) -> None:
         self.engine = engine
-        self.on_step = on_step
-        self.idle_wait_s = idle_wait_s
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._stop = threading.Event()
+        self._inbox = QueueInbox()
+        self._loop = EngineLoop(engine, self._inbox, on_step, idle_wait_s)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.error: BaseException | None = None
 
@@ -216,68 +318,8 @@ class EngineThread:
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Let running requests finish for up to timeout_s, then abort the rest and stop."""
-        self._inbox.put(("drain", time.monotonic() + timeout_s))
+        self._inbox.put(("drain", timeout_s))
         self._thread.join(timeout_s + 5.0)
 
     def _run(self) -> None:
-        drain_deadline: float | None = None
-        try:
-            while True:
-                outputs: list[RequestOutput] = []
-                block = not self.engine.has_work and drain_deadline is None
-                drain_deadline = self._drain_inbox(outputs, block, drain_deadline)
-                if drain_deadline is not None and (
-                    not self.engine.has_work or time.monotonic() > drain_deadline
-                ):
-                    outputs.extend(self._abort_all())
-                    if outputs:
-                        self.on_step(outputs, empty_stats(self.engine))
-                    return
-                stepped = self.engine.step() if self.engine.has_work else None
-                if stepped is not None:
-                    outputs.extend(stepped[0])
-                    self.on_step(outputs, stepped[1])
-                elif outputs:
-                    self.on_step(outputs, empty_stats(self.engine))
-        except BaseException as exc:
-            log.exception("engine thread died")
-            self.error = exc
-            try:
-                self.on_step(self.engine.batcher.fail_all("engine failure"), empty_stats(self.engine))
-            except Exception:
-                log.exception("could not report the engine failure to clients")
-
-    def _drain_inbox(
-        self, outputs: list[RequestOutput], block: bool, drain_deadline: float | None
-    ) -> float | None:
-        try:
-            item = self._inbox.get(timeout=self.idle_wait_s) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return drain_deadline
-        while True:
-            kind, payload = item
-            if kind == "add":
-                # Shutting down: new work is refused (finished as aborted) right away.
-                refused = self._refuse(payload) if drain_deadline is not None else None
-                done = refused or self.engine.add_request(payload)
-                if done is not None:
-                    outputs.append(done)
-            elif kind == "abort":
-                aborted = self.engine.abort(payload)
-                if aborted is not None:
-                    outputs.append(aborted)
-            elif kind == "drain":
-                drain_deadline = payload
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return drain_deadline
-
-    def _refuse(self, req: Request) -> RequestOutput:
-        req.finish_reason = FinishReason.ABORT
-        return RequestOutput(req.req_id, [], FinishReason.ABORT, num_prompt_tokens=len(req.prompt_ids))
-
-    def _abort_all(self) -> list[RequestOutput]:
-        ids = [r.req_id for r in [*self.engine.batcher.running, *self.engine.batcher.waiting]]
-        return [out for i in ids if (out := self.engine.abort(i)) is not None]
-
+        self.error = self._loop.run()

@@ -1,7 +1,10 @@
 """`python -m server`: read settings, serve with uvicorn, exit non-zero if the engine dies.
 
+The engine core runs in its own process (`--engine-process`, the default) with `--threads`
+torch threads, or on a thread of this process (`--no-engine-process`).
 SIGTERM / Ctrl-C: uvicorn stops accepting, lets open responses finish for up to
-`--drain-timeout-s`, then the app's lifespan shuts the engine thread down; exit status 0.
+`--drain-timeout-s`, then the app's lifespan drains and stops the engine; exit status 0 (the
+engine process ignores the signal itself, so one sent to the whole process group drains too).
 Engine death or a failed model load: the app calls `on_fatal`, we ask uvicorn to stop, and the
 process exits with status 1 so a supervisor restarts it.
 """
@@ -16,8 +19,10 @@ from typing import Any
 
 import uvicorn
 
+from scheduler.build import build_engine
 from server.app import create_app
-from server.engine_client import ThreadFactory
+from server.engine_core import Builder, EngineCoreSpec, set_torch_threads
+from server.engine_process import launch_engine_process
 from server.settings import ServerSettings, parse_settings
 
 log = logging.getLogger("server")
@@ -25,22 +30,24 @@ log = logging.getLogger("server")
 EXIT_ENGINE_FAILED = 1
 
 
-def _engine_factory(settings: ServerSettings):  # type: ignore[no-untyped-def]
-    def build():  # type: ignore[no-untyped-def]
-        # The only path from the gateway into torch: the engine builder, in a worker thread.
-        from scheduler.build import build_engine
+def engine_factory(settings: ServerSettings, builder: Builder = build_engine) -> Callable[[], Any]:
+    """What the app calls (in a worker thread) to get its engine: a launched engine process, or
+    an engine built in this process. `builder` (a test seam) turns the EngineConfig into an
+    LLMEngine; for the process it must be picklable by reference (a module-level function)."""
+    if settings.engine_process:
+        spec = EngineCoreSpec(settings.engine, builder, settings.threads, settings.log_level)
+        return lambda: launch_engine_process(spec)
 
-        return build_engine(settings.engine)
+    def build() -> Any:
+        # The only path from this process into torch: the engine builder, in a worker thread.
+        set_torch_threads(settings.threads)
+        return builder(settings.engine)
 
     return build
 
 
-def main(
-    argv: Sequence[str] | None = None,
-    engine_factory: Callable[[], Any] | None = None,
-    thread_factory: ThreadFactory | None = None,
-) -> int:
-    """Serve until SIGTERM (exit 0) or engine failure (exit 1). The factories are test seams."""
+def main(argv: Sequence[str] | None = None, builder: Builder = build_engine) -> int:
+    """Serve until SIGTERM (exit 0) or engine failure (exit 1). `builder` is a test seam."""
     settings = parse_settings(argv)
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -55,12 +62,7 @@ def main(
         if server is not None:
             server.should_exit = True
 
-    app = create_app(
-        settings,
-        engine_factory or _engine_factory(settings),
-        thread_factory=thread_factory,
-        on_fatal=on_fatal,
-    )
+    app = create_app(settings, engine_factory(settings, builder), on_fatal=on_fatal)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -1,10 +1,12 @@
 """FastAPI application: lifespan (load -> warm up -> serve -> drain) and guards.
 
 The HTTP listener comes up at once; the model loads in the background so `/health` (liveness)
-answers 200 during a long load while `/ready` and `/v1/*` answer 503 until the engine thread
-runs and one warm-up generation went through it. A monitor task watches the engine thread: if
-it dies, `/health` turns 503, every pending request gets an error, and `on_fatal` is called
-(`python -m server` then stops uvicorn and exits non-zero so an orchestrator restarts it).
+answers 200 during a long load while `/ready` and `/v1/*` answer 503 until the engine runs and
+one warm-up generation went through it. The engine runs in its own process
+(`server/engine_process.py`, what `python -m server` starts) or on a thread of this one; the app
+sees both through `EngineThreadLike`. A monitor task watches it: if it dies, `/health` turns
+503, every pending request gets an error, and `on_fatal` is called (`python -m server` then
+stops uvicorn and exits non-zero so an orchestrator restarts it).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scheduler.request import SamplingParams
-from server.engine_client import AsyncEngineClient, ThreadFactory
+from server.engine_client import AsyncEngineClient, EngineThreadLike, OnStep, ThreadFactory
+from server.engine_process import EngineProcess
 from server.errors import APIError, error_response, install_error_handlers, overloaded
 from server.metrics import Metrics
 from server.routes import router
@@ -36,7 +39,11 @@ MONITOR_INTERVAL_S = 0.2
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
-def default_thread_factory(engine: Any, on_step: Any) -> Any:
+def default_thread_factory(engine: Any, on_step: OnStep) -> EngineThreadLike:
+    """An engine process already runs its loop and only needs the callback; an LLMEngine built
+    in this process gets a thread of its own."""
+    if isinstance(engine, EngineProcess):
+        return engine.attach(on_step)
     from scheduler.engine import EngineThread
 
     return EngineThread(engine, on_step)
@@ -49,7 +56,8 @@ def create_app(
     thread_factory: ThreadFactory | None = None,
     on_fatal: Callable[[str], None] | None = None,
 ) -> FastAPI:
-    """`engine_factory` builds (or returns) an LLMEngine; it runs in a worker thread."""
+    """`engine_factory` builds (or returns) an LLMEngine, or launches an EngineProcess; it runs
+    in a worker thread."""
     engine_config = settings.engine
     metrics = Metrics(
         settings.served_model_name or engine_config.model,
@@ -120,9 +128,9 @@ async def _load_and_watch(state: AppState) -> None:
     err = client.thread.error
     if err is None:
         return  # a clean shutdown stopped the thread
-    log.error("engine thread died: %r", err)
+    log.error("engine died: %r", err)
     client.fail_all("the engine stopped unexpectedly")
-    _die(state, "engine thread died")
+    _die(state, "engine died")
 
 
 async def _warmup(state: AppState, client: AsyncEngineClient) -> None:

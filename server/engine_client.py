@@ -1,9 +1,12 @@
-"""Bridge between the asyncio gateway and the engine thread.
+"""Bridge between the asyncio gateway and the engine.
 
-The engine thread calls `on_step(outputs, stats)` after every step; we hop to the event loop
-with `call_soon_threadsafe` and route each output to the `RequestGroup` that owns it (one group
-per HTTP request: n choices x prompts engine requests sharing one asyncio.Queue). Everything
-below `_dispatch` runs on the event loop, so the routing table needs no lock.
+The engine is anything `EngineThreadLike`: `scheduler.engine.EngineThread` (the engine on a
+thread of this process) or `server.engine_process.EngineProcess` (the engine core in its own
+process; its reader thread stands in for the engine thread). Either calls `on_step(outputs,
+stats)` once per step from its own thread; we hop to the event loop with
+`call_soon_threadsafe` and route each output to the `RequestGroup` that owns it (one group per
+HTTP request: n choices x prompts engine requests sharing one asyncio.Queue). Everything below
+`_dispatch` runs on the event loop, so the routing table needs no lock.
 
 A group's engine requests stay registered until the engine confirms them finished (also after
 an abort): the in-flight count used for admission control is therefore exact, and a slot counts
@@ -29,7 +32,8 @@ OnStep = Callable[[list[RequestOutput], StepStats], None]
 
 
 class EngineThreadLike(Protocol):
-    """The part of scheduler.engine.EngineThread the gateway uses."""
+    """What the gateway uses of an engine that runs beside the event loop (a thread or a
+    process): add/abort never block, shutdown drains."""
 
     def start(self) -> None: ...
 

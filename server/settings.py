@@ -31,6 +31,8 @@ class ServerSettings:
     log_level: str = "info"
     log_prompts: bool = False  # prompts and outputs never reach the log unless this is set
     warmup: bool = True
+    engine_process: bool = True  # the engine core in its own process (False: a thread of this one)
+    threads: int = 0  # torch intra-op threads of the engine; 0: torch's default
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -42,6 +44,8 @@ class ServerSettings:
             raise ValueError("max_body_bytes must be >= 1024")
         if self.api_key == "":
             raise ValueError("api_key must not be empty (unset it to disable authentication)")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0 (0: torch's default)")
 
 
 _SERVER_HELP = {
@@ -55,6 +59,10 @@ _SERVER_HELP = {
     "log_level": "debug | info | warning | error",
     "log_prompts": "log prompts and outputs (off by default: they may be confidential)",
     "warmup": "run one short generation before reporting ready",
+    "engine_process": "run the engine core in its own process, out of the HTTP process's way "
+    "(--no-engine-process: on a thread of the HTTP process)",
+    "threads": "torch intra-op threads of the engine (0: torch's default, one per physical "
+    "core; the HTTP process runs no torch threads of its own)",
 }
 
 

@@ -1,4 +1,8 @@
-"""Overload, disconnect storms, fault isolation, soak (short), and the security policy."""
+"""Overload, disconnect storms, fault isolation, soak (short), and the security policy.
+
+The load and fault tests run against the engine in its own process (`python -m server`'s
+default), so admission, aborts and per-request failures are checked across that boundary.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from gateway_harness import Running, fake_app, fake_settings, fake_tokenizer, serve
-
-from scheduler.request import Request
+from gateway_harness import Running, fake_app, fake_settings, serve
+from gateway_proc import process_app
 
 ROOT = Path(__file__).resolve().parents[2]
 MSGS = [{"role": "user", "content": "hello"}]
@@ -33,7 +36,7 @@ def run_script(name: str, *args: str, timeout: float = 240) -> dict[str, Any]:
 
 def test_overload_burst_completes_or_rejects_everything() -> None:
     settings = fake_settings(max_num_seqs=4, max_queue=4, max_model_len=2048)
-    with serve(fake_app(settings, step_s=0.01)) as server:
+    with serve(process_app(settings, step_s=0.01)) as server:
         result = run_script("stress.py", "--url", server.base_url, "--capacity", "8",
                             "--scenario", "burst", "--max-tokens", "16")
     burst = result["burst"]
@@ -51,7 +54,7 @@ def test_overload_burst_completes_or_rejects_everything() -> None:
 
 def test_disconnect_storm_frees_every_slot() -> None:
     settings = fake_settings(max_num_seqs=4, max_queue=128, max_model_len=2048)
-    with serve(fake_app(settings, step_s=0.01)) as server:
+    with serve(process_app(settings, step_s=0.01)) as server:
         result = run_script("stress.py", "--url", server.base_url, "--capacity", "132",
                             "--scenario", "storm", "--clients", "100", "--max-tokens", "200")
         assert server.state.client is not None and server.state.client.num_in_flight == 0
@@ -63,7 +66,7 @@ def test_disconnect_storm_frees_every_slot() -> None:
 
 def test_soak_short_mode() -> None:
     settings = fake_settings(max_num_seqs=4, max_queue=32, max_model_len=2048)
-    with serve(fake_app(settings, step_s=0.005)) as server:
+    with serve(process_app(settings, step_s=0.005)) as server:
         result = run_script("soak.py", "--url", server.base_url, "--duration", "6",
                             "--calibrate-s", "2", "--max-tokens", "16")
     assert result["lost"] == 0, result["lost_examples"]
@@ -73,17 +76,9 @@ def test_soak_short_mode() -> None:
 
 @pytest.fixture(scope="module")
 def faulty() -> Iterator[Running]:
-    """LLMEngine.fault_hook fails every request whose prompt contains POISON."""
-    marker = fake_tokenizer().encode("POISON", add_special_tokens=False)
-    with serve(fake_app(step_s=0.005)) as server:
-        engine = server.state.client.engine  # type: ignore[union-attr]
-
-        def hook(req: Request) -> None:
-            p = req.prompt_ids
-            if any(p[i : i + len(marker)] == marker for i in range(len(p))):
-                raise RuntimeError("injected fault")
-
-        engine.fault_hook = hook
+    """The engine process's fault hook (tests/server/gateway_proc.py) fails every request whose
+    prompt contains POISON."""
+    with serve(process_app(fake_settings(), step_s=0.005)) as server:
         yield server
 
 
