@@ -1,18 +1,24 @@
-"""Gateway overhead: per-token time through HTTP (SSE) versus the engine alone. Prints JSON.
+"""What a user gets of the engine's speed: engine alone versus served over HTTP. Prints JSON.
 
-    python benchmarks/gateway.py                          # embedded model, concurrency 1 and 16
-    python benchmarks/gateway.py --model fake --max-tokens 128
+    python benchmarks/gateway.py                               # 1, 8 and 32 streams, 128 tokens
+    python benchmarks/gateway.py --server-args="--no-engine-process"   # the engine on a thread
+    python benchmarks/gateway.py --model fake --max-tokens 16 --rounds 1 --concurrency 1 2
 
-Both sides decode the same prompts greedily with ignore_eos, so every request yields exactly
---max-tokens tokens. Engine alone: an EngineThread in this process, token times taken in its
-on_step callback. Through HTTP: `python -m server` with the same engine flags in a subprocess,
-an httpx streaming client here; token times are chunk arrival times. Per-token time is the
-decode-phase mean (last - first token) / (tokens - 1) per request, averaged over requests;
-the end-to-end figure divides request latency by its tokens.
+Both sides decode the same chat prompts greedily with ignore_eos, so every request yields
+exactly --max-tokens tokens, and both give torch --threads threads (0: torch's default).
+Engine alone: an EngineThread in this process, token times taken in its on_step callback.
+Served: `python -m server` with the same engine flags in a subprocess (the engine in its own
+process unless --server-args says otherwise), an httpx streaming client here; token times are
+chunk arrival times, so the client's own parsing is part of the served figure, as for a user.
 
-Rounds alternate engine-alone and HTTP (A/B/A/B...) and the figures are medians over rounds,
-with the overhead taken as the median of per-round paired differences, so a noisy shared
-machine shifts both sides alike instead of biasing one.
+Per concurrency and side: per-user decode tok/s (each request's (tokens - 1) / (last - first
+token), averaged over requests), aggregate tok/s (all tokens / the round's wall time from the
+first submission to the last token), and TTFT p50/p99 over every request of every round.
+`served_vs_engine` gives the served/engine ratios of the per-user and aggregate rates (the
+targets: >= 0.95 per user at 1 stream, >= 0.9 aggregate at the most streams).
+
+Rounds alternate engine-alone and served (A/B/A/B...) and the rates are medians over rounds,
+the ratios medians of per-round ratios, so a noisy shared machine shifts both sides alike.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import statistics
 import threading
 import time
@@ -35,31 +42,32 @@ QUESTIONS = [
     "Name a famous painter and one of their works.", "Give me a tip for learning to cook.",
 ]
 
+Record = tuple[float, float, float, int]  # (t_submit, t_first_token, t_last_token, tokens)
+
 
 def prompts(n: int) -> list[str]:
     return [QUESTIONS[i % len(QUESTIONS)] + f" (#{i})" for i in range(n)]
 
 
-def summarize(records: list[tuple[float, float, float, int]]) -> dict[str, float]:
-    """records: (t_submit, t_first, t_last, tokens) per request."""
-    tpot = [(last - first) / (n - 1) for _, first, last, n in records if n > 1]
-    e2e = [(last - t0) / n for t0, _, last, n in records if n]
-    ttft = [first - t0 for t0, first, _, _ in records]
+def summarize(records: list[Record]) -> dict[str, Any]:
+    rates = [(n - 1) / (last - first) for _, first, last, n in records if n > 1 and last > first]
+    wall = max(last for _, _, last, _ in records) - min(t0 for t0, *_ in records)
     return {
-        "per_token_ms": round(1000 * statistics.mean(tpot), 3),
-        "e2e_per_token_ms": round(1000 * statistics.mean(e2e), 3),
-        "ttft_ms": round(1000 * statistics.mean(ttft), 2),
+        "per_user_tok_s": round(statistics.mean(rates), 2),
+        "aggregate_tok_s": round(sum(n for *_, n in records) / wall, 2),
+        "ttft_s": [first - t0 for t0, first, _, _ in records],
         "tokens_per_request": statistics.mean(n for *_, n in records),
     }
 
 
-def _engine_round(engine: Any, tag: str, concurrency: int, params: Any) -> list[list[Any]]:
-    """One batch of `concurrency` requests; per request [t_submit, t_first, t_last, tokens, done]."""
+def engine_round(engine: Any, concurrency: int, max_tokens: int, tag: str) -> dict[str, Any]:
+    """One batch of `concurrency` requests through an EngineThread in this process."""
     from scheduler.engine import EngineThread
-    from scheduler.request import Request
+    from scheduler.request import Request, SamplingParams
 
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     tok = engine.tokenizer
-    state: dict[str, list[Any]] = {}
+    state: dict[str, list[Any]] = {}  # req_id -> [t_submit, t_first, t_last, tokens, done]
     done = threading.Event()
 
     def on_step(outputs: list[Any], stats: Any) -> None:
@@ -84,19 +92,11 @@ def _engine_round(engine: Any, tag: str, concurrency: int, params: Any) -> list[
         thread.add_request(Request(f"{tag}-{i}", ids, params, arrival_s=time.monotonic()))
     done.wait(600)
     thread.shutdown(5)
-    return list(state.values())
+    return summarize([(t0, first, last, n) for t0, first, last, n, _ in state.values()])
 
 
-def engine_round(engine: Any, concurrency: int, max_tokens: int, tag: str) -> dict[str, float]:
-    from scheduler.request import SamplingParams
-
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    got = _engine_round(engine, tag, concurrency, params)
-    return summarize([(t0, first, last, n) for t0, first, last, n, _ in got])
-
-
-async def http_round(base: str, concurrency: int, max_tokens: int) -> dict[str, float]:
-    async def one(client: httpx.AsyncClient, text: str) -> tuple[float, float, float, int]:
+async def served_round(base: str, concurrency: int, max_tokens: int) -> dict[str, Any]:
+    async def one(client: httpx.AsyncClient, text: str) -> Record:
         body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
                 "temperature": 0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
@@ -123,25 +123,38 @@ async def http_round(base: str, concurrency: int, max_tokens: int) -> dict[str, 
     return summarize(list(got))
 
 
-def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
-    return {k: round(statistics.median(r[k] for r in rounds), 3) for k in rounds[0]}
+def side(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median rates over rounds; TTFT percentiles over every request of every round."""
+    ttft = sorted(t for r in rounds for t in r["ttft_s"])
+
+    def pct_ms(p: float) -> float:
+        return round(1000 * ttft[min(len(ttft) - 1, round(p / 100 * (len(ttft) - 1)))], 1)
+
+    return {
+        "per_user_tok_s": round(statistics.median(r["per_user_tok_s"] for r in rounds), 2),
+        "aggregate_tok_s": round(statistics.median(r["aggregate_tok_s"] for r in rounds), 2),
+        "ttft_p50_ms": pct_ms(50),
+        "ttft_p99_ms": pct_ms(99),
+        "tokens_per_request": rounds[0]["tokens_per_request"],
+        "per_user_tok_s_rounds": [r["per_user_tok_s"] for r in rounds],
+    }
 
 
 def compare(engine: Any, base: str, concurrency: int, max_tokens: int, rounds: int) -> dict[str, Any]:
     engine_round(engine, concurrency, max_tokens, f"warm{concurrency}")
-    asyncio.run(http_round(base, concurrency, max_tokens))
-    a, b = [], []
+    asyncio.run(served_round(base, concurrency, max_tokens))
+    alone, served = [], []
     for r in range(rounds):
-        a.append(engine_round(engine, concurrency, max_tokens, f"c{concurrency}r{r}"))
-        b.append(asyncio.run(http_round(base, concurrency, max_tokens)))
-    diffs = [y["per_token_ms"] - x["per_token_ms"] for x, y in zip(a, b, strict=True)]
-    ratios = [y["per_token_ms"] / x["per_token_ms"] - 1 for x, y in zip(a, b, strict=True)]
+        alone.append(engine_round(engine, concurrency, max_tokens, f"c{concurrency}r{r}"))
+        served.append(asyncio.run(served_round(base, concurrency, max_tokens)))
+
+    def ratio(key: str) -> float:
+        return round(statistics.median(b[key] / a[key] for a, b in zip(alone, served, strict=True)), 3)
+
     return {
-        "engine": median_of(a),
-        "http": median_of(b),
-        "overhead_per_token_ms": round(statistics.median(diffs), 3),
-        "overhead_pct": round(100 * statistics.median(ratios), 1),
-        "overhead_per_token_ms_rounds": [round(d, 3) for d in diffs],
+        "engine": side(alone),
+        "served": side(served),
+        "served_vs_engine": {"per_user": ratio("per_user_tok_s"), "aggregate": ratio("aggregate_tok_s")},
     }
 
 
@@ -150,11 +163,14 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: the embedded model")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--speculative", default="none",
+                    help="drafter on both sides (none: the plain decode path the targets are for)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads on both sides (0: torch's default)")
+                    help="torch threads of the engine on both sides (0: torch's default)")
+    ap.add_argument("--server-args", default="", help="extra flags for the served side")
     args = ap.parse_args()
 
     import torch
@@ -166,19 +182,22 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     max_seqs = max(args.concurrency)
     flags = {"device": args.device, "dtype": args.dtype, "max_num_seqs": max_seqs,
-             "max_model_len": 1024, "max_num_batched_tokens": 512}
+             "max_model_len": 1024, "max_num_batched_tokens": max(512, max_seqs),
+             "speculative": args.speculative}
     if args.model:
         flags["model"] = args.model
     engine = build_engine(EngineConfig(**flags))
     server_args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
-    server_args += ["--max-queue", str(max_seqs)]
-    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
-    server = spawn_server(server_args, env=env)
-    result: dict[str, Any] = {"model": engine.model_name, "max_tokens": args.max_tokens,
-                              "rounds": args.rounds, "torch_threads": torch.get_num_threads()}
+    server_args += ["--max-queue", str(max_seqs), "--threads", str(args.threads)]
+    server = spawn_server([*server_args, *shlex.split(args.server_args)])
+    result: dict[str, Any] = {
+        "model": engine.model_name, "max_tokens": args.max_tokens, "rounds": args.rounds,
+        "speculative": args.speculative, "torch_threads": torch.get_num_threads(),
+        "server_args": shlex.join([*server_args, *shlex.split(args.server_args)]),
+    }
     try:
         for c in args.concurrency:
-            result[f"concurrency_{c}"] = compare(engine, server.url, c, args.max_tokens, args.rounds)
+            result[f"streams_{c}"] = compare(engine, server.url, c, args.max_tokens, args.rounds)
     finally:
         server.stop()
     print(json.dumps(result, indent=2))
