@@ -235,7 +235,7 @@ class ContinuousBatcher:
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         # Before min_tokens the runner masks EOS and stop ids; a runner that cannot (the fake
         # one) still does not stop early.
-        if req.num_output_tokens > req.params.min_tokens:  # this token is output number n - 1
+        if req.num_output_tokens > req.params.min_tokens:  # its output index reached min_tokens
             if token in req.params.stop_token_ids:
                 return FinishReason.STOP
             if not req.params.ignore_eos and token in req.eos_token_ids:

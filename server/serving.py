@@ -161,10 +161,10 @@ async def stream(job: Job) -> AsyncIterator[bytes]:
             continue
         choice: dict[str, Any] = {"index": c.index}
         if job.chat:
-            delta: dict[str, Any] = {"content": text} if text else {}
+            message: dict[str, Any] = {"content": text} if text else {}
             if calls:
-                delta["tool_calls"] = calls
-            choice["delta"] = delta
+                message["tool_calls"] = calls
+            choice["delta"] = message
             lp = {"content": c.chat_logprobs(d.logprobs)} if job.logprobs is not None else None
         else:
             choice["text"] = d.text
