@@ -52,7 +52,10 @@ class DSparkModel(nn.Module):
     # --- shared pieces -------------------------------------------------------------------
     def context(self, feats: torch.Tensor) -> torch.Tensor:
         """Fused target features H_ctx = RMSNorm(W_c [H(l1); ...; H(lm)])."""
-        return self.hidden_norm(self.fc(feats).float())  # fp32 even under bf16 autocast
+        fused = self.fc(feats)
+        # in the norm's own dtype: fp32 in training (bf16 autocast hands back bf16, which takes
+        # rms_norm off its fused kernel), bf16 when the draft serves next to a bf16 target
+        return self.hidden_norm(fused.to(self.hidden_norm.weight.dtype))
 
     def backbone(
         self,

@@ -227,3 +227,27 @@ def test_drafts_a_batch_as_it_drafts_each_request_alone(tiny_target, method) -> 
             torch.testing.assert_close(batched.probs[i], one.probs[0], atol=1e-5, rtol=0)
         else:
             assert batched.probs is None or batched.probs[i] is None
+
+
+@pytest.mark.parametrize("method", ["dspark", "eagle3"])
+def test_proposers_serve_next_to_a_bf16_target(tiny_target, method) -> None:  # type: ignore[no-untyped-def]
+    """The server's dtype auto picks bf16 on CPUs with bf16 matmuls: the draft then runs in
+    bf16 too, and every product inside it must see one dtype."""
+    import copy
+
+    target = copy.deepcopy(tiny_target).to(torch.bfloat16)
+    if method == "dspark":
+        model = _dspark(target)
+    else:
+        model = Eagle3Model(config_from_target(target.config, "eagle3", aux_layer_ids=[0, 1, 2]))
+    prompt = [1, 5, 9, 17, 33, 12, 7, 40]
+    ref = target_generate(target, prompt, 12, {2})
+    res = speculative_generate(
+        target,
+        make_proposer(model, target, 7),
+        prompt,
+        SamplingParams(max_tokens=12, temperature=0),
+        7,
+        {2},
+    )
+    assert res.output_ids == ref
