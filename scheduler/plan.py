@@ -28,6 +28,8 @@ class ScheduledRequest:
     num_new_tokens: int  # committed tokens whose KV this step computes
     draft_ids: list[int] = field(default_factory=list)  # drafts verified after them
     # [len(draft_ids), vocab] distribution each draft was drawn from; None = deterministic draft.
+    # One row more when a grammar cut the draft: the q of the cut draft, so the token sampled in
+    # its place comes from the residual, as a rejection would have drawn it.
     draft_probs: torch.Tensor | None = None
     predicted_survival: list[float] = field(default_factory=list)  # per verified draft position
     # Taken from the request's counters when the step is planned: update() moves those counters,

@@ -101,15 +101,14 @@ def test_error_output_marks_choice_failed(tok: ChatTokenizer) -> None:
 def test_chat_request_rejects_unsupported_fields_by_name() -> None:
     msgs = [{"role": "user", "content": "x"}]
     with pytest.raises(APIError) as e:
-        ChatCompletionRequest.model_validate({"messages": msgs, "tools": [{"type": "function"}]})
-    assert e.value.param == "tools" and e.value.status == 400
+        ChatCompletionRequest.model_validate({"messages": msgs, "functions": [{"name": "f"}]})
+    assert e.value.param == "functions" and e.value.status == 400
     with pytest.raises(APIError) as e:
-        ChatCompletionRequest.model_validate(
-            {"messages": msgs, "response_format": {"type": "json_object"}})
-    assert e.value.param == "response_format"
+        ChatCompletionRequest.model_validate({"messages": msgs, "audio": {"voice": "x"}})
+    assert e.value.param == "audio"
     # "Off" values of unsupported fields are fine.
     ChatCompletionRequest.model_validate(
-        {"messages": msgs, "tools": [], "response_format": {"type": "text"}, "tool_choice": "none"})
+        {"messages": msgs, "functions": [], "response_format": {"type": "text"}, "tool_choice": "none"})
 
 
 def test_chat_request_validation() -> None:
