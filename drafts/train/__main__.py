@@ -146,6 +146,12 @@ def main(argv: list[str] | None = None) -> None:
         "--ship", action="store_true", help="copy the checkpoints to drafts/checkpoints/"
     )
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument(
+        "--stop-after",
+        choices=["answers", "train"],
+        help="end the pipeline after this step (e.g. generate answers in one process while "
+        "another trains with --train-while-generating)",
+    )
     ap.add_argument("--skip-calibration", action="store_true", help="no STS fit (A/B runs)")
     ap.add_argument(
         "--eval-temperatures", default="0,1", help="comma-separated sampling temperatures"
@@ -198,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
             progress=lambda x: tqdm(x, desc="answers"),
         )
         _mark(run, "answers")
+    if args.stop_after == "answers":
+        return
 
     def load_rows() -> list[dict[str, Any]]:
         rows = data.read_jsonl(answers)
@@ -245,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"[4/6] trained: {json.dumps(summary)}")
         _mark(run, "train")
+    if args.stop_after == "train":
+        return
 
     # STS per sampling mode: acceptance under greedy verification differs from sampling.
     if "dspark" in methods and not args.skip_calibration:
