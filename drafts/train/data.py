@@ -171,6 +171,8 @@ def engine_generate_fn(
         device="cpu",
         dtype=dtype,
         max_num_seqs=max_num_seqs,
+        # a training prompt plus its answer fits in 1,024 tokens; half the default's KV memory
+        max_model_len=1024,
         max_num_batched_tokens=max(512, max_num_seqs),
         speculative="none",
         profile_on_start=False,
