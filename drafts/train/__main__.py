@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--init-from", type=Path, help="start from this checkpoint folder's weights")
     ap.add_argument("--no-autocast", action="store_true", help="train the draft in float32")
     ap.add_argument("--stream-features", action="store_true", help="no feature cache on disk")
+    ap.add_argument("--save-every", type=int, default=20, help="steps between saved states")
     ap.add_argument("--markov-rank", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2, help="DFlash/DSpark backbone layers")
     ap.add_argument(
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         markov_rank=args.markov_rank,
         dspark_layers=args.layers,
         ce_start_frac=args.ce_start_frac,
+        save_every=args.save_every,
         init=args.init,
         autocast=not args.no_autocast,
         methods=methods,
