@@ -18,6 +18,7 @@ from scheduler.speculator import Speculator
 if TYPE_CHECKING:
     from scheduler.drafter import Proposer
     from scheduler.loader import LoadedModel
+    from scheduler.model import StepOptions, TargetModel
     from scheduler.runner import TorchModelRunner
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ def build_engine(config: EngineConfig) -> LLMEngine:
     from scheduler.loader import load_target
 
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
-    return assemble_engine(load_target(config.model, config.device, config.dtype, cache_dir), config)
+    loaded = load_target(config.model, config.device, config.dtype, cache_dir, config.weights)
+    return assemble_engine(loaded, config)
 
 
 def assemble_engine(loaded: LoadedModel, config: EngineConfig) -> LLMEngine:
@@ -69,6 +71,8 @@ def assemble_engine(loaded: LoadedModel, config: EngineConfig) -> LLMEngine:
     from scheduler.runner import TorchModelRunner
 
     speculator = build_speculator(config, build_proposer(config, loaded.hf_model))
+    # The runner builds its TargetModel from the transformers model; this is how it is run.
+    loaded.hf_model.step_options = step_options(config, loaded.hf_model)
     runner = TorchModelRunner(
         loaded.hf_model,
         num_slots=config.max_num_seqs,
@@ -78,9 +82,45 @@ def assemble_engine(loaded: LoadedModel, config: EngineConfig) -> LLMEngine:
     )
     model = ServedModel(loaded.name, loaded.tokenizer, _eos_ids(loaded.hf_model, loaded.tokenizer))
     engine = LLMEngine(runner, _batcher(config), model, speculator)
+    if runner.model.compiled is not None:
+        warm_up_compiled(runner.model, runner.aux_layer_ids)
     if config.profile_on_start and speculator is not None and speculator.profile is not None:
         _measure_profile(speculator, runner, config)
     return engine
+
+
+def step_options(config: EngineConfig, hf_model: Any) -> StepOptions:
+    """--compile-step and --kv-dtype resolved for this model (see their help in config.py)."""
+    import torch
+
+    from scheduler.compiled import enable_disk_cache
+    from scheduler.loader import default_cache_dir
+    from scheduler.model import StepOptions
+
+    param = next(hf_model.parameters())
+    on_cpu, dtype = param.device.type == "cpu", param.dtype
+    if config.compile_step == "auto":
+        compile_step = on_cpu and dtype != torch.float32
+    else:
+        compile_step = config.compile_step == "on"
+    if config.kv_dtype == "auto":
+        kv_dtype = torch.bfloat16 if compile_step and dtype == torch.bfloat16 else None
+    else:
+        kv_dtype = getattr(torch, config.kv_dtype)
+    if compile_step:
+        enable_disk_cache(Path(config.cache_dir) if config.cache_dir else default_cache_dir())
+    return StepOptions(compile=compile_step, kv_dtype=kv_dtype)
+
+
+def warm_up_compiled(model: TargetModel, aux_layer_ids: tuple[int, ...]) -> None:
+    """Compile the step's graph (or load it from the disk cache): one serves every shape."""
+    from scheduler.compiled import SPAN_QUANTUM
+    from scheduler.model import build_packed_batch
+
+    t = time.perf_counter()
+    context = max(0, min(SPAN_QUANTUM, model.k_cache.shape[3] - 1))
+    model.forward(build_packed_batch([(0, context, [0])], [0], model.device), aux_layer_ids)
+    log.info("compiled step ready in %.1f s", time.perf_counter() - t)
 
 
 def _batcher(config: EngineConfig) -> ContinuousBatcher:

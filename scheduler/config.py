@@ -29,6 +29,22 @@ class EngineConfig:
     )
     device: str = _option("auto", "auto | cpu | cuda")
     dtype: str = _option("auto", "auto | float32 | bfloat16 | float16")
+    weights: str = _option(
+        "auto",
+        "auto | gguf | dense: a GGUF model's own quantized blocks through the int4 CPU kernel, "
+        "or its de-quantised copy in --dtype (auto: gguf where it measures faster on CPU; "
+        "never under a float32 dtype, the exactness reference)",
+    )
+    compile_step: str = _option(
+        "auto",
+        "auto | on | off: short-query steps as one torch.compile graph (auto: on CPU unless "
+        "the dtype is float32); compiled at start-up, cached on disk under --cache-dir",
+    )
+    kv_dtype: str = _option(
+        "auto",
+        "auto | float32 | bfloat16: KV cache dtype (auto: bfloat16 under a compiled step with "
+        "bfloat16 activations, which reads it at half the bytes; float32 otherwise on CPU)",
+    )
     max_num_seqs: int = _option(16, "requests decoded at once (KV slots)")
     max_model_len: int = _option(2048, "prompt + output tokens per request")
     max_num_batched_tokens: int = _option(
@@ -59,3 +75,10 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one token each)")
         if self.num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
+        for name, allowed in (
+            ("weights", ("auto", "gguf", "dense")),
+            ("compile_step", ("auto", "on", "off")),
+            ("kv_dtype", ("auto", "float32", "bfloat16")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}")

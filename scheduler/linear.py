@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +39,23 @@ class FrozenLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocked:
+            if torch.compiler.is_compiling():  # inductor lowers oneDNN linears only when frozen
+                return blocked_linear(x, self.weight, self.bias)
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+@torch.library.custom_op("dspark::blocked_linear", mutates_args=())
+def blocked_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The oneDNN product as an op a compiled graph calls as it is."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@blocked_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 _shared: dict[int, FrozenLinear] = {}
@@ -89,3 +106,54 @@ def _has_onednn_linear() -> bool:
         and hasattr(ops, "_reorder_linear_weight")
         and hasattr(ops, "_linear_pointwise")
     )
+
+
+class LayerProjections:
+    """A decoder layer's projections as four products: q/k/v fused, o, gate/up fused, down.
+
+    Fusing gives fewer, larger GEMVs per layer. Dense weights become FrozenLinears over one
+    concatenated tensor; the transformers modules' weights are re-pointed at slices of it, so
+    the fusion copies nothing and the transformers forward keeps working on the same weights.
+    Quantized modules (scheduler/quant.py) are concatenated by their own `concat`.
+    """
+
+    def __init__(self, layer: Any) -> None:  # a transformers decoder layer
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv, self.qkv_sizes = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o, _ = fuse_linears([attn.o_proj])
+        self.gate_up, self.gate_up_sizes = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        self.down, _ = fuse_linears([mlp.down_proj])
+
+
+def fuse_linears(
+    modules: list[nn.Module],
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[int]]:
+    """One product computing the modules' outputs side by side, and each one's width."""
+    sizes = [int(m.out_features) for m in modules]  # type: ignore[arg-type]
+    if all(isinstance(m, nn.Linear) for m in modules):
+        weight, bias = _fuse_dense(modules)  # type: ignore[arg-type]
+        return FrozenLinear(weight, bias), sizes
+    concat = getattr(type(modules[0]), "concat", None)
+    if len(modules) == 1:
+        return modules[0], sizes
+    if concat is not None and all(type(m) is type(modules[0]) for m in modules):
+        fused = concat(modules)
+        if fused is not None:
+            return fused, sizes
+    return (lambda x: torch.cat([m(x) for m in modules], -1)), sizes
+
+
+def _fuse_dense(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if len(linears) == 1:
+        return linears[0].weight.data, linears[0].bias
+    weight = torch.cat([lin.weight.data for lin in linears])
+    has_bias = all(lin.bias is not None for lin in linears)
+    bias = torch.cat([lin.bias.data for lin in linears]) if has_bias else None  # type: ignore[union-attr]
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight.data = weight[start : start + n]
+        if bias is not None:
+            lin.bias.data = bias[start : start + n]  # type: ignore[union-attr]
+        start += n
+    return weight, bias

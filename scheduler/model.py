@@ -10,26 +10,30 @@ Layouts:
     packed activations        [T, hidden]              T = tokens scheduled this step
     k_cache, v_cache (each)   [layers, slots, kv_heads, max_model_len, head_dim]
 
-Attention pads only where it is cheap. Requests with few new tokens (decode, verification) are
-attended in groups of consecutive query lengths, each padded to its longest, with the cut
-chosen at least cost (_group_by_query_length), so one request verifying 7 drafts does not pad
-every decode in the step to 8 queries (`benchmarks/attention.py` measures both; figures in
-docs/benchmarks.md). A group attends over the
-view `cache[:, :span]`, or over a gathered copy of its own rows when it owns few of those
-slots. Long prefill chunks are attended one by one against their own cache row. Projections
-and the MLP always run on the packed tokens, so cost follows the tokens actually computed, and
-the LM head runs only on the rows that need logits.
+The eager step (`forward_eager`) pads attention only where it is cheap. Requests with few new
+tokens (decode, verification) are attended in groups of consecutive query lengths, each padded
+to its longest, with the cut chosen at least cost (_group_by_query_length; figures from
+`benchmarks/attention.py` in docs/benchmarks.md). A group attends over the view
+`cache[:, :span]`, or over a gathered copy of its own rows when it owns few of those slots.
+Long prefill chunks are attended one by one against their own cache row. Projections and the
+MLP run on the packed tokens, and the LM head only on the rows that need logits. With
+`StepOptions.compile`, short-query requests run as one compiled graph instead
+(scheduler/compiled.py), and only prefill chunks take the eager path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from scheduler.linear import FrozenLinear, shared_frozen_linear
+from scheduler.attention import AdditiveMasks, Widened, grouped_query_attention, rotate_half, sdpa
+from scheduler.linear import LayerProjections, shared_frozen_linear
+
+if TYPE_CHECKING:
+    from scheduler.compiled import CompiledStep
 
 # Requests with at most this many query tokens are attended in padded groups (SmallGroup).
 SMALL_QUERY_MAX = 16
@@ -90,56 +94,20 @@ class PackedBatch:
     logits_rows: torch.Tensor  # [N] rows whose logits are needed
     small: list[SmallGroup]
     long: list[LongQuery]
+    # Every request's (slot, start position, number of tokens, first row), in packed order.
+    requests: list[_Span]
 
 
-class _AdditiveMasks:
-    """The batch's boolean masks as 0 / -inf in the activation dtype, built once per step."""
+@dataclass(frozen=True)
+class StepOptions:
+    """How TargetModel runs steps: EngineConfig's --compile-step and --kv-dtype, resolved.
 
-    def __init__(self, batch: PackedBatch, dtype: torch.dtype) -> None:
-        def additive(mask: torch.Tensor) -> torch.Tensor:
-            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-                ~mask, float("-inf")
-            )
-
-        self.small = [additive(g.mask) for g in batch.small]
-        self.long = [additive(lq.mask) for lq in batch.long]
-
-
-class _FusedLayer:
-    """The layer's projections as four frozen linears: q/k/v fused, o, gate/up fused, down.
-
-    Fusing gives fewer, larger GEMVs per layer. The transformers modules' weights are
-    re-pointed at slices of the fused tensors, so the fusion copies nothing and the
-    transformers forward keeps working on the same weights.
+    The runner builds the TargetModel from the transformers model alone, so the engine
+    builder hands these over as the model's `step_options` attribute.
     """
 
-    def __init__(self, layer: Any) -> None:  # a transformers decoder layer
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv_w, qkv_b, self.qkv_sizes = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-        gate_up_w, gate_up_b, self.gate_up_sizes = _fuse([mlp.gate_proj, mlp.up_proj])
-        self.qkv = FrozenLinear(qkv_w, qkv_b)
-        self.o = FrozenLinear(attn.o_proj.weight.data, attn.o_proj.bias)
-        self.gate_up = FrozenLinear(gate_up_w, gate_up_b)
-        self.down = FrozenLinear(mlp.down_proj.weight.data, mlp.down_proj.bias)
-
-
-def _fuse(linears: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
-    sizes = [lin.weight.shape[0] for lin in linears]
-    weight = torch.cat([lin.weight.data for lin in linears])
-    has_bias = all(lin.bias is not None for lin in linears)
-    bias = torch.cat([lin.bias.data for lin in linears]) if has_bias else None
-    start = 0
-    for lin, n in zip(linears, sizes):
-        lin.weight.data = weight[start : start + n]
-        if bias is not None:
-            lin.bias.data = bias[start : start + n]
-        start += n
-    return weight, bias, sizes
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    compile: bool = False  # short-query steps through scheduler/compiled.py's graph
+    kv_dtype: torch.dtype | None = None  # None: the attention dtype
 
 
 class TargetModel:
@@ -150,7 +118,9 @@ class TargetModel:
         hf_model: Any,  # a transformers *ForCausalLM
         num_slots: int,
         max_model_len: int,
+        options: StepOptions | None = None,
     ) -> None:
+        options = options or getattr(hf_model, "step_options", None) or StepOptions()
         cfg = hf_model.config
         self.hf_model = hf_model
         self.decoder = hf_model.model
@@ -162,71 +132,115 @@ class TargetModel:
         self.hidden_size = cfg.hidden_size
         self.vocab_size = cfg.vocab_size
         self.num_layers = len(self.layers)
+        self.scale = float(getattr(self.layers[0].self_attn, "scaling", self.head_dim**-0.5))
         param = next(hf_model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.fused = [_FusedLayer(layer) for layer in self.layers]
-        self.head = shared_frozen_linear(self.lm_head.weight, self.lm_head.bias)
-        # CPU SDPA kernels are far slower in bfloat16/float16 than in float32 (measured: a
-        # decode-shaped call is hundreds of times slower), so on CPU attention and the KV
-        # cache are float32 while the projections and MLP keep the model's dtype.
+        self.fused = [LayerProjections(layer) for layer in self.layers]
+        # A quantized head (scheduler/quant.py) multiplies its own blocks; a dense one is frozen.
+        self.head = (
+            shared_frozen_linear(self.lm_head.weight, self.lm_head.bias)
+            if isinstance(self.lm_head, torch.nn.Linear)
+            else self.lm_head
+        )
+        # Eager CPU attention kernels are several times slower in bfloat16 than in float32
+        # (benchmarks/step_kernels.py), so on CPU eager attention computes in float32 while the
+        # projections and MLP keep the model's dtype. The cache may still hold bfloat16
+        # (options.kv_dtype): the compiled step reads it as such, at half the bytes.
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        self.kv_dtype = options.kv_dtype or self.attn_dtype
         shape = (self.num_layers, num_slots, self.num_kv_heads, max_model_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.attn_dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.attn_dtype, device=self.device)
+        self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.compiled: CompiledStep | None = None
+        if options.compile:
+            from scheduler.compiled import CompiledStep
+
+            self.compiled = CompiledStep(self, SMALL_QUERY_MAX, build_packed_batch)
 
     @torch.inference_mode()
     def forward(
         self, batch: PackedBatch, aux_layer_ids: tuple[int, ...] = ()
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (logits [N, vocab] float32 at batch.logits_rows, aux [T, m*hidden] or None)."""
+        if self.compiled is not None:  # it hands long prefill chunks back to forward_eager
+            return self.compiled(batch, aux_layer_ids)
+        return self.forward_eager(batch, aux_layer_ids)
+
+    def forward_eager(
+        self, batch: PackedBatch, aux_layer_ids: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.decoder.embed_tokens(batch.input_ids)  # [T, hidden]
         # SDPA on CPU is markedly faster with an additive mask than with a boolean one.
-        masks = _AdditiveMasks(batch, self.attn_dtype)
+        masks = AdditiveMasks(batch, self.attn_dtype)
         cos, sin = self.decoder.rotary_emb(h, batch.positions[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]
         aux: list[torch.Tensor] = []
         for i, (layer, fused) in enumerate(zip(self.layers, self.fused)):
-            x = layer.input_layernorm(h)
-            h = h + self._attention(i, layer.self_attn, fused, x, cos, sin, batch, masks)
-            gate, up = fused.gate_up(layer.post_attention_layernorm(h)).split(
-                fused.gate_up_sizes, -1
-            )
-            h = h + fused.down(layer.mlp.act_fn(gate) * up)
+            q, k, v = self.project_qkv(layer, fused, layer.input_layernorm(h), cos, sin)
+            out = self._attend(i, q, k, v, batch, masks)
+            h = h + fused.o(out.view(h.shape[0], -1).to(h.dtype))
+            h = self.mlp(layer, fused, h)
             if i in aux_layer_ids:
                 aux.append(h)
-        last = self.decoder.norm(h[batch.logits_rows])
-        logits = self.head(last).float()
+        return self.logits_and_aux(h, batch.logits_rows, aux, aux_layer_ids)
+
+    def logits_and_aux(
+        self,
+        h: torch.Tensor,
+        logits_rows: torch.Tensor,
+        aux: list[torch.Tensor],
+        aux_layer_ids: tuple[int, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.head(self.decoder.norm(h[logits_rows])).float()
         aux_hidden = None
         if aux_layer_ids:
             by_id = dict(zip([i for i in range(self.num_layers) if i in aux_layer_ids], aux))
             aux_hidden = torch.cat([by_id[i] for i in aux_layer_ids], dim=-1)
         return logits, aux_hidden
 
-    def _attention(
+    def project_qkv(
         self,
-        layer_idx: int,
-        attn: Any,  # the transformers attention module of this layer
-        fused: _FusedLayer,
+        layer: Any,
+        fused: LayerProjections,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        batch: PackedBatch,
-        masks: _AdditiveMasks,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed hidden [T, hidden] -> q [T, H, D], k and v [T, KV, D] in the attention dtype,
+        RoPE applied."""
         T, H, KV, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = fused.qkv(x)
         qk = qkv[:, : (H + KV) * D].view(T, H + KV, D)
         v = qkv[:, (H + KV) * D :].view(T, KV, D).to(self.attn_dtype)
+        attn = layer.self_attn
         if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
             qk = torch.cat([attn.q_norm(qk[:, :H]), attn.k_norm(qk[:, H:])], 1)
         # RoPE on queries and keys at once (one set of elementwise ops, not two).
         qk = (qk * cos + rotate_half(qk) * sin).to(self.attn_dtype)
-        q, k = qk[:, :H], qk[:, H:]
+        return qk[:, :H], qk[:, H:], v
+
+    def mlp(self, layer: Any, fused: LayerProjections, h: torch.Tensor) -> torch.Tensor:
+        gate, up = fused.gate_up(layer.post_attention_layernorm(h)).split(fused.gate_up_sizes, -1)
+        return h + fused.down(layer.mlp.act_fn(gate) * up)
+
+    def _attend(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: PackedBatch,
+        masks: AdditiveMasks,
+    ) -> torch.Tensor:
+        """Write the step's keys and values, attend: [T, H, D] in the attention dtype."""
+        H, D = self.num_heads, self.head_dim
         k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]
-        k_cache[batch.slot_ids, :, batch.positions] = k
-        v_cache[batch.slot_ids, :, batch.positions] = v
-        scale = float(getattr(attn, "scaling", D**-0.5))
-        gqa = H != KV
+        k_cache[batch.slot_ids, :, batch.positions] = k.to(self.kv_dtype)
+        v_cache[batch.slot_ids, :, batch.positions] = v.to(self.kv_dtype)
+        if self.kv_dtype != self.attn_dtype:  # eager kernels read the attention dtype
+            k_cache, v_cache = Widened(k_cache, self.attn_dtype), Widened(v_cache, self.attn_dtype)
+        scale = self.scale
+        gqa = H != self.num_kv_heads
         out = torch.empty_like(q)  # [T, heads, head_dim]
         for g, small_mask in zip(batch.small, masks.small):
             if g.dense:  # the packed rows already are the padded layout
@@ -249,12 +263,12 @@ class TargetModel:
                 if self.device.type == "cpu"
                 and g.num_entries > 1
                 and g.num_entries * g.query_max >= MATMUL_ATTENTION_MIN_ROWS
-                else _sdpa
+                else sdpa
             )
             # [entries, heads, query_max, head_dim]
             o = attend(qp.transpose(1, 2), keys, values, small_mask, scale)
             if g.dense:  # nothing to unpad and nothing else in the step: done
-                return fused.o(o.transpose(1, 2).reshape(T, H * D).to(x.dtype))
+                return o.transpose(1, 2).reshape(q.shape)
             out[g.rows] = o.transpose(1, 2)[g.entry_idx, g.query_idx]
         for lq, long_mask in zip(batch.long, masks.long):
             rows = slice(lq.row_start, lq.row_start + lq.num_rows)
@@ -268,7 +282,7 @@ class TargetModel:
                 enable_gqa=gqa,
             )
             out[rows] = o[0].transpose(0, 1)
-        return fused.o(out.view(T, H * D).to(x.dtype))
+        return out
 
 
 def _group_by_query_length(
@@ -345,32 +359,6 @@ def _small_group(spans: list[_Span], device: torch.device, whole_step: bool) -> 
     )
 
 
-def _sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-) -> torch.Tensor:
-    gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-
-
-def grouped_query_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Softmax attention by two batched matmuls: q [B, H, M, D], k/v [B, KV, L, D], additive
-    mask [B, 1, M, L] -> [B, H, M, D]; same result as SDPA with enable_gqa.
-
-    The H / KV query heads that share a key/value head (heads kv*G .. kv*G+G-1, as in
-    transformers' repeat_kv) are stacked into one matrix of G*M rows, so each KV head is read
-    once and no repeated copy of the cache is made.
-    """
-    b, h, m, d = q.shape
-    kv, length = k.shape[1], k.shape[2]
-    g = h // kv
-    scores = torch.matmul(q.reshape(b, kv, g * m, d), k.transpose(-1, -2))
-    scores = scores.view(b, kv, g, m, length).mul_(scale).add_(mask.view(b, 1, 1, m, length))
-    probs = torch.softmax(scores, dim=-1).view(b, kv, g * m, length)
-    return torch.matmul(probs, v).view(b, h, m, d)
-
-
 def build_packed_batch(
     queries: list[tuple[int, int, list[int]]],
     logits_rows: list[int],
@@ -382,11 +370,13 @@ def build_packed_batch(
     slot_ids: list[int] = []
     short: list[_Span] = []
     long: list[LongQuery] = []
+    requests: list[_Span] = []
     for slot, start, ids in queries:
         row0, n = len(input_ids), len(ids)
         input_ids.extend(ids)
         positions.extend(range(start, start + n))
         slot_ids.extend([slot] * n)
+        requests.append((slot, start, n, row0))
         if n <= SMALL_QUERY_MAX:
             short.append((slot, start, n, row0))
         else:
@@ -408,4 +398,5 @@ def build_packed_batch(
         logits_rows=longs(logits_rows),
         small=small,
         long=long,
+        requests=requests,
     )

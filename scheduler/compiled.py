@@ -1,0 +1,280 @@
+"""The decode step as one torch.compile graph (inductor's CPU backend).
+
+Eager, a batch-1 step of the embedded model is ~1,000 small ops: norms, RoPE, casts, KV writes
+and attention, each paying PyTorch's dispatch. Here every step whose requests bring at most
+SMALL_QUERY_MAX tokens (decode, draft verification, the tail of a prompt) runs as one graph
+from token ids to logits: inductor fuses the elementwise work into a few C++ loops around the
+weight products, which stay the same kernels (the int4 kernel, or the dense linear).
+
+The KV cache is read, never written, inside the graph (a graph that mutates its input has to
+copy it): the step's own keys and values are attended from the graph's values, the cached ones
+from the cache, and both softmax halves are merged (the log-sum-exp split of flash
+attention). The graph returns the new keys and values of every layer and one indexed write
+per cache stores them after it. The cached keys are read through the requests' slot indices
+inside inductor's loops, so nothing is gathered or copied, and the per-token cost of
+attention grows with the cached bytes (bfloat16 caches are read as such and widened in
+registers).
+
+Shapes are dynamic (requests E, query length Q, cached span L, logits rows N), E and Q
+unbacked, so one graph serves every step shape: a one-token decode runs the very kernels a
+verification does (the weight kernels compute each row alike whatever the other rows). The
+cached span is rounded up to a multiple of SPAN_QUANTUM positions (masked), which keeps L
+from ever being 0 or 1. The graph is compiled at start-up (scheduler/build.py warms it up)
+and kept in inductor's on-disk cache (`enable_disk_cache`): a restart reloads it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from scheduler.model import PackedBatch, TargetModel
+
+log = logging.getLogger(__name__)
+
+SPAN_QUANTUM = 64
+
+
+def enable_disk_cache(cache_dir: Path) -> None:
+    """Point inductor's caches (compiled kernels, FX graphs) at our cache folder."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+
+
+class CompiledStep:
+    """Runs eligible steps of `model` through the compiled graph (`accepts`, `__call__`)."""
+
+    def __init__(
+        self,
+        model: TargetModel,
+        max_query: int,
+        build_batch: Callable[
+            [list[tuple[int, int, list[int]]], list[int], torch.device], PackedBatch
+        ],
+    ) -> None:
+        import torch._dynamo
+        import torch.fx.experimental._config as fx_config
+
+        self.model = model
+        self.max_query = max_query
+        self.build_batch = build_batch  # scheduler.model.build_packed_batch
+        # Without this, a dimension that is 1 in some step (one logits row, a cached span)
+        # would get a graph of its own.
+        fx_config.backed_size_oblivious = True
+        # One graph per set of auxiliary layers a drafter reads; a few dozen is plenty.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        # The step's shape guards in C++: evaluated in Python they cost ~70 us a step.
+        torch._dynamo.config.enable_cpp_symbolic_shape_guards = True
+        # Dynamo keeps compiled graphs per code object, behind guards on everything the code
+        # reads. The model is frozen while it serves, so its thousand-odd guards (~1 ms a step)
+        # are dropped; in exchange each model gets a code object of its own, so that two
+        # models (a test's eager twin, a benchmark's other format) never share a graph.
+        code = CompiledStep._step.__code__.replace(co_name=f"compiled_step_{next(_instances)}")
+        step = types.FunctionType(code, CompiledStep._step.__globals__)
+        self._graph = torch.compile(
+            types.MethodType(step, self),
+            fullgraph=True,
+            options={
+                # Hundreds of input size/stride checks a step (~0.5 ms); the inputs are ours.
+                "size_asserts": False,
+                # Kernels launched from generated C++ rather than Python: ~0.6 ms less a step.
+                "cpp_wrapper": True,
+                "guard_filter_fn": _skip_guards_on_the_model,
+            },
+        )
+
+    def accepts(self, batch: PackedBatch) -> bool:
+        """Whether every request of the step runs in the graph."""
+        return all(n <= self.max_query for _, _, n, _ in batch.requests)
+
+    def __call__(
+        self, batch: PackedBatch, aux_layer_ids: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.accepts(batch):
+            return self._run(batch, aux_layer_ids)
+        if all(n > self.max_query for _, _, n, _ in batch.requests):
+            return self.model.forward_eager(batch, aux_layer_ids)
+        return self._split(batch, aux_layer_ids)
+
+    def _split(
+        self, batch: PackedBatch, aux_layer_ids: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prefill chunks eager, the step's short queries through the graph. A decode next to
+        a prefill chunk then runs the kernels it runs in any other step: the same numbers, so
+        greedy output does not depend on what else was scheduled."""
+        ids = batch.input_ids.tolist()
+        wanted = set(batch.logits_rows.tolist())
+        parts: list[tuple[list[tuple[int, int, list[int]]], list[int], list[int]]] = [
+            ([], [], []),
+            ([], [], []),
+        ]  # per part: queries, its logits rows, the packed rows they come from
+        for slot, start, n, row0 in batch.requests:
+            queries, logits_rows, rows = parts[n > self.max_query]
+            logits_rows.extend(len(rows) + r for r in range(n) if row0 + r in wanted)
+            queries.append((slot, start, ids[row0 : row0 + n]))
+            rows.extend(range(row0, row0 + n))
+        dev = batch.input_ids.device
+        out_rows = {r: i for i, r in enumerate(batch.logits_rows.tolist())}
+        logits: torch.Tensor | None = None
+        aux: torch.Tensor | None = None
+        for run, (queries, logits_rows, rows) in zip((self._run, self.model.forward_eager), parts):
+            part_logits, part_aux = run(self.build_batch(queries, logits_rows, dev), aux_layer_ids)
+            if logits is None:
+                logits = part_logits.new_empty(len(out_rows), part_logits.shape[1])
+            logits[[out_rows[rows[r]] for r in logits_rows]] = part_logits
+            if part_aux is not None:
+                if aux is None:
+                    aux = part_aux.new_empty(len(ids), part_aux.shape[1])
+                aux[rows] = part_aux
+        assert logits is not None
+        return logits, aux
+
+    def _run(
+        self, batch: PackedBatch, aux_layer_ids: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        m = self.model
+        inputs = _padded_inputs(batch, m.k_cache.shape[3])
+        logits, new_k, new_v, aux = self._graph(*inputs.graph_args, aux_layer_ids)
+        # new_k: [E, Q, layers, KV, D] -> the real rows, one write per cache.
+        if inputs.real is not None:
+            new_k, new_v = new_k[inputs.real], new_v[inputs.real]
+        else:
+            new_k, new_v = new_k.flatten(0, 1), new_v.flatten(0, 1)
+        m.k_cache[:, batch.slot_ids, :, batch.positions] = new_k
+        m.v_cache[:, batch.slot_ids, :, batch.positions] = new_v
+        if aux is not None and inputs.real is not None:
+            aux = aux.view(*inputs.real_shape, -1)[inputs.real]
+        return logits, aux
+
+    def _step(
+        self,
+        input_ids: torch.Tensor,  # [E, Q] int64, padded per request
+        positions: torch.Tensor,  # [E, Q]
+        slots: torch.Tensor,  # [E] each request's cache row
+        starts: torch.Tensor,  # [E] position of each request's first new token
+        span: torch.Tensor,  # [L] positions attended (only its length is read)
+        head_rows: torch.Tensor,  # [N] rows of the flattened [E * Q] that need logits
+        aux_layer_ids: tuple[int, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        m = self.model
+        E, Q = input_ids.shape
+        L = span.shape[0]
+        H, KV, D = m.num_heads, m.num_kv_heads, m.head_dim
+        G = H // KV
+        h = m.decoder.embed_tokens(input_ids.reshape(-1))  # [E*Q, hidden]
+        cos, sin = m.decoder.rotary_emb(h, positions.reshape(1, -1))
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]
+        # Keys by absolute position: the cache below each request's start, its own new keys
+        # from there on. One reduction over positions in order, whatever the step's shape, so
+        # a token verified among drafts gets the bits it would get decoded alone.
+        rel = torch.arange(L, device=h.device)[None, :] - starts[:, None]  # [E, L]
+        own_idx = rel.clamp(0, Q - 1)
+        from_own = (rel >= 0)[:, None, :, None]  # [E, 1, L, 1]
+        rows = torch.arange(E, device=h.device)[:, None]
+        # Row j of a request (position start + j) attends positions <= start + j.
+        mask = torch.zeros(E, Q, L, device=h.device).masked_fill(
+            rel[:, None, :] > torch.arange(Q, device=h.device)[None, :, None], float("-inf")
+        )[:, :, None, None, :]  # [E, Q, 1, 1, L]
+        new_k, new_v, aux = [], [], []
+        for i, (layer, fused) in enumerate(zip(m.layers, m.fused)):
+            q, k, v = m.project_qkv(layer, fused, layer.input_layernorm(h), cos, sin)
+            # Every tensor keeps (request, query) leading, so the output reshapes to rows as a
+            # view whatever E and Q are (no size guards, one graph for all step shapes).
+            qg = _stored(q.view(E, Q, KV, G, 1, D) * m.scale)
+            # The step's own keys as the cache will hold them (rounded to its dtype), so a key
+            # is the same number whether it is read back from the cache or straight from here.
+            k_new = _stored(k.view(E, Q, KV, D).to(m.kv_dtype))
+            v_new = _stored(v.view(E, Q, KV, D).to(m.kv_dtype))
+            # [E, KV, L, D]; indexing inside inductor's loops reads the cache in place.
+            keys = torch.where(
+                from_own, k_new[rows, own_idx].transpose(1, 2), m.k_cache[i][slots][:, :, :L]
+            )
+            values = torch.where(
+                from_own, v_new[rows, own_idx].transpose(1, 2), m.v_cache[i][slots][:, :, :L]
+            )
+            # Products as broadcast multiply-sums: loops over the cache, no gathered copy.
+            scores = (qg * keys[:, None, :, None]).sum(-1).float() + mask  # [E, Q, KV, G, L]
+            probs = torch.softmax(scores, -1)
+            o = (probs[..., None] * values[:, None, :, None].float()).sum(-2)  # [E, Q, KV, G, D]
+            o = o.reshape(E * Q, H * D)
+            h = h + fused.o(o.to(h.dtype))
+            h = m.mlp(layer, fused, h)
+            new_k.append(k_new)
+            new_v.append(v_new)
+            if i in aux_layer_ids:
+                aux.append(h)
+        logits, aux_hidden = m.logits_and_aux(h, head_rows, aux, aux_layer_ids)
+        return logits, torch.stack(new_k, 2), torch.stack(new_v, 2), aux_hidden
+
+
+_instances = itertools.count()
+
+
+def _stored(x: torch.Tensor) -> torch.Tensor:
+    """`x` written to memory once: inductor inlines cheap elementwise producers into their
+    consumers' loops, and RoPE (two transcendentals an element) recomputed for every key
+    position made long-context decode 3x slower. as_strided needs a stored tensor, so
+    inductor stores it."""
+    x = x.contiguous()  # as_strided reads storage: a view's offset and strides must not leak in
+    return x.as_strided(x.size(), x.stride())
+
+
+def _skip_guards_on_the_model(entries: list[Any]) -> list[bool]:
+    return [e.name != "self" and not e.name.startswith("self.") for e in entries]
+
+
+class _GraphInputs:
+    def __init__(
+        self,
+        graph_args: tuple[torch.Tensor, ...],
+        real: tuple[torch.Tensor, torch.Tensor] | None,
+        real_shape: tuple[int, int],
+    ) -> None:
+        self.graph_args = graph_args
+        self.real = real  # (request, query index) of each packed row; None: no padding
+        self.real_shape = real_shape
+
+
+def _padded_inputs(batch: PackedBatch, max_len: int) -> _GraphInputs:
+    """The packed step as [E, Q] tensors, each request padded to the step's longest query."""
+    reqs = batch.requests
+    E, Q = len(reqs), max(n for _, _, n, _ in reqs)
+    dev = batch.input_ids.device
+    starts = [start for _, start, _, _ in reqs]
+    last = max(start + n for _, start, n, _ in reqs)
+    span = max(SPAN_QUANTUM, -(-last // SPAN_QUANTUM) * SPAN_QUANTUM)
+    span = min(span, max_len)
+    slots = torch.tensor([slot for slot, _, _, _ in reqs], device=dev)
+    start_t = torch.tensor(starts, device=dev)
+    span_t = torch.empty(span, dtype=torch.int8, device=dev)
+    positions = start_t[:, None] + torch.arange(Q, device=dev)[None, :]
+    if all(n == Q for _, _, n, _ in reqs):  # no padding: the packed rows are the layout
+        # Copies made here, in inference mode: dynamo guards on how a tensor was created, and
+        # batches built outside inference mode (profiling, benchmarks) would compile anew.
+        input_ids, real = batch.input_ids.view(E, Q).clone(), None
+        head_rows = batch.logits_rows.clone()
+    else:
+        input_ids = torch.zeros(E, Q, dtype=torch.long, device=dev)
+        req_idx = torch.cat(
+            [torch.full((n,), i, device=dev) for i, (_, _, n, _) in enumerate(reqs)]
+        )
+        query_idx = torch.cat([torch.arange(n, device=dev) for _, _, n, _ in reqs])
+        input_ids[req_idx, query_idx] = batch.input_ids
+        real = (req_idx, query_idx)
+        head_rows = (req_idx * Q + query_idx)[batch.logits_rows]
+    positions = positions.clamp_(max=max_len - 1)  # padded queries past the end: RoPE only
+    # Requests and query length unbacked: sizes the compiler may not guard on, so a step of
+    # one token runs the same graph (the same kernels, the same numbers per row) as any other.
+    torch._dynamo.decorators.mark_unbacked(input_ids, 0)
+    torch._dynamo.decorators.mark_unbacked(input_ids, 1)
+    for t in (positions, slots, start_t, span_t, head_rows):
+        for dim in range(t.dim()):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+    return _GraphInputs((input_ids, positions, slots, start_t, span_t, head_rows), real, (E, Q))

@@ -1,0 +1,361 @@
+"""The GGUF file's own quantized weights, multiplied by torch's group-wise int4 CPU kernel.
+
+llama.cpp reads a Q4_1 linear at 20 bytes per 32 weights; a bf16 copy reads 64. To read what
+the file holds, each quantized linear of the target becomes an `Int4Linear`:
+
+    Q4_1 block (32 weights):  w = d * q + m,    q in 0..15
+    Q4_0 block:               w = d * (q - 8)
+    torch's int4 kernel:      w = (q - 8) * scale + zero   (per group of 32 along the input)
+
+so Q4_1 maps onto it exactly with scale = d, zero = m + 8d (Q4_0: scale = d, zero = 0).
+
+A Q8_0 matrix (w = d * q, q an int8; the embedded model's tied embedding / LM head) has no
+group-wise int8 kernel in torch. `Q8Linear` splits each int8 into two 4-bit planes,
+q = 16 * hi + lo with hi in -8..7 and lo in 0..15, and multiplies [x, x] by [W_hi | W_lo] in
+one int4 call: W_hi has scale 16d and zero 0, W_lo scale d and zero 8d. In float32 every
+dequantised weight is exact; it reads 1 byte per weight (plus scales) instead of bf16's 2.
+
+With float32 activations the scales are float32 and the products equal the de-quantised
+float32 model's up to summation order (a test holds them to it); with bfloat16 activations
+the kernel wants bfloat16 scales, which round d to 8 bits of mantissa.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+GROUP = 32  # every GGUF legacy quant (Q4_0, Q4_1, Q8_0) has blocks of 32 weights
+# The CPU int4 kernel packs rows in blocks of 64: packed matrices (and their scales) whose row
+# counts are multiples of it can be concatenated and sliced by rows without repacking.
+PACK_ROWS = 64
+
+# GGUF tensor names of a Llama-family block -> the transformers module path within a layer.
+LAYER_LINEARS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# llama.cpp's converter interleaves the rows of q and k for these architectures (its rotary
+# layout); transformers undoes it on load, and so must we.
+PERMUTED_QK_ARCHS = {"llama"}
+SUPPORTED_ARCHS = {"llama", "qwen2", "qwen3"}
+
+
+def has_int4_kernel() -> bool:
+    aten = torch.ops.aten
+    return hasattr(aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        aten, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W in torch's CPU int4 layout, group-wise scale and zero."""
+
+    def __init__(
+        self,
+        q: torch.Tensor,  # [out, in] uint8 in 0..15
+        scale: torch.Tensor,  # [out, in / group]
+        zero: torch.Tensor,  # [out, in / group]
+        group: int,
+        bias: torch.Tensor | None,
+        act_dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group = group
+        self.act_dtype = act_dtype
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+        self.register_buffer("packed", packed)
+        # The kernel's layout: [in / group, out, 2] in the activation dtype.
+        scales_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(act_dtype)
+        self.register_buffer("scales_zeros", scales_zeros)
+        self.bias = None if bias is None else bias.to(act_dtype)
+
+    @classmethod
+    def concat(cls, parts: list[Int4Linear]) -> Int4Linear | None:
+        """One linear whose outputs are the parts' outputs side by side (None: the packing's
+        row blocks do not line up, so the parts cannot share one matrix)."""
+        first = parts[0]
+        same = all(p.group == first.group and p.act_dtype == first.act_dtype for p in parts)
+        if not same or any(p.out_features % PACK_ROWS for p in parts[:-1]):
+            return None
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.out_features = sum(p.out_features for p in parts)
+        fused.in_features, fused.group, fused.act_dtype = (
+            first.in_features,
+            first.group,
+            first.act_dtype,
+        )
+        fused.register_buffer("packed", torch.cat([p.packed for p in parts]))
+        fused.register_buffer("scales_zeros", torch.cat([p.scales_zeros for p in parts], 1))
+        has_bias = all(p.bias is not None for p in parts)
+        fused.bias = torch.cat([p.bias for p in parts]) if has_bias else None  # type: ignore[misc]
+        start = 0
+        for p in parts:  # the parts read the fused copy from now on: the weights are held once
+            p.packed = fused.packed[start : start + p.out_features]
+            start += p.out_features
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(self.act_dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2, self.packed, self.group, self.scales_zeros
+        )
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
+class Q8Linear(nn.Module):
+    """A Q8_0 matrix (w = d * q per group of 32) as two int4 planes in one int4 product.
+
+    `weight` (optional) is a dense copy of the same matrix kept for readers that need a plain
+    tensor (a drafter sharing the target's LM head); the product never reads it.
+    """
+
+    def __init__(
+        self,
+        q: torch.Tensor,  # [out, in] int8
+        scale: torch.Tensor,  # [out, in / group]
+        group: int,
+        act_dtype: torch.dtype,
+        weight: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        q16 = q.to(torch.int16)
+        hi, lo = q16 >> 4, q16 & 15  # q = 16 * hi + lo
+        planes = torch.cat([hi + 8, lo], 1).to(torch.uint8)
+        zeros = torch.zeros_like(scale)
+        self.plane = Int4Linear(
+            planes,
+            torch.cat([16 * scale, scale], 1),
+            torch.cat([zeros, 8 * scale], 1),
+            group,
+            None,
+            act_dtype,
+        )
+        self.out_features, self.in_features = q.shape
+        self.weight = weight
+        self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.plane(torch.cat([x, x], -1))
+
+
+# --- reading the GGUF file ------------------------------------------------------------------
+
+
+@dataclass
+class QuantTensor:
+    """One GGUF matrix as (q, scale, zero) per group of 32, in the int4 kernel's terms
+    (`bits` 4), or as (q int8, d) for Q8_0 (`bits` 8, zero unused)."""
+
+    bits: int
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+
+    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The float32 weights [out, in] the block format stands for."""
+        q, scale = self.q[rows].float(), self.scale[rows]
+        out, groups = q.shape[0], scale.shape[1]
+        if self.bits == 8:
+            w = q.view(out, groups, -1) * scale[..., None]
+        else:
+            assert self.zero is not None
+            w = (q.view(out, groups, -1) - 8) * scale[..., None] + self.zero[rows][..., None]
+        return w.view(out, -1)
+
+
+def quantize_q4_1(weight: torch.Tensor, group: int = GROUP) -> QuantTensor:
+    """Round a dense [out, in] matrix to Q4_1 (llama.cpp's rule: per group, d = (max - min)
+    / 15, m = min); serves models without a GGUF file and builds test models."""
+    w = weight.detach().float().reshape(weight.shape[0], -1, group)
+    low, high = w.amin(-1), w.amax(-1)
+    d = (high - low) / 15
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = ((w - low[..., None]) * inv[..., None]).round().clamp(0, 15).to(torch.uint8)
+    return QuantTensor(4, q.reshape(weight.shape), d, low + 8 * d)
+
+
+def _halves(blocks: np.ndarray, offset: int) -> np.ndarray:
+    return (
+        np.ascontiguousarray(blocks[..., offset : offset + 2])
+        .view(np.float16)[..., 0]
+        .astype(np.float32)
+    )
+
+
+def parse_blocks(data: np.ndarray, type_name: str, in_features: int) -> QuantTensor | None:
+    """data: the GGUF tensor's raw bytes, one row per output feature. None: not a format
+    the int4 kernel serves (the dense weights are used for it)."""
+    rows, nb = data.shape[0], in_features // GROUP
+    if type_name == "Q4_1":
+        blocks = data.reshape(rows, nb, 20)
+        d, m, qs = _halves(blocks, 0), _halves(blocks, 2), blocks[..., 4:]
+        zero = m + 8 * d
+    elif type_name == "Q4_0":
+        blocks = data.reshape(rows, nb, 18)
+        d, qs = _halves(blocks, 0), blocks[..., 2:]
+        zero = np.zeros_like(d)
+    elif type_name == "Q8_0":
+        blocks = data.reshape(rows, nb, 34)
+        q8 = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, in_features)
+        return QuantTensor(
+            8, torch.from_numpy(q8.copy()), torch.from_numpy(_halves(blocks, 0)), None
+        )
+    else:
+        return None
+    # Element j of a block is the low nibble of byte j, element j + 16 its high nibble.
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, in_features)
+    return QuantTensor(4, torch.from_numpy(q.copy()), torch.from_numpy(d), torch.from_numpy(zero))
+
+
+def _unpermute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row interleave (transformers' reverse_permute_weights)."""
+    dim = t.shape[0] // n_head // 2
+    return t.reshape(n_head, dim, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def _unpermute(qt: QuantTensor, n_head: int) -> QuantTensor:
+    zero = None if qt.zero is None else _unpermute_rows(qt.zero, n_head)
+    return QuantTensor(
+        qt.bits, _unpermute_rows(qt.q, n_head), _unpermute_rows(qt.scale, n_head), zero
+    )
+
+
+class GGUFWeightsError(ValueError):
+    """The GGUF file cannot be served through the int4 kernel for this model."""
+
+
+def read_gguf_linears(path: Path, config: Any) -> tuple[dict[str, QuantTensor], str]:
+    """{transformers parameter path (without `.weight`): QuantTensor} for every layer linear
+    and the LM head that the file stores in a kernel-served format; and the file's arch."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    field = reader.fields["general.architecture"]
+    arch = bytes(field.parts[field.data[0]]).decode()
+    if arch not in SUPPORTED_ARCHS:
+        raise GGUFWeightsError(f"architecture {arch!r} is not served from its GGUF weights")
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    out: dict[str, QuantTensor] = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if parts[-1] != "weight":
+            continue
+        if t.name in ("output.weight", "token_embd.weight"):
+            key = "lm_head"
+        elif parts[0] == "blk" and parts[2] in LAYER_LINEARS:
+            key = f"model.layers.{parts[1]}.{LAYER_LINEARS[parts[2]]}"
+        else:
+            continue
+        if key == "lm_head" and "lm_head" in out and t.name == "token_embd.weight":
+            continue  # an untied file's own output matrix wins over the embedding
+        qt = parse_blocks(np.asarray(t.data), t.tensor_type.name, int(t.shape[0]))
+        if qt is None:
+            continue
+        if arch in PERMUTED_QK_ARCHS and parts[-2] in ("attn_q", "attn_k"):
+            qt = _unpermute(qt, heads if parts[-2] == "attn_q" else kv_heads)
+        out[key] = qt
+    if not any(k.startswith("model.layers.") for k in out):
+        raise GGUFWeightsError(f"{path.name} has no Q4_0/Q4_1/Q8_0 layer weights")
+    return out, arch
+
+
+def _module(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    *parents, name = path.split(".")
+    for p in parents:
+        root = getattr(root, p)
+    return root, name
+
+
+def apply_gguf_weights(
+    hf_model: nn.Module, path: Path, act_dtype: torch.dtype, head: str = "auto"
+) -> int:
+    """Replace the model's linears (and LM head) by the file's quantized weights, in place.
+
+    The dense weights loaded with the model are checked against the de-quantised file (a
+    wrong row order or file would be caught here, not in the output) and then dropped, except
+    the embedding, which drafters and the LM head's `weight` still read. A Q8_0 LM head is
+    served as `Q8Linear` (`head="q8"`), kept dense (`"dense"`), or whichever of the two a
+    start-up measurement finds faster (`"auto"`). Returns the number of matrices replaced.
+    """
+    if not has_int4_kernel():
+        raise GGUFWeightsError("this torch has no CPU int4 kernel")
+    tensors, _ = read_gguf_linears(path, hf_model.config)  # type: ignore[arg-type]
+    # The first layer's projections (q and k are the ones whose rows llama.cpp reorders) and
+    # the head are checked against the loaded weights; the rest share their reading.
+    checked = {"lm_head", *(f"model.layers.0.{p}" for p in LAYER_LINEARS.values())}
+    replaced = 0
+    for key, qt in tensors.items():
+        parent, name = _module(hf_model, key)
+        dense = getattr(parent, name)
+        if not isinstance(dense, nn.Linear) or dense.weight.shape != qt.q.shape:
+            raise GGUFWeightsError(f"{key}: the file's shape {tuple(qt.q.shape)} does not match")
+        if qt.bits == 4:
+            assert qt.zero is not None
+            new: nn.Module = Int4Linear(qt.q, qt.scale, qt.zero, GROUP, dense.bias, act_dtype)
+        else:
+            if head == "dense":
+                continue
+            new = Q8Linear(qt.q, qt.scale, GROUP, act_dtype, weight=dense.weight)
+            if head == "auto" and not _faster_than_dense(new, dense):
+                log.info("%s: the dense product measured faster than the Q8_0 one", key)
+                continue
+        if key in checked:
+            _check_close(key, qt, dense.weight)
+        setattr(parent, name, new)
+        replaced += 1
+    log.info("serving %d matrices from %s's own quantized blocks", replaced, path.name)
+    return replaced
+
+
+def _faster_than_dense(quant: nn.Module, dense: nn.Linear) -> bool:
+    """Decode and verification sized products (1 and 8 rows), best of several."""
+    import time
+
+    from scheduler.linear import shared_frozen_linear
+
+    frozen = shared_frozen_linear(dense.weight, dense.bias)  # the copy the engine would use
+
+    def best(fn: Any, x: torch.Tensor) -> float:
+        fn(x)
+        times = []
+        for _ in range(7):
+            t = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    xs = [torch.randn(rows, dense.in_features, dtype=dense.weight.dtype) for rows in (1, 8)]
+    with torch.inference_mode():
+        quant_s = sum(best(quant, x) for x in xs)
+        dense_s = sum(best(frozen, x) for x in xs)
+    return quant_s < dense_s
+
+
+def _check_close(key: str, qt: QuantTensor, dense: torch.Tensor) -> None:
+    """The first rows only: a full check would de-quantise the whole model once more."""
+    rows = slice(0, min(64, dense.shape[0]))
+    got = qt.dequantize(rows)
+    want = dense[rows].float()
+    tol = 1e-6 if dense.dtype == torch.float32 else 1e-2
+    if not torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max())):
+        raise GGUFWeightsError(f"{key}: the file's weights differ from the loaded model's")

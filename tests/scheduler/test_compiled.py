@@ -1,0 +1,130 @@
+"""The compiled step (scheduler/compiled.py) against the eager step, on a tiny random Llama with
+int4 weights: the same logits, auxiliary features and KV cache contents over a sequence of
+steps of every kind the graph serves (one token; several requests with different query
+lengths, padded; a short prompt with nothing cached; a decode beside a long prefill chunk,
+which is split off and run eager)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from scheduler.compiled import enable_disk_cache
+from scheduler.loader import default_cache_dir
+from scheduler.model import StepOptions, TargetModel, build_packed_batch
+from scheduler.quant import GROUP, Int4Linear, quantize_q4_1
+
+AUX = (0, 1)
+
+
+def tiny_int4_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    qt = quantize_q4_1(child.weight)
+                    new = Int4Linear(qt.q, qt.scale, qt.zero, GROUP, child.bias, dtype)
+                    setattr(parent, name, new)
+    return model
+
+
+# (slot, start position, number of new tokens) per request, one list per step.
+STEPS = [
+    [(0, 0, 40), (1, 0, 20), (2, 0, 30)],  # long prefill chunks: eager in both models
+    [(0, 40, 1), (1, 20, 3), (2, 30, 2)],  # mixed query lengths: padded to 3
+    [(0, 41, 1)],  # one token
+    [(1, 23, 2), (2, 32, 2)],  # no padding
+    [(3, 0, 5)],  # a short prompt: nothing cached yet
+    [(0, 42, 1), (3, 5, 20)],  # a long chunk (eager) beside a decode (graph)
+]
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16])
+def test_compiled_step_equals_the_eager_step(kv_dtype):
+    enable_disk_cache(default_cache_dir())  # later runs load the graphs instead of compiling
+    hf = tiny_int4_llama()
+    eager = TargetModel(hf, num_slots=4, max_model_len=128, options=StepOptions(kv_dtype=kv_dtype))
+    compiled = TargetModel(
+        hf, num_slots=4, max_model_len=128, options=StepOptions(compile=True, kv_dtype=kv_dtype)
+    )
+    assert compiled.compiled is not None and eager.compiled is None
+    # float32 activations: the two differ only in summation order; a bfloat16 cache stores
+    # the keys rounded, which the eager step reads back for the step's own tokens too.
+    atol = 1e-4 if kv_dtype is None else 2e-2
+    gen = torch.Generator().manual_seed(7)
+    cpu = torch.device("cpu")
+    taken = []
+    with torch.inference_mode():
+        for step in STEPS:
+            queries = [
+                (slot, start, torch.randint(0, 256, (n,), generator=gen).tolist())
+                for slot, start, n in step
+            ]
+            rows = list(range(sum(n for _, _, n in step)))
+            batch = build_packed_batch(queries, rows[::2], cpu)  # logits at every other row
+            taken.append(compiled.compiled.accepts(batch))
+            want_logits, want_aux = eager.forward(batch, AUX)
+            got_logits, got_aux = compiled.forward(batch, AUX)
+            torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=atol)
+            torch.testing.assert_close(got_aux, want_aux, rtol=0, atol=atol)
+            for slot, start, n in step:
+                span = slice(0, start + n)
+                for got, want in (
+                    (compiled.k_cache, eager.k_cache),
+                    (compiled.v_cache, eager.v_cache),
+                ):
+                    torch.testing.assert_close(
+                        got[:, slot, :, span].float(),
+                        want[:, slot, :, span].float(),
+                        rtol=0,
+                        atol=atol,
+                    )
+    assert taken == [False, True, True, True, True, False]
+
+
+def test_a_row_gets_the_same_bits_decoded_alone_verified_or_beside_others():
+    """bfloat16, the served format: four tokens decoded one step at a time, verified in one
+    step, and verified beside another request's step give bit-identical logits, which is what
+    makes greedy speculation lossless on this path."""
+    enable_disk_cache(default_cache_dir())
+    hf = tiny_int4_llama(torch.bfloat16)
+    model = TargetModel(
+        hf,
+        num_slots=2,
+        max_model_len=128,
+        options=StepOptions(compile=True, kv_dtype=torch.bfloat16),
+    )
+    gen = torch.Generator().manual_seed(9)
+    prompt, other = (torch.randint(0, 256, (n,), generator=gen).tolist() for n in (30, 45))
+    tokens = torch.randint(0, 256, (4,), generator=gen).tolist()
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        model.forward(build_packed_batch([(0, 0, prompt), (1, 0, other)], [], cpu))
+        cache = model.k_cache.clone(), model.v_cache.clone()
+        alone = torch.cat(
+            [
+                model.forward(build_packed_batch([(0, 30 + j, [t])], [0], cpu))[0]
+                for j, t in enumerate(tokens)
+            ]
+        )
+        model.k_cache.copy_(cache[0]), model.v_cache.copy_(cache[1])
+        verified = model.forward(build_packed_batch([(0, 30, tokens)], [0, 1, 2, 3], cpu))[0]
+        model.k_cache.copy_(cache[0]), model.v_cache.copy_(cache[1])
+        beside = model.forward(
+            build_packed_batch([(1, 45, [7, 8]), (0, 30, tokens)], [2, 3, 4, 5], cpu)
+        )[0]
+    assert torch.equal(verified, alone)
+    assert torch.equal(beside, alone)
