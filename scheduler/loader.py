@@ -15,8 +15,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,8 +103,9 @@ def gguf_source(model: str) -> Path | None:
 
 
 def pick_weights(weights: str, device: torch.device, dtype: torch.dtype, gguf: Path | None) -> str:
-    """`auto`: the GGUF blocks on CPU when the activations are not float32 and the int4 kernel
-    measures faster than the dense product; `gguf` insists (an error where it cannot be)."""
+    """Which weights to serve: dense, gguf, or measure (the GGUF blocks if the int4 kernel
+    measures faster on the model's own products: `auto` on CPU with a GGUF model and
+    activations that are not float32). `gguf` insists (an error where it cannot be)."""
     from scheduler.quant import has_int4_kernel
 
     if weights not in ("auto", "gguf", "dense"):
@@ -120,39 +119,7 @@ def pick_weights(weights: str, device: torch.device, dtype: torch.dtype, gguf: P
                 "--weights gguf needs a .gguf model on CPU and torch's int4 CPU kernel"
             )
         return "gguf"
-    if not servable or dtype == torch.float32:
-        return "dense"
-    return "gguf" if _int4_is_faster(dtype) else "dense"
-
-
-def _best_time(fn: Callable[[], object]) -> float:
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(20):
-            fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def _int4_is_faster(dtype: torch.dtype) -> bool:
-    """A decode-sized product (1 and 8 rows) of a layer-sized matrix, int4 vs dense. The
-    matrices are larger than the caches, as the model's weights are together."""
-    from scheduler.linear import FrozenLinear
-    from scheduler.quant import GROUP, Int4Linear, quantize_q4_1
-
-    dense = torch.randn(4096, 1536, dtype=dtype) * 0.02
-    qt = quantize_q4_1(dense)
-    int4 = Int4Linear(qt.q, qt.scale, qt.zero, GROUP, None, dtype)
-    frozen = FrozenLinear(dense, None)
-    xs = [torch.randn(rows, 1536, dtype=dtype) for rows in (1, 8)]
-    with torch.inference_mode():
-        int4_s = sum(_best_time(lambda x=x: int4(x)) for x in xs)
-        dense_s = sum(_best_time(lambda x=x: frozen(x)) for x in xs)
-    log.info("start-up measurement: int4 %.2f ms, dense %.2f ms", int4_s * 1e3, dense_s * 1e3)
-    return int4_s < dense_s
+    return "measure" if servable and dtype != torch.float32 else "dense"
 
 
 def pick_device(device: str) -> torch.device:
@@ -178,11 +145,21 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _cpu_bf16_is_faster() -> bool:
+    import time
+
     def best_time(dtype: torch.dtype) -> float:
         # A decode-sized product: a few rows against a model-sized weight matrix.
         w = torch.randn(1536, 576, dtype=dtype)
         x = torch.randn(8, 576, dtype=dtype)
-        return _best_time(lambda: x @ w.T)
+        for _ in range(3):
+            x @ w.T
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(20):
+                x @ w.T
+            best = min(best, time.perf_counter() - t)
+        return best
 
     return best_time(torch.bfloat16) < best_time(torch.float32)
 
@@ -205,11 +182,16 @@ def load_target(
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     hf_model = hf_model.to(dev).eval()  # type: ignore[arg-type]
     hf_model.requires_grad_(False)
-    if served == "gguf":
-        from scheduler.quant import apply_gguf_weights
+    if served != "dense":
+        from scheduler.quant import gguf_modules, install, int4_products_faster
 
         assert gguf is not None
-        apply_gguf_weights(hf_model, gguf, torch_dtype)
+        modules = gguf_modules(hf_model, gguf, torch_dtype)
+        if served == "gguf" or int4_products_faster(hf_model, modules):
+            install(hf_model, modules)
+            served = "gguf"
+        else:
+            served = "dense"
     log.info("serving %s weights in %s", served, torch_dtype)
     return LoadedModel(
         hf_model=hf_model, tokenizer=tokenizer, name=name, path=str(path), weights=served

@@ -289,13 +289,22 @@ def _module(root: nn.Module, path: str) -> tuple[nn.Module, str]:
 def apply_gguf_weights(
     hf_model: nn.Module, path: Path, act_dtype: torch.dtype, head: str = "auto"
 ) -> int:
-    """Replace the model's linears (and LM head) by the file's quantized weights, in place.
+    """Replace the model's linears (and LM head) by the file's quantized weights, in place;
+    returns the number of matrices replaced."""
+    modules = gguf_modules(hf_model, path, act_dtype, head)
+    install(hf_model, modules)
+    return len(modules)
+
+
+def gguf_modules(
+    hf_model: nn.Module, path: Path, act_dtype: torch.dtype, head: str = "auto"
+) -> dict[str, nn.Module]:
+    """The file's quantized matrices as modules for the model's linears, by module path.
 
     The dense weights loaded with the model are checked against the de-quantised file (a
-    wrong row order or file would be caught here, not in the output) and then dropped, except
-    the embedding, which drafters and the LM head's `weight` still read. A Q8_0 LM head is
+    wrong row order or file would be caught here, not in the output). A Q8_0 LM head is
     served as `Q8Linear` (`head="q8"`), kept dense (`"dense"`), or whichever of the two a
-    start-up measurement finds faster (`"auto"`). Returns the number of matrices replaced.
+    start-up measurement finds faster (`"auto"`).
     """
     if not has_int4_kernel():
         raise GGUFWeightsError("this torch has no CPU int4 kernel")
@@ -303,11 +312,10 @@ def apply_gguf_weights(
     # The first layer's projections (q and k are the ones whose rows llama.cpp reorders) and
     # the head are checked against the loaded weights; the rest share their reading.
     checked = {"lm_head", *(f"model.layers.0.{p}" for p in LAYER_LINEARS.values())}
-    replaced = 0
+    modules: dict[str, nn.Module] = {}
     for key, qt in tensors.items():
-        parent, name = _module(hf_model, key)
-        dense = getattr(parent, name)
-        if not isinstance(dense, nn.Linear) or dense.weight.shape != qt.q.shape:
+        dense = _dense(hf_model, key)
+        if dense.weight.shape != qt.q.shape:
             raise GGUFWeightsError(f"{key}: the file's shape {tuple(qt.q.shape)} does not match")
         if qt.bits == 4:
             assert qt.zero is not None
@@ -321,10 +329,62 @@ def apply_gguf_weights(
                 continue
         if key in checked:
             _check_close(key, qt, dense.weight)
-        setattr(parent, name, new)
-        replaced += 1
-    log.info("serving %d matrices from %s's own quantized blocks", replaced, path.name)
-    return replaced
+        modules[key] = new
+    return modules
+
+
+def install(hf_model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Put the quantized modules in place of the dense linears (whose weights are dropped,
+    except the embedding, which drafters and the LM head's `weight` still read)."""
+    for key, module in modules.items():
+        parent, name = _module(hf_model, key)
+        setattr(parent, name, module)
+    log.info("serving %d matrices from the GGUF file's own quantized blocks", len(modules))
+
+
+def int4_products_faster(hf_model: nn.Module, modules: dict[str, nn.Module]) -> bool:
+    """The model's own layer products (one token, and eight: a decode and a verification),
+    through the int4 kernel against the dense weights the engine would otherwise multiply.
+    All layers in turn, as a step reads them: a single matrix could sit in the CPU's cache,
+    which the whole model does not."""
+    import time
+
+    from scheduler.linear import FrozenLinear
+
+    pairs = [
+        (module, FrozenLinear(_dense(hf_model, key).weight, _dense(hf_model, key).bias))
+        for key, module in modules.items()
+        if isinstance(module, Int4Linear)
+    ]
+    dtype = next(hf_model.parameters()).dtype
+
+    def best(which: int, rows: int) -> float:
+        xs = [torch.randn(rows, pair[1].weight.shape[-1], dtype=dtype) for pair in pairs]
+        times = []
+        for _ in range(4):  # the first pass warms up
+            t = time.perf_counter()
+            for pair, x in zip(pairs, xs):
+                pair[which](x)
+            times.append(time.perf_counter() - t)
+        return min(times[1:])
+
+    with torch.inference_mode():
+        int4_s = best(0, 1) + best(0, 8)
+        dense_s = best(1, 1) + best(1, 8)
+    log.info(
+        "start-up measurement of the layer products: int4 %.2f ms, dense %.2f ms",
+        int4_s * 1e3,
+        dense_s * 1e3,
+    )
+    return int4_s < dense_s
+
+
+def _dense(hf_model: nn.Module, key: str) -> nn.Linear:
+    parent, name = _module(hf_model, key)
+    dense = getattr(parent, name)
+    if not isinstance(dense, nn.Linear):
+        raise GGUFWeightsError(f"{key} is not a linear layer of this model")
+    return dense
 
 
 def _faster_than_dense(quant: nn.Module, dense: nn.Linear) -> bool:
