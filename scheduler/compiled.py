@@ -7,20 +7,18 @@ from token ids to logits: inductor fuses the elementwise work into a few C++ loo
 weight products, which stay the same kernels (the int4 kernel, or the dense linear).
 
 The KV cache is read, never written, inside the graph (a graph that mutates its input has to
-copy it): the step's own keys and values are attended from the graph's values, the cached ones
-from the cache, and both softmax halves are merged (the log-sum-exp split of flash
-attention). The graph returns the new keys and values of every layer and one indexed write
-per cache stores them after it. The cached keys are read through the requests' slot indices
-inside inductor's loops, so nothing is gathered or copied, and the per-token cost of
-attention grows with the cached bytes (bfloat16 caches are read as such and widened in
-registers).
+copy it): each position's key is taken from the cache below a request's start and from the
+step's own new keys from there on, and attention reduces over positions in order. The graph
+returns the new keys and values of every layer and one indexed write per cache stores them
+after it. The cache is read through the requests' slot indices inside inductor's loops, so
+nothing is gathered or copied, and the per-token cost of attention grows with the cached
+bytes (bfloat16 caches are read as such and widened in registers).
 
 Shapes are dynamic (requests E, query length Q, cached span L, logits rows N), E and Q
 unbacked, so one graph serves every step shape: a one-token decode runs the very kernels a
 verification does (the weight kernels compute each row alike whatever the other rows). The
-cached span is rounded up to a multiple of SPAN_QUANTUM positions (masked), which keeps L
-from ever being 0 or 1. The graph is compiled at start-up (scheduler/build.py warms it up)
-and kept in inductor's on-disk cache (`enable_disk_cache`): a restart reloads it.
+graph is compiled at start-up (scheduler/build.py warms it up) and kept in inductor's on-disk
+cache (`enable_disk_cache`): a restart reloads it.
 """
 
 from __future__ import annotations
@@ -40,7 +38,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SPAN_QUANTUM = 64
+# The attended span is rounded up to a multiple of this: never 0 or 1 (sizes the compiler would
+# specialise on), and whole 16-lane float vectors in the reductions.
+SPAN_QUANTUM = 16
 
 
 def enable_disk_cache(cache_dir: Path) -> None:
