@@ -100,11 +100,8 @@ class PackedBatch:
 
 @dataclass(frozen=True)
 class StepOptions:
-    """How TargetModel runs steps: EngineConfig's --compile-step and --kv-dtype, resolved.
-
-    The runner builds the TargetModel from the transformers model alone, so the engine
-    builder hands these over as the model's `step_options` attribute.
-    """
+    """EngineConfig's --compile-step and --kv-dtype, resolved. The runner builds TargetModel
+    from the transformers model alone, so the builder sets them as its `step_options`."""
 
     compile: bool = False  # short-query steps through scheduler/compiled.py's graph
     kv_dtype: torch.dtype | None = None  # None: the attention dtype
@@ -143,9 +140,8 @@ class TargetModel:
             else self.lm_head
         )
         # Eager CPU attention kernels are several times slower in bfloat16 than in float32
-        # (benchmarks/step_kernels.py), so on CPU eager attention computes in float32 while the
-        # projections and MLP keep the model's dtype. The cache may still hold bfloat16
-        # (options.kv_dtype): the compiled step reads it as such, at half the bytes.
+        # (benchmarks/step_kernels.py), so eager attention computes in float32 on CPU. The
+        # cache may hold bfloat16 (options.kv_dtype): the compiled step reads it as such.
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.kv_dtype = options.kv_dtype or self.attn_dtype
         shape = (self.num_layers, num_slots, self.num_kv_heads, max_model_len, self.head_dim)

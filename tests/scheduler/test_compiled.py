@@ -11,9 +11,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from scheduler.compiled import enable_disk_cache
+from scheduler.gguf_blocks import GROUP, quantize_q4_1
 from scheduler.loader import default_cache_dir
 from scheduler.model import StepOptions, TargetModel, build_packed_batch
-from scheduler.quant import GROUP, Int4Linear, quantize_q4_1
+from scheduler.quant import Int4Linear
 
 AUX = (0, 1)
 

@@ -8,16 +8,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
+from scheduler.gguf_blocks import GROUP, parse_blocks, quantize_q4_1, read_gguf_linears
 from scheduler.loader import embedded_gguf_path, load_target
 from scheduler.model import TargetModel, build_packed_batch
-from scheduler.quant import (
-    GROUP,
-    Int4Linear,
-    Q8Linear,
-    parse_blocks,
-    quantize_q4_1,
-    read_gguf_linears,
-)
+from scheduler.quant import Int4Linear, Q8Linear
 from scheduler.request import SamplingParams
 from tests.scheduler.test_engine_real import make_engine
 

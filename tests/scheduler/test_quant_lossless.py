@@ -19,10 +19,11 @@ import torch
 from scheduler.batching import ContinuousBatcher
 from scheduler.compiled import enable_disk_cache
 from scheduler.engine import LLMEngine, ServedModel
+from scheduler.gguf_blocks import GROUP, quantize_q4_1
 from scheduler.loader import default_cache_dir, load_target
 from scheduler.model import StepOptions
 from scheduler.profiler import ThroughputProfile
-from scheduler.quant import GROUP, Int4Linear, quantize_q4_1
+from scheduler.quant import Int4Linear
 from scheduler.request import SamplingParams
 from scheduler.runner import TorchModelRunner
 from scheduler.verify_policy import build_policy
