@@ -42,14 +42,22 @@ def quantized():
 
 
 @pytest.fixture(scope="module")
-def runner(quantized):
-    """One runner (one compiled step) for every engine of the module."""
-    return TorchModelRunner(quantized.hf_model, 4, 512)
+def dspark(quantized):
+    """The shipped DSpark checkpoint (trained on the dense target), as `--speculative dspark`."""
+    from drafts.registry import build_proposer
+
+    return build_proposer("dspark", quantized.hf_model, None, 7)
+
+
+@pytest.fixture(scope="module")
+def runner(quantized, dspark):
+    """One runner for every engine of the module, so the step is compiled once: with the
+    features DSpark reads, which the other drafters ignore."""
+    return TorchModelRunner(quantized.hf_model, 4, 512, aux_layer_ids=dspark.aux_layer_ids)
 
 
 def engine_for(quantized, runner, proposer=None):
     speculator = make_speculator(proposer, _policy()) if proposer is not None else None
-    runner.aux_layer_ids = speculator.aux_layer_ids if speculator is not None else ()
     eos = frozenset({quantized.tokenizer.eos_token_id})
     model = ServedModel("test", quantized.tokenizer, eos)
     return LLMEngine(runner, ContinuousBatcher(4, 512, BUDGET), model, speculator)
@@ -110,12 +118,11 @@ def test_quantized_greedy_identical_with_drafter(quantized, runner, prompts, ref
         assert accepted > 0.5 * sum(s.num_draft_tokens for s in spec.values())
 
 
-def test_quantized_greedy_identical_with_shipped_drafter(quantized, runner, prompts, reference):
-    """The shipped DSpark checkpoint (trained on the dense target) served like
-    `--speculative dspark`: its drafts verified by the quantized target."""
-    from drafts.registry import build_proposer
-
-    engine = engine_for(quantized, runner, build_proposer("dspark", quantized.hf_model, None, 7))
+def test_quantized_greedy_identical_with_shipped_drafter(
+    quantized, runner, dspark, prompts, reference
+):
+    """DSpark's drafts, from the quantized target's own features, verified by that target."""
+    engine = engine_for(quantized, runner, dspark)
     outs, spec = run_staggered(
         engine, prompts, lambda i: SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
     )
