@@ -91,7 +91,9 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def _add_flag(group: Any, f: Field[Any], env: Mapping[str, str]) -> None:
+def add_flag(group: Any, f: Field[Any], env: Mapping[str, str]) -> None:
+    """One dataclass field as a flag with its DSPARK_ environment twin (help from _SERVER_HELP
+    or the field's metadata); other commands (server/cluster.py) add their own fields this way."""
     flag = "--" + f.name.replace("_", "-")
     env_name = ENV_PREFIX + f.name.upper()
     default: Any = f.default
@@ -118,16 +120,20 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     )
     server = parser.add_argument_group("server")
     for f in _server_fields():
-        _add_flag(server, f, env)
+        add_flag(server, f, env)
     engine = parser.add_argument_group("engine (scheduler/config.py EngineConfig)")
     for f in fields(EngineConfig):
-        _add_flag(engine, f, env)
+        add_flag(engine, f, env)
     return parser
 
 
 def parse_settings(
     argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 ) -> ServerSettings:
-    values = vars(build_parser(env).parse_args(argv))
+    return settings_from_values(vars(build_parser(env).parse_args(argv)))
+
+
+def settings_from_values(values: dict[str, Any]) -> ServerSettings:
+    """The settings from a parsed `build_parser` namespace (as a dict, consumed)."""
     engine = EngineConfig(**{f.name: values.pop(f.name) for f in fields(EngineConfig)})
     return ServerSettings(**values, engine=engine)
