@@ -18,8 +18,10 @@ from .support import free_port, wait_until
 
 
 @contextmanager
-def single_process_server(flags: list[str], ready_timeout_s: float = 180) -> Iterator[str]:
-    """The base URL of one `python -m server`-equivalent server until the block ends."""
+def single_process_server(flags: list[str]) -> Iterator[str]:
+    """The base URL of one `python -m server`-equivalent server until the block ends. It may
+    still be loading: `wait_ready(url)` before the first request (so a caller can start other
+    things, a Ray head, meanwhile)."""
     settings = parse_settings([*flags, "--log-level", "warning"], env={})
     app = create_app(settings, engine_factory(settings))
     port = free_port()
@@ -30,9 +32,12 @@ def single_process_server(flags: list[str], ready_timeout_s: float = 180) -> Ite
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: server.started, 30, "uvicorn start")
-        wait_until(lambda: httpx.get(url + "/ready").status_code == 200, ready_timeout_s,
-                   "the single-process server to load")
         yield url
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def wait_ready(url: str, timeout_s: float = 180) -> None:
+    wait_until(lambda: httpx.get(url + "/ready").status_code == 200, timeout_s,
+               "the single-process server to load")

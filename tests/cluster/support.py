@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -80,13 +81,16 @@ def local_cluster(flags: list[str]) -> Iterator[LocalCluster]:
          "--log-level", "warning"],
         env={},
     )
+    # Ray reports its own metrics every 10 s by default; a second keeps the metrics test short.
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     connect(options, "warning")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(application(settings, options), name=APP_NAME, route_prefix="/")
         yield LocalCluster(f"http://127.0.0.1:{port}", metrics_port, settings, options)
     finally:
-        serve.shutdown()
+        # Not serve.shutdown(): that drains every replica first; ray.shutdown() ends the
+        # replicas outright, and each engine process stops when its replica's process is gone.
         ray.shutdown()
 
 

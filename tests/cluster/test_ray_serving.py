@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+import yaml
 
-from .reference import single_process_server
+from tests.deploy.support import DOCKER, ensure_prometheus_tools, start_prometheus
+
+from .reference import single_process_server, wait_ready
 from .support import (
     API_KEY,
     APP_NAME,
@@ -51,15 +55,22 @@ async def stream_all(base_url: str, bodies: list[dict[str, Any]]) -> list[Stream
 
 
 @pytest.fixture(scope="module")
-def single() -> Iterator[str]:
-    with single_process_server(FLAGS) as url:
-        yield url
+def servers() -> Iterator[tuple[LocalCluster, str]]:
+    """The cluster, and the single-process server, which loads while the Ray head starts."""
+    with single_process_server(FLAGS) as single_url:
+        with local_cluster([*FLAGS, "--replicas", "2", "--threads-per-replica", "1"]) as running:
+            wait_ready(single_url)
+            yield running, single_url
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    with local_cluster([*FLAGS, "--replicas", "2", "--threads-per-replica", "1"]) as running:
-        yield running
+def cluster(servers: tuple[LocalCluster, str]) -> LocalCluster:
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def single(servers: tuple[LocalCluster, str]) -> str:
+    return servers[1]
 
 
 @pytest.fixture(scope="module")
@@ -182,17 +193,53 @@ def test_a_full_replica_answers_429_itself(cluster: LocalCluster) -> None:
                30, "aborted streams to leave the engines")
 
 
+def test_prometheus_sees_every_replica_next_to_ray_serve(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """The shipped Prometheus config's two cluster jobs, run by a real Prometheus with only the
+    compose host names swapped for this head's addresses (and 1 s intervals): every replica's
+    dspark_* series arrive labelled by replica, and the same replica tags label Ray Serve's own
+    per-replica series."""
+    promtool, prometheus = ensure_prometheus_tools()
+    config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    replicas_job, ray_job = jobs["dspark-replicas"], jobs["ray"]
+    (sd,) = replicas_job["http_sd_configs"]
+    assert sd["url"] == "http://ray:8000/metrics/replicas"
+    assert ray_job["static_configs"][0]["targets"] == ["ray:8080"]
+    sd["url"] = cluster.url("/metrics/replicas")
+    sd["refresh_interval"] = "1s"
+    ray_job["static_configs"][0]["targets"] = [f"127.0.0.1:{cluster.ray_metrics_port}"]
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s")
+    config["scrape_configs"] = [replicas_job, ray_job]
+    prom = start_prometheus(prometheus, tmp_path, "", config_text=yaml.safe_dump(config))
+    tags = {t["labels"]["replica"] for t in cluster.replica_targets()}
+    assert len(tags) == 2
+
+    def replicas_of(expr: str) -> set[str]:
+        return {r["metric"].get("replica", "") for r in prom.query(expr)["data"]["result"]}
+
+    try:
+        dspark = 'dspark_request_success_total{job="dspark-replicas", application="dspark"}'
+        ray_own = 'ray_serve_deployment_request_counter_total{application="dspark"}'
+        wait_until(lambda: replicas_of(dspark) == tags, 30, "dspark_* series of both replicas")
+        wait_until(lambda: replicas_of(ray_own) >= tags, 30, "Ray Serve's per-replica series")
+        assert replicas_of('up{job="dspark-replicas"} == 1') == tags
+    finally:
+        prom.stop()
+
+
 def test_fault_one_replica_killed_mid_load(
     cluster: LocalCluster, single: str, expected: list[str]
 ) -> None:
-    """Kill one replica's process while 12 streams run on the two: its streams end at once with
+    """Kill one replica's process while 8 streams run on the two: its streams end at once with
     a broken response (never a hang), the survivor's finish intact, new requests go to the
     survivor, and Ray Serve starts a replacement that serves (and is discovered) as before."""
     import ray
     import ray.serve
 
-    bodies = [chat(q, max_tokens=64, ignore_eos=True) for q in QUESTIONS[:12]]
-    late = [chat(q, max_tokens=64, ignore_eos=True) for q in QUESTIONS[12:]]
+    bodies = [chat(q, max_tokens=48, ignore_eos=True) for q in QUESTIONS[:8]]
+    late = [chat(q, max_tokens=48, ignore_eos=True) for q in QUESTIONS[8:10]]
     reference = asyncio.run(stream_all(single, bodies + late))
     assert all(r.done for r in reference)
 
