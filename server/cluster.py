@@ -24,7 +24,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -137,7 +136,7 @@ def args_to_argv(args: Mapping[str, Any]) -> list[str]:
 class DSparkReplica:
     """One engine core and the full `python -m server` app in front of it."""
 
-    async def __init__(self, settings: ServerSettings) -> None:
+    async def __init__(self, settings: ServerSettings) -> None:  # type: ignore[misc]
         self._settings = settings
         self._app: FastAPI | None = None
         self._exporter: ReplicaExporter | None = None
@@ -230,7 +229,8 @@ def deployment_options(settings: ServerSettings, options: ClusterOptions) -> dic
 
 
 def application(settings: ServerSettings, options: ClusterOptions) -> Application:
-    return DSparkReplica.options(**deployment_options(settings, options)).bind(settings)
+    deployment = DSparkReplica.options(**deployment_options(settings, options))  # type: ignore[attr-defined]
+    return deployment.bind(settings)  # type: ignore[no-any-return]
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -245,17 +245,28 @@ def build_app(args: dict[str, Any]) -> Application:
 
 def connect(options: ClusterOptions, log_level: str = "info") -> bool:
     """Join RAY_ADDRESS's cluster, or start a local head; True when a local head was started."""
+    level = logging.getLevelNamesMapping()[log_level.upper()]
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=log_level.upper())
+        ray.init(logging_level=level)
         return False
-    extra = {"_metrics_export_port": options.ray_metrics_port} if options.ray_metrics_port else {}
-    ray.init(
-        object_store_memory=options.object_store_mb * 2**20,
-        include_dashboard=False,
-        logging_level=log_level.upper(),
-        **extra,
-    )
+    head: dict[str, Any] = {
+        "object_store_memory": options.object_store_mb * 2**20,
+        "include_dashboard": False,
+        "logging_level": level,
+    }
+    if options.ray_metrics_port:
+        head["_metrics_export_port"] = options.ray_metrics_port
+    ray.init(**head)
     return True
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT: leave whatever is running (even `serve.run` still waiting for the
+    model to load) and shut down."""
+
+
+def _stop(*_: Any) -> None:
+    raise _Stop
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,19 +276,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     local = connect(options, settings.log_level)
-    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(application(settings, options), name=options.app_name, route_prefix="/")
-    log.info("serving on http://%s:%d (%s)", settings.host, settings.port,
-             "local Ray head" if local else f"cluster {os.environ['RAY_ADDRESS']}")
-    stop.wait()
-    # Replicas drain like `python -m server` on SIGTERM (graceful_shutdown_timeout_s).
-    serve.delete(options.app_name)
-    if local:
-        serve.shutdown()
-    ray.shutdown()
+        signal.signal(sig, _stop)
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(application(settings, options), name=options.app_name, route_prefix="/")
+        log.info("serving on http://%s:%d (%s)", settings.host, settings.port,
+                 "local Ray head" if local else f"cluster {os.environ['RAY_ADDRESS']}")
+        while True:
+            signal.pause()
+    except _Stop:
+        log.info("stopping: replicas drain for up to %.0fs", settings.drain_timeout_s)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the cleanup
+            signal.signal(sig, signal.SIG_IGN)
+        # Replicas drain like `python -m server` on SIGTERM (graceful_shutdown_timeout_s).
+        serve.delete(options.app_name)
+        if local:
+            serve.shutdown()
+        ray.shutdown()
     return 0
 
 

@@ -12,8 +12,10 @@ from typing import Any
 Panel = dict[str, Any]
 
 DATASOURCE: dict[str, str] = {"type": "prometheus", "uid": "prometheus"}
-# Every selector is filtered by the dashboard's model variable; "All" expands to `.+`.
-SEL = 'model_name=~"$model_name"'
+# Every selector is filtered by the dashboard's model and replica variables. "All" replicas is
+# `.*`, which also matches series with no replica label: a single `python -m server` has none;
+# replicas on Ray Serve get theirs from Prometheus's discovery (docker/prometheus.yml).
+SEL = 'model_name=~"$model_name", replica=~"$replica"'
 RATE = "$__rate_interval"
 
 
@@ -229,6 +231,25 @@ MODEL_VARIABLE: Panel = {
 }
 
 
+REPLICA_VARIABLE: Panel = {
+    "name": "replica",
+    "label": "replica",
+    "type": "query",
+    "datasource": DATASOURCE,
+    "definition": "label_values(dspark_num_requests_running, replica)",
+    "query": {
+        "query": "label_values(dspark_num_requests_running, replica)",
+        "refId": "replica",
+    },
+    "refresh": 2,
+    "includeAll": True,
+    "multi": True,
+    "allValue": ".*",
+    "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+    "sort": 1,
+}
+
+
 def dashboard(uid: str, title: str, description: str, panels: list[Panel]) -> Panel:
     return {
         "uid": uid,
@@ -253,6 +274,6 @@ def dashboard(uid: str, title: str, description: str, panels: list[Panel]) -> Pa
             }
         ],
         "annotations": {"list": []},
-        "templating": {"list": [MODEL_VARIABLE]},
+        "templating": {"list": [MODEL_VARIABLE, REPLICA_VARIABLE]},
         "panels": layout(panels),
     }

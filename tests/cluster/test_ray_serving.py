@@ -57,10 +57,10 @@ async def stream_all(base_url: str, bodies: list[dict[str, Any]]) -> list[Stream
 @pytest.fixture(scope="module")
 def servers() -> Iterator[tuple[LocalCluster, str]]:
     """The cluster, and the single-process server, which loads while the Ray head starts."""
-    with single_process_server(FLAGS) as single_url:
-        with local_cluster([*FLAGS, "--replicas", "2", "--threads-per-replica", "1"]) as running:
-            wait_ready(single_url)
-            yield running, single_url
+    layout = ["--replicas", "2", "--threads-per-replica", "1"]
+    with single_process_server(FLAGS) as single_url, local_cluster([*FLAGS, *layout]) as running:
+        wait_ready(single_url)
+        yield running, single_url
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def replica_metric(cluster: LocalCluster, name: str) -> dict[str, float]:
     for target in cluster.replica_targets():
         text = httpx.get(f"http://{target['targets'][0]}/metrics", timeout=10).text
         values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith(name + "{") or line.startswith(name + " ")]
+                  if line.startswith((name + "{", name + " "))]
         out[target["labels"]["replica"]] = sum(values)
     return out
 
@@ -200,7 +200,7 @@ def test_prometheus_sees_every_replica_next_to_ray_serve(
     compose host names swapped for this head's addresses (and 1 s intervals): every replica's
     dspark_* series arrive labelled by replica, and the same replica tags label Ray Serve's own
     per-replica series."""
-    promtool, prometheus = ensure_prometheus_tools()
+    _, prometheus = ensure_prometheus_tools()
     config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
     replicas_job, ray_job = jobs["dspark-replicas"], jobs["ray"]

@@ -36,7 +36,11 @@ GRAFANA_VARS = {
     "$__interval": "1m",
     "$__range": "5m",
     "$model_name": ".+",
+    "$replica": ".*",
 }
+# Labels Prometheus adds from service discovery rather than the server exporting them: replicas
+# on Ray Serve are labelled by replica (docker/prometheus.yml, server/replica_metrics.py).
+TARGET_LABELS = frozenset({"replica"})
 
 
 @dataclass(frozen=True)

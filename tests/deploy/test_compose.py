@@ -66,10 +66,13 @@ def test_schema_rejects_a_misspelt_key() -> None:
 
 def test_services_and_load_profile() -> None:
     services = load(COMPOSE)["services"]
-    assert set(services) == {"server", "prometheus", "grafana", "locust"}
-    # `docker compose up` starts everything but Locust, which needs `--profile load`.
+    assert set(services) == {"server", "prometheus", "grafana", "locust", "ray"}
+    # `docker compose up` starts everything but Locust, which needs `--profile load`, and the
+    # Ray Serve replicas, `--profile ray` (tests/cluster/test_deploy_files.py checks those).
     assert services["locust"]["profiles"] == ["load"]
-    assert all("profiles" not in s for name, s in services.items() if name != "locust")
+    assert services["ray"]["profiles"] == ["ray"]
+    profiled = {"locust", "ray"}
+    assert all("profiles" not in s for name, s in services.items() if name not in profiled)
     assert services["locust"]["depends_on"]["server"]["condition"] == "service_healthy"
 
 

@@ -23,6 +23,7 @@ from scheduler.fake import FAKE_TEXT
 
 from .support import (
     GRAFANA_VARS,
+    TARGET_LABELS,
     PrometheusProcess,
     ServerProcess,
     dashboard_queries,
@@ -156,7 +157,8 @@ def test_dashboards_reference_only_exported_metrics(metrics_text: str) -> None:
         missing = selector_names(q.expr) - set(exported)
         assert not missing, f"{q.label} uses {missing}, which the server does not export"
     for stem, metric, label in variable_queries():
-        assert label in exported.get(metric, set()), f"{stem}: {metric} has no label {label}"
+        labels = exported.get(metric, set()) | (TARGET_LABELS if metric in exported else set())
+        assert label in labels, f"{stem}: {metric} has no label {label}"
 
 
 def test_promtool_lint_flags_a_bad_exposition(promtool: str) -> None:
