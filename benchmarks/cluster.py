@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--logs", type=Path, default=ROOT / "runs" / "cluster-bench")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the servers started below are stopped on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     engine_args = shlex.split(args.engine_args)
     prompts = [p.chat for p in load_mix("chat", max_chars=args.max_prompt_chars, limit=256)]
     streams = [int(s) for s in args.streams.split(",")]

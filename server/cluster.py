@@ -109,18 +109,25 @@ def build_cluster_parser(env: Mapping[str, str] | None = None) -> argparse.Argum
 def parse_cluster_args(
     argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 ) -> tuple[ServerSettings, ClusterOptions]:
-    values = vars(build_cluster_parser(env).parse_args(argv))
-    options = ClusterOptions(**{name: values.pop(name) for name in _CLUSTER_FIELDS})
-    values["threads"] = options.threads_per_replica  # the engine uses what Ray reserved
-    return settings_from_values(values), options
+    parser = build_cluster_parser(env)
+    values = vars(parser.parse_args(argv))
+    try:
+        options = ClusterOptions(**{name: values.pop(name) for name in _CLUSTER_FIELDS})
+        values["threads"] = options.threads_per_replica  # the engine uses what Ray reserved
+        return settings_from_values(values), options
+    except ValueError as exc:
+        parser.error(str(exc))  # exits with status 2 and the usage, as for any bad flag
 
 
 def args_to_argv(args: Mapping[str, Any]) -> list[str]:
     """A `serve run` / config-file `args:` mapping as the flags it stands for
-    ({"max_replicas": 4, "warmup": False} -> --max-replicas 4 --no-warmup)."""
+    ({"max_replicas": 4, "warmup": False} -> --max-replicas 4 --no-warmup). `serve run`'s
+    `key=value` arguments arrive as strings, so "true" and "false" are booleans too."""
     argv: list[str] = []
     for key, value in args.items():
         flag = "--" + str(key).replace("_", "-")
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
         else:
@@ -253,6 +260,9 @@ def connect(options: ClusterOptions, log_level: str = "info") -> bool:
         "object_store_memory": options.object_store_mb * 2**20,
         "include_dashboard": False,
         "logging_level": level,
+        # Ray runs its workers at niceness 15 by default, as background jobs; here a replica's
+        # engine is the foreground work of the machine, as under `python -m server`.
+        "_system_config": {"worker_niceness": 0},
     }
     if options.ray_metrics_port:
         head["_metrics_export_port"] = options.ray_metrics_port
