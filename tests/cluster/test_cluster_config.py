@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from server.cluster import (
     ADMISSION_HEADROOM,
     DEPLOYMENT_NAME,
+    DSparkReplica,
     args_to_argv,
     build_app,
     deployment_options,
@@ -88,3 +91,30 @@ def test_build_app_is_the_same_deployment() -> None:
     assert deployment.name == DEPLOYMENT_NAME
     assert deployment.num_replicas == 3
     assert deployment.ray_actor_options == {"num_cpus": 2, "num_gpus": 1.0}
+
+
+def test_health_check_waits_for_the_model_then_fails_once_the_engine_died() -> None:
+    """Serve sends a replica traffic only after its first check_health passes, and replaces a
+    replica whose check fails: the first check must wait out the load, and a dead engine (the
+    app's `fatal`) must fail it."""
+    from types import SimpleNamespace
+
+    check_health = DSparkReplica.func_or_class.check_health
+    state = SimpleNamespace(ready=False, fatal=None)
+    replica = SimpleNamespace(_state=state)  # what check_health reads of the replica
+
+    async def load_then_check() -> None:
+        check = asyncio.create_task(check_health(replica))
+        await asyncio.sleep(0.3)
+        assert not check.done()  # still loading: no traffic yet
+        state.ready = True
+        await asyncio.wait_for(check, 1.0)
+        await check_health(replica)  # a healthy replica answers at once
+        state.fatal = "engine died"
+        with pytest.raises(RuntimeError, match="engine died"):
+            await check_health(replica)
+
+    asyncio.run(load_then_check())
+    failed_load = SimpleNamespace(_state=SimpleNamespace(ready=False, fatal="startup failed"))
+    with pytest.raises(RuntimeError, match="startup failed"):
+        asyncio.run(asyncio.wait_for(check_health(failed_load), 1.0))
