@@ -4,6 +4,7 @@ the threads, and what does the Serve hop cost a request?
     python benchmarks/cluster.py                                  # prints JSON
     python benchmarks/cluster.py --streams 4,16,32 --max-tokens 64 --out runs/cluster.json
     python benchmarks/cluster.py --engine-args "--speculative none"
+    python benchmarks/cluster.py --layouts "" --overhead-requests 100   # the overhead alone
 
 Layouts, each started as a user would (`python -m server.cluster ...`, a local Ray head):
   1x2  one replica, 2 torch threads    (--replicas 1 --threads-per-replica 2)
@@ -11,8 +12,9 @@ Layouts, each started as a user would (`python -m server.cluster ...`, a local R
 At each stream count, N clients each send requests back to back (streamed chats, greedy,
 `--max-tokens` each, prompts from the chat mix of the shared data); reported: aggregate output
 tokens/s over the run, and p50/p99 of per-request TPOT ((last token - first token) / (tokens - 1))
-and TTFT. Then at 1 stream: `python -m server --threads 2` against the 1x2 layout, same
-requests; the difference of the medians is what the Serve proxy hop and routing add.
+and TTFT. Then at 1 stream: `python -m server --threads 2` and the 1x2 layout, both up, take
+turns on the same requests; the median of the paired differences is what the Serve proxy hop
+and routing add to TTFT, TPOT and the whole request.
 Every server gets the same engine flags (`--engine-args`, default: the shipped defaults).
 """
 
@@ -124,19 +126,44 @@ async def closed_loop(base: str, prompts: list[str], streams: int, per_stream: i
     }
 
 
-async def sequential(base: str, prompts: list[str], n: int, max_tokens: int) -> dict[str, Any]:
-    """One stream: `n` requests one after another (after 2 unmeasured ones)."""
-    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
-        for prompt in prompts[:2]:
-            await one_request(client, prompt, max_tokens)
-        samples = [await one_request(client, prompts[i % len(prompts)], max_tokens)
-                   for i in range(n)]
-    return {
-        "requests": n,
-        "ttft_p50_ms": ms(statistics.median(s.ttft_s for s in samples)),
-        "tpot_p50_ms": ms(statistics.median(s.tpot_s for s in samples if s.tpot_s is not None)),
-        "e2e_p50_ms": ms(statistics.median(s.e2e_s for s in samples)),
-    }
+async def interleaved(bases: dict[str, str], prompts: list[str], n: int,
+                      max_tokens: int) -> dict[str, Any]:
+    """One stream per server, taking turns: request i goes to every server, in an order that
+    alternates, so drift in the machine's load falls on both sides alike. Reported: medians
+    per server, and the median over requests of each server's difference to the first."""
+    names = list(bases)
+    samples: dict[str, list[Sample]] = {name: [] for name in names}
+    clients = {name: httpx.AsyncClient(base_url=url, timeout=600) for name, url in bases.items()}
+    try:
+        for name in names:  # unmeasured: first connections, first tokenizer calls
+            await one_request(clients[name], prompts[0], max_tokens)
+        for i in range(n):
+            for name in names if i % 2 == 0 else names[::-1]:
+                samples[name].append(
+                    await one_request(clients[name], prompts[i % len(prompts)], max_tokens))
+    finally:
+        for client in clients.values():
+            await client.aclose()
+
+    def medians(rows: list[Sample]) -> dict[str, float | None]:
+        return {
+            "ttft_p50_ms": ms(statistics.median(s.ttft_s for s in rows)),
+            "tpot_p50_ms": ms(statistics.median(s.tpot_s for s in rows if s.tpot_s is not None)),
+            "e2e_p50_ms": ms(statistics.median(s.e2e_s for s in rows)),
+        }
+
+    out: dict[str, Any] = {"requests_each": n, "max_tokens": max_tokens}
+    out.update({name: medians(samples[name]) for name in names})
+    base = names[0]
+    for name in names[1:]:
+        pairs = list(zip(samples[name], samples[base]))
+        out[f"{name}_minus_{base}_ms"] = {
+            "ttft_p50": ms(statistics.median(a.ttft_s - b.ttft_s for a, b in pairs)),
+            "e2e_p50": ms(statistics.median(a.e2e_s - b.e2e_s for a, b in pairs)),
+            "tpot_p50": ms(statistics.median(a.tpot_s - b.tpot_s for a, b in pairs
+                                             if a.tpot_s is not None and b.tpot_s is not None)),
+        }
+    return out
 
 
 def start(cmd: list[str], log: Path, replicas: int) -> ServerProcess:
@@ -167,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=64,
                     help="requests per point (at least 2 per stream)")
-    ap.add_argument("--overhead-requests", type=int, default=20)
-    ap.add_argument("--layouts", default="1x2,2x1")
+    ap.add_argument("--overhead-requests", type=int, default=60,
+                    help="requests to each server in the 1-stream comparison (0: skip it)")
+    ap.add_argument("--overhead-max-tokens", type=int, default=16)
+    ap.add_argument("--layouts", default="1x2,2x1", help="in this order ('': none)")
     ap.add_argument("--engine-args", default="", help="engine flags for every server")
     ap.add_argument("--max-prompt-chars", type=int, default=400)
     ap.add_argument("--logs", type=Path, default=ROOT / "runs" / "cluster-bench")
@@ -186,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before": load_average(),
         "layouts": {},
     }
-    overhead: dict[str, Any] = {}
-    for layout in args.layouts.split(","):
+    for layout in [name for name in args.layouts.split(",") if name]:
         replicas, threads = LAYOUTS[layout]
         log = args.logs / f"cluster-{layout}.log"
         server = start(cluster_command(replicas, threads, engine_args), log, replicas)
@@ -199,23 +227,23 @@ def main(argv: list[str] | None = None) -> int:
                     closed_loop(server.url, prompts, n, per_stream, args.max_tokens)))
                 print(f"{layout} {points[-1]}", file=sys.stderr)
             report["layouts"][layout] = points
-            if layout == "1x2":
-                overhead["ray_1x2"] = asyncio.run(
-                    sequential(server.url, prompts, args.overhead_requests, args.max_tokens))
         finally:
             server.stop()
-    if "ray_1x2" in overhead:
-        cmd = server_command("--threads", "2", *engine_args)
-        server = start(cmd, args.logs / "single.log", 0)
+    if args.overhead_requests:
+        # Both up at once, idle but for the one request in flight: python -m server --threads 2
+        # and the 1x2 layout, taking turns.
+        direct = start(server_command("--threads", "2", *engine_args),
+                       args.logs / "single.log", 0)
         try:
-            overhead["python_m_server"] = asyncio.run(
-                sequential(server.url, prompts, args.overhead_requests, args.max_tokens))
+            ray_side = start(cluster_command(1, 2, engine_args), args.logs / "overhead-1x2.log", 1)
+            try:
+                report["overhead_1_stream"] = asyncio.run(interleaved(
+                    {"python_m_server": direct.url, "ray_1x2": ray_side.url}, prompts,
+                    args.overhead_requests, args.overhead_max_tokens))
+            finally:
+                ray_side.stop()
         finally:
-            server.stop()
-        ray_side, direct = overhead["ray_1x2"], overhead["python_m_server"]
-        overhead["added_ms"] = {k: round(ray_side[k] - direct[k], 1)
-                                for k in ("ttft_p50_ms", "tpot_p50_ms", "e2e_p50_ms")}
-        report["overhead_1_stream"] = overhead
+            direct.stop()
     report["load_average_after"] = load_average()
     text = json.dumps(report, indent=2)
     print(text)

@@ -20,6 +20,7 @@ REAL_MODEL_FLAGS = [
 ]
 API_KEY = "cluster-test-key"
 APP_NAME = "dspark"
+REPORT_INTERVAL_ENV = "RAY_metrics_report_interval_ms"
 
 
 def free_port() -> int:
@@ -81,9 +82,17 @@ def local_cluster(flags: list[str]) -> Iterator[LocalCluster]:
          "--log-level", "warning"],
         env={},
     )
-    # Ray reports its own metrics every 10 s by default; a second keeps the metrics test short.
-    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
-    connect(options, "warning")
+    # Ray reports its own metrics every 10 s by default; a second keeps the metrics test short
+    # (read by the head's processes as they start, so it is unset again right after).
+    previous = os.environ.get(REPORT_INTERVAL_ENV)
+    os.environ[REPORT_INTERVAL_ENV] = "1000"
+    try:
+        connect(options, "warning")
+    finally:
+        if previous is None:
+            os.environ.pop(REPORT_INTERVAL_ENV)
+        else:
+            os.environ[REPORT_INTERVAL_ENV] = previous
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(application(settings, options), name=APP_NAME, route_prefix="/")
