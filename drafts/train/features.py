@@ -53,13 +53,14 @@ class TargetFeatures:
             for i, k in enumerate(keys):
                 row = self.cache.read(k)
                 packed[i, : row.shape[0]] = row[:s]
+            packed = packed.to(self.head.device)
         else:
             packed = self._run_target(input_ids)
             self.computed_tokens += int(lengths.sum())
             if self.cache is not None:
                 for i, k in enumerate(keys):
                     if k not in self.cache:
-                        self.cache.write(k, packed[i, : int(lengths[i])])
+                        self.cache.write(k, packed[i, : int(lengths[i])].cpu())
         d = self.head.shape[1]
         feats, final = packed[..., :-d], packed[..., -d:]
         logits = final.to(self.head.dtype) @ self.head.T
