@@ -148,6 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-autocast", action="store_true", help="train the draft in float32")
     ap.add_argument("--stream-features", action="store_true", help="no feature cache on disk")
     ap.add_argument("--save-every", type=int, default=20, help="steps between saved states")
+    ap.add_argument(
+        "--snapshot-every-min",
+        type=float,
+        default=30.0,
+        help="minutes of training (process CPU time) between kept copies of the draft, the "
+        "points of the training curve (python -m drafts.train.curve)",
+    )
     ap.add_argument("--markov-rank", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2, help="DFlash/DSpark backbone layers")
     ap.add_argument(
@@ -261,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         dspark_layers=args.layers,
         ce_start_frac=args.ce_start_frac,
         save_every=args.save_every,
+        snapshot_every_cpu_s=60 * args.snapshot_every_min,
         init=args.init,
         autocast=not args.no_autocast,
         methods=methods,

@@ -227,8 +227,8 @@ def train(
     step, epoch, in_epoch, elapsed, cpu, positions = 0, 0, 0, 0.0, 0.0, 0
     if state_path.exists():
         st = torch.load(state_path, weights_only=False, map_location=dev)
-        for n in models:
-            models[n].load_state_dict(st["models"][n])
+        for n, model in models.items():
+            model.load_state_dict(st["models"][n])
             if n in st["opts"]:  # absent when the run was seeded from a checkpoint
                 opts[n].load_state_dict(st["opts"][n])
         step, elapsed, cpu = st["step"], st["elapsed"], st["cpu"]
