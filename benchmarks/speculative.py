@@ -95,11 +95,12 @@ def main() -> None:
     ap.add_argument("--requests-per-stream", type=int, default=2)
     ap.add_argument("--k", type=int, default=7)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--weights", default="auto", help="auto | gguf | dense (as the server's flag)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_target(device="cpu", dtype=args.dtype)
+    loaded = load_target(device="cpu", dtype=args.dtype, weights=args.weights)
     tok = loaded.tokenizer
     texts = repeat_prompts() if args.prompts == "repeat" else chat_prompts()
     prompts = [
@@ -114,7 +115,7 @@ def main() -> None:
         config = EngineConfig(
             speculative=drafter, verify_policy=policy or "fixed", num_speculative_tokens=args.k,
             max_num_seqs=max(levels), max_model_len=1024, max_num_batched_tokens=max(512, max(levels) * (args.k + 1)),
-            dtype=args.dtype,
+            dtype=args.dtype, weights=args.weights,
         )
         engine = assemble_engine(loaded, config)
         run(engine, prompts[:1], 1, 1, 8)  # warm-up
@@ -130,7 +131,8 @@ def main() -> None:
             b = base[r["concurrency"]]
             r["per_user_speedup_vs_none"] = r["per_user_tok_s"] / b["per_user_tok_s"]
             r["aggregate_speedup_vs_none"] = r["aggregate_tok_s"] / b["aggregate_tok_s"]
-    print(json.dumps({"prompts": args.prompts, "max_tokens": args.max_tokens, "k": args.k, "results": results}))
+    print(json.dumps({"prompts": args.prompts, "max_tokens": args.max_tokens, "k": args.k,
+                      "weights": loaded.weights, "results": results}))
 
 
 if __name__ == "__main__":

@@ -71,14 +71,13 @@ def assemble_engine(loaded: LoadedModel, config: EngineConfig) -> LLMEngine:
     from scheduler.runner import TorchModelRunner
 
     speculator = build_speculator(config, build_proposer(config, loaded.hf_model))
-    # The runner builds its TargetModel from the transformers model; this is how it is run.
-    loaded.hf_model.step_options = step_options(config, loaded.hf_model)
     runner = TorchModelRunner(
         loaded.hf_model,
         num_slots=config.max_num_seqs,
         max_model_len=config.max_model_len,
         aux_layer_ids=speculator.aux_layer_ids if speculator is not None else (),
         seed=config.seed,
+        step_options=step_options(config, loaded.hf_model),
     )
     model = ServedModel(loaded.name, loaded.tokenizer, _eos_ids(loaded.hf_model, loaded.tokenizer))
     engine = LLMEngine(runner, _batcher(config), model, speculator)

@@ -106,7 +106,9 @@ class LLMEngine:
         spec = SpeculationStep()
         if self.speculator is not None:
             spec = self.speculator.attach(plan, self.batcher)
+        t_mask = self.clock()
         masks = self.batcher.token_masks(plan)  # after drafting: one mask per verify position
+        mask_time_s = self.clock() - t_mask if masks is not None else 0.0
         if masks is None:
             result = self.runner.execute(plan)
         else:  # only runners that apply token masks get structured requests (see __init__)
@@ -118,7 +120,9 @@ class LLMEngine:
         for out in outputs:
             if out.finished:
                 self._release(out.req_id)
-        return outputs, self._stats(plan, result, spec, step_time_s)
+        stats = self._stats(plan, result, spec, step_time_s)
+        stats.mask_time_s = mask_time_s
+        return outputs, stats
 
     def _release(self, req_id: str) -> None:
         self.runner.release(req_id)

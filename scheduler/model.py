@@ -100,8 +100,7 @@ class PackedBatch:
 
 @dataclass(frozen=True)
 class StepOptions:
-    """EngineConfig's --compile-step and --kv-dtype, resolved. The runner builds TargetModel
-    from the transformers model alone, so the builder sets them as its `step_options`."""
+    """EngineConfig's --compile-step and --kv-dtype, resolved (scheduler/build.py)."""
 
     compile: bool = False  # short-query steps through scheduler/compiled.py's graph
     kv_dtype: torch.dtype | None = None  # None: the attention dtype
@@ -117,7 +116,7 @@ class TargetModel:
         max_model_len: int,
         options: StepOptions | None = None,
     ) -> None:
-        options = options or getattr(hf_model, "step_options", None) or StepOptions()
+        options = options or StepOptions()
         cfg = hf_model.config
         self.hf_model = hf_model
         self.decoder = hf_model.model

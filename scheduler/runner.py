@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from scheduler.model import TargetModel, build_packed_batch
+from scheduler.model import StepOptions, TargetModel, build_packed_batch
 from scheduler.plan import RequestResult, ScheduledRequest, StepPlan, StepResult
 from scheduler.sampling import (
     mask_logits,
@@ -51,8 +51,9 @@ class TorchModelRunner:
         max_model_len: int,
         aux_layer_ids: tuple[int, ...] = (),
         seed: int = 0,
+        step_options: StepOptions | None = None,  # --compile-step, --kv-dtype (build.py)
     ) -> None:
-        self.model = TargetModel(hf_model, num_slots, max_model_len)
+        self.model = TargetModel(hf_model, num_slots, max_model_len, step_options)
         self.device = self.model.device
         self.aux_layer_ids = aux_layer_ids
         self._seed_source = torch.Generator().manual_seed(seed)

@@ -37,5 +37,8 @@ class StepStats:
     predicted_per_position: list[float] = field(default_factory=list)
     realised_per_position: list[int] = field(default_factory=list)
     count_per_position: list[int] = field(default_factory=list)
+    # Grammar bitmasks of this step's structured requests (0 when none): part of step_time_s,
+    # so the throughput profile, which learns from step times, already pays for it.
+    mask_time_s: float = 0.0
     # Current throughput profile of the device: (tokens per step, steps per second) points.
     profile: list[tuple[int, float]] = field(default_factory=list)

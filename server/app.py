@@ -26,7 +26,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from scheduler.request import SamplingParams
 from server.engine_client import AsyncEngineClient, EngineThreadLike, OnStep, ThreadFactory
 from server.engine_process import EngineProcess
-from server.errors import APIError, error_response, install_error_handlers, overloaded
+from server.errors import (
+    APIError,
+    error_response,
+    install_error_handlers,
+    log_refusal,
+    overloaded,
+)
 from server.metrics import Metrics
 from server.routes import router
 from server.settings import ServerSettings
@@ -179,22 +185,28 @@ class GuardMiddleware:
             if not hmac.compare_digest(given, self._expected):
                 self.state.metrics.reject("auth")
                 err = APIError(401, "invalid or missing API key", code="invalid_api_key")
-                await error_response(err)(scope, receive, send)
+                await self._refuse(err, scope, receive, send)
                 return
         client = self.state.client
         if path in GENERATION_PATHS and client is not None and not client.has_room(1):
             # Full: refuse before reading or parsing the body, the cheapest possible answer.
             err = overloaded(f"the server is at capacity ({client.capacity} requests); retry later")
             self.state.metrics.reject("queue_full")
-            await error_response(err)(scope, receive, send)
+            await self._refuse(err, scope, receive, send)
             return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self._limit:
             self.state.metrics.reject("body_too_large")
             err = APIError(413, "request body too large", code="request_too_large")
-            await error_response(err)(scope, receive, send)
+            await self._refuse(err, scope, receive, send)
             return
         await self.app(scope, self._limited(receive), send)
+
+    @staticmethod
+    async def _refuse(err: APIError, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer a refusal made before FastAPI, logged like the ones made inside it."""
+        log_refusal(scope["method"], scope["path"], err)
+        await error_response(err)(scope, receive, send)
 
     def _limited(self, receive: Receive) -> Receive:
         """Count streamed (chunked) bodies too; FastAPI turns the exception into a 413."""

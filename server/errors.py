@@ -130,10 +130,13 @@ _STATUS_TYPES = {404: ("not_found", "not found"), 405: ("method_not_allowed", "m
 
 
 def log_client_error(request: Request, err: APIError) -> None:
+    log_refusal(request.method, request.url.path, err)
+
+
+def log_refusal(method: str, path: str, err: APIError) -> None:
     """One line per refused request: route, status, code and the reason we gave the client."""
     if 400 <= err.status < 500:
-        log.info("%s %s -> %d %s: %s", request.method, request.url.path, err.status,
-                 err.code or err.type, err.message)
+        log.info("%s %s -> %d %s: %s", method, path, err.status, err.code or err.type, err.message)
 
 
 def install_error_handlers(app: FastAPI, on_reject: Any) -> None:

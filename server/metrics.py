@@ -85,6 +85,9 @@ class Metrics:
                                        "Prompt tokens per request.", tok)
         self.gen_tokens_hist = hist("dspark_request_generation_tokens",
                                     "Generated tokens per request.", tok)
+        self.mask_time = hist("dspark_grammar_mask_seconds",
+                              "Grammar bitmask time of engine steps with structured requests.",
+                              (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1))
         self.iteration_tokens = hist("dspark_iteration_tokens",
                                      "Tokens through the target per engine step.", ITERATION_BUCKETS)
         self.running = gauge("dspark_num_requests_running", "Requests resident in the engine.")
@@ -140,6 +143,8 @@ class Metrics:
             self.verified_per_step.labels(m).observe(s.num_draft_tokens)
         if s.draft_skipped:
             self.draft_skipped.labels(m).inc()
+        if s.mask_time_s:
+            self.mask_time.labels(m).observe(s.mask_time_s)
         for j, n in enumerate(s.accepted_per_position):
             self.accepted_per_pos.labels(m, str(j)).inc(n)
         for k in s.verify_lengths:

@@ -109,10 +109,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gen-temperature", type=float, default=0.0)
     ap.add_argument("--gen-seqs", type=int, default=64, help="sequences the engine decodes at once")
     ap.add_argument(
+        "--gen-batch", type=int, default=0, help="prompts per generation batch (0: 8 x gen-seqs)"
+    )
+    ap.add_argument(
+        "--gen-time-budget-min",
+        type=float,
+        default=0.0,
+        help="stop generating after this long and train on the answers so far (0: no limit)",
+    )
+    ap.add_argument(
         "--generator",
-        choices=["engine", "hf"],
-        default="engine",
-        help="answer regeneration: our engine (continuous batching) or transformers generate",
+        choices=["auto", "engine", "hf"],
+        default="auto",
+        help="answer regeneration: our engine (continuous batching) or transformers generate "
+        "(auto: the engine on CPU, transformers' batched generate on an accelerator)",
+    )
+    ap.add_argument("--model", default=None, help="target model (default: the embedded one)")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="where the target and the drafts run (cpu, cuda); on an accelerator the target "
+        "runs in bf16 and its features are streamed",
     )
     ap.add_argument("--epochs", type=float, default=3.0, help="length of the LR schedule")
     ap.add_argument(
@@ -131,6 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-autocast", action="store_true", help="train the draft in float32")
     ap.add_argument("--stream-features", action="store_true", help="no feature cache on disk")
     ap.add_argument("--save-every", type=int, default=20, help="steps between saved states")
+    ap.add_argument(
+        "--snapshot-every-min",
+        type=float,
+        default=30.0,
+        help="minutes of training (process CPU time) between kept copies of the draft, the "
+        "points of the training curve (python -m drafts.train.curve)",
+    )
     ap.add_argument("--markov-rank", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2, help="DFlash/DSpark backbone layers")
     ap.add_argument(
@@ -176,7 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     run: Path = args.run_dir
     run.mkdir(parents=True, exist_ok=True)
-    m = load_target(DEFAULT_MODEL, dtype="float32")
+    model_name = args.model or DEFAULT_MODEL
+    on_cpu = torch.device(args.device).type == "cpu"
+    # float32 on CPU (the trainer makes its own bf16 copy for features, generation uses the
+    # engine); bf16 on an accelerator, where the features and transformers' generate run from it
+    m = load_target(model_name, device=args.device, dtype="float32" if on_cpu else "bfloat16")
     target: Any = m.hf_model
     tok: Any = m.tokenizer
     target.requires_grad_(False)
@@ -187,24 +215,29 @@ def main(argv: list[str] | None = None) -> None:
     answers = args.answers or run / "data" / "answers.jsonl"
     if not args.answers and not _done(run, "answers") and not args.train_while_generating:
         gen = None
-        if args.generator == "engine":
+        if args.generator == "engine" or (args.generator == "auto" and on_cpu):
             gen = data.engine_generate_fn(
-                DEFAULT_MODEL, args.gen_max_tokens, args.gen_temperature, 1.0, args.gen_seqs
+                model_name, args.gen_max_tokens, args.gen_temperature, 1.0, args.gen_seqs
             )
         how = "our engine" if gen is not None else "transformers generate"
         gen = gen or data.hf_generate_fn(
             target, int(tok.eos_token_id), args.gen_max_tokens, args.gen_temperature, 1.0
         )
         print(f"[2/6] regenerating answers (T={args.gen_temperature:g}) with the target via {how}")
-        data.regenerate_answers(
+        budget_s = args.gen_time_budget_min * 60
+        rows_done = data.regenerate_answers(
             prompts,
             tok,
             gen,
             answers,
-            8 * args.gen_seqs,
+            args.gen_batch or 8 * args.gen_seqs,
             progress=lambda x: tqdm(x, desc="answers"),
+            time_budget_s=budget_s,
         )
-        _mark(run, "answers")
+        if len(rows_done) == len(prompts):
+            _mark(run, "answers")
+        else:  # a rerun generates the rest
+            print(f"[2/6] generation budget spent: {len(rows_done)} of {len(prompts)} answers")
     if args.stop_after == "answers":
         return
 
@@ -235,10 +268,14 @@ def main(argv: list[str] | None = None) -> None:
         dspark_layers=args.layers,
         ce_start_frac=args.ce_start_frac,
         save_every=args.save_every,
+        snapshot_every_cpu_s=60 * args.snapshot_every_min,
         init=args.init,
         autocast=not args.no_autocast,
         methods=methods,
-        feature_cache=None if args.stream_features else args.feature_cache or run / "features",
+        feature_cache=None
+        if args.stream_features or not on_cpu
+        else args.feature_cache or run / "features",
+        device=args.device,
     )
     if args.init_from and not (tc.out_dir / "state.pt").exists():
         seed_from_checkpoint(tc.out_dir, methods, args.init_from)

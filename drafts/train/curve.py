@@ -99,6 +99,39 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def acceptance_plot(run: Path, method: str, path: Path, window: int = 100) -> str:
+    """The analytic acceptance the loss computes on each batch (before the update), smoothed
+    over `window` steps, against training time, with the epoch boundaries: in the first epoch
+    every batch is new to the draft, so that stretch is a held-out measure. Returns a summary
+    line per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (run / "train" / "metrics.jsonl").open()]
+    acc = [r[method]["accept_rate"] for r in rows]
+    smooth = [sum(acc[max(0, i - window + 1) : i + 1]) / len(acc[max(0, i - window + 1) : i + 1])
+              for i in range(len(acc))]  # fmt: skip
+    minutes = [r["elapsed_s"] / 60 for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(minutes, smooth, color="black")
+    lines = []
+    for epoch in sorted({r["epoch"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["epoch"] == epoch]
+        ax.axvline(minutes[idx[0]], color="grey", alpha=0.3)
+        mean = sum(acc[i] for i in idx) / len(idx)
+        lines.append(f"epoch {epoch}: steps {idx[0]}-{idx[-1]}, mean acceptance {mean:.1%}")
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel(f"batch acceptance (mean of {window} steps)")
+    ax.set_title(f"{method}: acceptance on each batch before its update")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,7 +142,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--plot", type=Path, help="write the curve as a PNG here")
+    ap.add_argument(
+        "--acceptance-plot",
+        type=Path,
+        help="instead: plot the per-batch acceptance of train/metrics.jsonl as a PNG here",
+    )
     args = ap.parse_args(argv)
+    if args.acceptance_plot:
+        print(acceptance_plot(args.run_dir, args.method, args.acceptance_plot))
+        return
     rows = points(args.run_dir, args.method, args.limit, args.max_tokens, args.temperature)
     (args.run_dir / "curve.json").write_text(json.dumps(rows, indent=2))
     print(table(rows))

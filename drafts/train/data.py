@@ -134,15 +134,15 @@ def hf_generate_fn(
         if temperature > 0:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_id,
             pad_token_id=eos_id,
             **kwargs,
         )
         answers = []
-        for row in out[:, width:].tolist():
+        for row in out[:, width:].cpu().tolist():
             cut = row.index(eos_id) + 1 if eos_id in row else len(row)
             answers.append(row[:cut])
         return answers
@@ -193,8 +193,11 @@ def regenerate_answers(
     out_path: Path,
     batch_size: int,
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    time_budget_s: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """Resumable: finished rows are appended to `out_path`; a restart skips them."""
+    """Resumable: finished rows are appended to `out_path`; a restart skips them. With a time
+    budget, no new batch starts once it is spent (the rows so far are returned)."""
+    start = time.time()
     done: dict[int, dict[str, Any]] = {}
     if out_path.exists():
         for row in read_jsonl(out_path):
@@ -212,6 +215,8 @@ def regenerate_answers(
     it: Iterable[Any] = progress(batches) if progress else batches
     with out_path.open("a", encoding="utf-8") as f:
         for batch in it:
+            if time_budget_s > 0 and time.time() - start > time_budget_s:
+                break
             t0 = time.time()
             answers = generate([e[2] for e in batch])
             for (i, src, pid), ans in zip(batch, answers, strict=True):

@@ -36,7 +36,8 @@ class TargetFeatures:
         head = target.get_output_embeddings()  # type: ignore[operator]
         weight = head.weight if vocab is None else head.weight[vocab]
         self.head = weight.detach()
-        self.width = (len(self.layer_ids) + 1) * int(target.config.hidden_size)  # type: ignore[union-attr]
+        hidden_size: int = target.config.hidden_size  # type: ignore[union-attr,assignment]
+        self.width = (len(self.layer_ids) + 1) * hidden_size
         self.cache = _Cache(cache_dir, self.width) if cache_dir is not None else None
         self.computed_tokens = 0  # tokens that went through the target (not read from the cache)
 
@@ -53,13 +54,14 @@ class TargetFeatures:
             for i, k in enumerate(keys):
                 row = self.cache.read(k)
                 packed[i, : row.shape[0]] = row[:s]
+            packed = packed.to(self.head.device)
         else:
             packed = self._run_target(input_ids)
             self.computed_tokens += int(lengths.sum())
             if self.cache is not None:
                 for i, k in enumerate(keys):
                     if k not in self.cache:
-                        self.cache.write(k, packed[i, : int(lengths[i])])
+                        self.cache.write(k, packed[i, : int(lengths[i])].cpu())
         d = self.head.shape[1]
         feats, final = packed[..., :-d], packed[..., -d:]
         logits = final.to(self.head.dtype) @ self.head.T
@@ -99,7 +101,7 @@ class _Cache:
                 if rec["offset"] + rec["length"] <= rows_on_disk:
                     self.index[int(rec["key"])] = (int(rec["offset"]), int(rec["length"]))
         self.rows = max((o + n for o, n in self.index.values()), default=0)
-        self._map: np.memmap | None = None
+        self._map: np.ndarray | None = None  # the file's rows, memory-mapped
 
     def __contains__(self, key: int) -> bool:
         return key in self.index

@@ -63,6 +63,7 @@ class TrainConfig:
     init: str = "random"  # or "target": draft layers start as the target's last layers
     autocast: bool = True  # bf16 autocast for the draft's matmuls (fp32 weights and optimiser)
     feature_cache: Path | None = None  # None: stream the target's features every epoch
+    device: str = "cpu"  # where the drafts train (the target must already be there)
 
 
 @dataclass
@@ -209,7 +210,9 @@ def train(
     # features too); the drafts and their optimiser state stay fp32.
     fast = target if target.dtype == torch.bfloat16 else _bf16_copy(target)
     parts = target_parts(fast, act_dtype=torch.float32)
-    models = build_drafts(target, tc, mask_token_id, vocab)
+    dev = torch.device(tc.device)
+    models = {n: m.to(dev) for n, m in build_drafts(target, tc, mask_token_id, vocab).items()}
+    vocab = None if vocab is None else vocab.to(dev)
     losses = {name: resolve(cast(Ref, get(name).loss)) for name in models}
     opts = {
         n: torch.optim.AdamW(
@@ -223,9 +226,9 @@ def train(
     state_path = tc.out_dir / "state.pt"
     step, epoch, in_epoch, elapsed, cpu, positions = 0, 0, 0, 0.0, 0.0, 0
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False)
-        for n in models:
-            models[n].load_state_dict(st["models"][n])
+        st = torch.load(state_path, weights_only=False, map_location=dev)
+        for n, model in models.items():
+            model.load_state_dict(st["models"][n])
             if n in st["opts"]:  # absent when the run was seeded from a checkpoint
                 opts[n].load_state_dict(st["opts"][n])
         step, elapsed, cpu = st["step"], st["elapsed"], st["cpu"]
@@ -246,7 +249,7 @@ def train(
             if frac >= 1.0:
                 break
         epoch, i_batch, chosen = next(batches)
-        ids, mask, lengths = collate(chosen, pad_id)
+        ids, mask, lengths = (t.to(dev) for t in collate(chosen, pad_id))
         feats, logits = features([k for k, _, _ in chosen], ids, lengths)
         batch = TrainBatch(ids, mask, lengths, feats, logits, vocab, frac)
         lr = tc.lr * lr_factor(frac, tc.warmup_frac)
@@ -254,7 +257,7 @@ def train(
         for name, model in models.items():
             for group in opts[name].param_groups:
                 group["lr"] = lr
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.autocast):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tc.autocast):
                 res = losses[name](model, parts, batch, tc, gen)
             opts[name].zero_grad(set_to_none=True)
             res["loss"].backward()
@@ -266,6 +269,8 @@ def train(
         step, in_epoch = step + 1, i_batch + 1
         elapsed, cpu = time.time() - t_wall, time.process_time() - t_cpu
         rec.update(positions=positions, elapsed_s=round(elapsed, 1), cpu_s=round(cpu, 1))
+        if dev.type == "cuda":
+            rec["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
         metrics_f.write(json.dumps(rec) + "\n")
         metrics_f.flush()
         if bar is not None:
@@ -318,7 +323,7 @@ def _recipe(tc: TrainConfig) -> dict[str, Any]:
     keep = (
         "batch_size", "max_len", "lr", "warmup_frac", "num_anchors", "eagle3_rows", "block_size",
         "dspark_layers", "markov_rank", "alpha_ce", "alpha_tv", "alpha_conf", "ce_start_frac",
-        "init", "autocast",
+        "init", "autocast", "device",
     )  # fmt: skip
     return {k: getattr(tc, k) for k in keep}
 

@@ -199,3 +199,19 @@ def test_constrained_sampling_follows_the_masked_target(tiny_model, tok, drafter
     expected = [exact[k] * n for k in common] + ([sum(exact[k] for k in rare) * n] if rare else [])
     p_value = chisquare(observed, expected).pvalue
     assert p_value > 1e-3, (drafter, json.dumps(dict(seen)), exact)
+
+
+def test_steps_with_structured_requests_report_their_mask_time(tiny_model, tok) -> None:
+    """The bitmask cost is measured per step (StepStats.mask_time_s, exported as a histogram);
+    a step without structured requests reports none."""
+    runner = TorchModelRunner(tiny_model, 4, 64, seed=3)
+    engine = LLMEngine(runner, ContinuousBatcher(4, 64, 64),
+                       ServedModel("tiny", tok, frozenset({tok.eos_token_id})), None)
+    prompt = ids(tok, "pick:")
+    engine.add_request(Request("plain", prompt, SamplingParams(max_tokens=3)))
+    plain = [engine.step()[1] for _ in range(2)]  # type: ignore[index]
+    assert all(s.mask_time_s == 0.0 for s in plain)
+    engine.add_request(Request("json", prompt, SamplingParams(max_tokens=3, structured=SMALL)))
+    mixed = engine.step()[1]  # type: ignore[index]
+    assert mixed.mask_time_s > 0.0
+    assert mixed.mask_time_s < mixed.step_time_s

@@ -37,7 +37,6 @@ BUDGET = 256  # room for a whole prompt beside every decode and verification
 def quantized():
     loaded = load_target(device="cpu", dtype="bfloat16", weights="gguf")
     enable_disk_cache(default_cache_dir())
-    loaded.hf_model.step_options = StepOptions(compile=True, kv_dtype=torch.bfloat16)
     return loaded
 
 
@@ -53,7 +52,13 @@ def dspark(quantized):
 def runner(quantized, dspark):
     """One runner for every engine of the module, so the step is compiled once: with the
     features DSpark reads, which the other drafters ignore."""
-    return TorchModelRunner(quantized.hf_model, 4, 512, aux_layer_ids=dspark.aux_layer_ids)
+    return TorchModelRunner(
+        quantized.hf_model,
+        4,
+        512,
+        aux_layer_ids=dspark.aux_layer_ids,
+        step_options=StepOptions(compile=True, kv_dtype=torch.bfloat16),
+    )
 
 
 def engine_for(quantized, runner, proposer=None):

@@ -98,8 +98,13 @@ def test_every_4xx_is_logged_with_its_reason_and_never_the_prompt(
         post(guarded, {"messages": [{"role": "user", "content": secret}], "bogus": 1})
         post(guarded, {"messages": [{"role": "user", "content": secret}], "audio": {"v": 1}})
         post(guarded, {"messages": MSGS, "model": "gpt-9"})
+        # refused by the guard in front of FastAPI: no key, a body over the limit
+        post(guarded, {"messages": [{"role": "user", "content": secret}]}, headers={"Authorization": ""})
+        post(guarded, {"messages": [{"role": "user", "content": secret * 500}]})
     lines = [r.getMessage() for r in caplog.records if r.name == "server.errors"]
     assert any("-> 400" in line and "bogus" in line for line in lines), lines
+    assert any("POST /v1/chat/completions -> 401 invalid_api_key" in line for line in lines), lines
+    assert any("-> 413 request_too_large" in line for line in lines), lines
     assert any("-> 400" in line and "audio is not supported" in line for line in lines), lines
     assert any("-> 404" in line and "model_not_found" in line for line in lines), lines
     assert not any(secret in line for line in lines)
@@ -148,7 +153,9 @@ def test_body_too_large_is_413(guarded: Running) -> None:
     assert guarded.metric("dspark_request_rejected_total", reason="body_too_large") >= 2
 
 
-def test_queue_full_is_429_with_retry_after(guarded: Running) -> None:
+def test_queue_full_is_429_with_retry_after(
+    guarded: Running, caplog: pytest.LogCaptureFixture
+) -> None:
     # Two slots, no queue: two long streams fill the server, the third is refused at once.
     body = {"messages": MSGS, "stream": True, "max_tokens": 100}
     before = guarded.metric("dspark_request_rejected_total", reason="queue_full")
@@ -162,8 +169,10 @@ def test_queue_full_is_429_with_retry_after(guarded: Running) -> None:
         lines1, lines2 = s1.iter_lines(), s2.iter_lines()  # keep them: closing ends the stream
         next(lines1)
         next(lines2)
-        r = post(guarded, {"messages": MSGS, "max_tokens": 5})
+        with caplog.at_level(logging.INFO, logger="server.errors"):
+            r = post(guarded, {"messages": MSGS, "max_tokens": 5})
         assert_openai_error(r, 429, code="queue_full")
+        assert "-> 429 queue_full" in caplog.text
         assert r.headers["Retry-After"] == "1"
         r = post(guarded, {"prompt": "x", "n": 2}, path="/v1/completions")
         assert_openai_error(r, 429)
