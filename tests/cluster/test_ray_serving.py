@@ -31,6 +31,8 @@ from .support import (
     wait_until,
 )
 
+pytestmark = pytest.mark.slow
+
 # Capacity of each replica: 8 running + 8 waiting; more get 429 from the replica itself.
 FLAGS = [*REAL_MODEL_FLAGS, "--api-key", API_KEY, "--max-queue", "8"]
 TOPICS = ["the sea", "a mountain", "rain", "the moon", "a city", "bread", "a river", "winter",
