@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,9 +68,23 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     del model.config.quantization_config
     model.config.name_or_path = gguf.stem
     tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a conversion that was killed
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     tmp.rename(out_dir)  # atomic: a half-written cache is never picked up
+
+
+def _ensure_converted(gguf: Path, out_dir: Path) -> None:
+    """Convert once per cache, even when several processes start on a fresh one (replicas,
+    training workers): the first takes the lock and converts, the others wait and reuse it."""
+    if (out_dir / "config.json").exists():
+        return
+    from filelock import FileLock  # a dependency of huggingface_hub, so always installed
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out_dir.with_name(out_dir.name + ".lock")):
+        if not (out_dir / "config.json").exists():
+            _convert_gguf(gguf, out_dir)
 
 
 def resolve_model_path(model: str, cache_dir: Path | None = None) -> tuple[Path | str, str]:
@@ -78,16 +93,12 @@ def resolve_model_path(model: str, cache_dir: Path | None = None) -> tuple[Path 
     if model == DEFAULT_MODEL:
         gguf = embedded_gguf_path()
         out = cache_dir / "models" / _EMBEDDED_NAME
-        if not (out / "config.json").exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            _convert_gguf(gguf, out)
+        _ensure_converted(gguf, out)
         return out, _EMBEDDED_NAME
     path = Path(model)
     if path.suffix == ".gguf" and path.is_file():
         out = cache_dir / "models" / path.stem
-        if not (out / "config.json").exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            _convert_gguf(path, out)
+        _ensure_converted(path, out)
         return out, path.stem
     if path.is_dir():
         return path, path.name

@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gamma", type=int, default=7)
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="where the float32 target and draft run")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     from scheduler.loader import DEFAULT_MODEL, load_target
 
     m = load_target(args.model or DEFAULT_MODEL, dtype="float32")
+    m.hf_model.to(args.device)  # the draft follows the target's device (make_proposer)
     sets = (
         {args.prompts.stem: load_prompts(args.prompts, args.limit)}
         if args.prompts
