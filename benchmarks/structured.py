@@ -95,11 +95,12 @@ def main() -> None:
     ap.add_argument("--requests-per-stream", type=int, default=2)
     ap.add_argument("--k", type=int, default=7)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--weights", default="auto", help="auto | gguf | dense (as the server's flag)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_target(device="cpu", dtype=args.dtype)
+    loaded = load_target(device="cpu", dtype=args.dtype, weights=args.weights)
     tok = loaded.tokenizer
     prompts = [
         tok.encode(tok.apply_chat_template(
@@ -121,6 +122,7 @@ def main() -> None:
             speculative=drafter, verify_policy=policy or "fixed", num_speculative_tokens=args.k,
             max_num_seqs=max(levels), max_model_len=1024,
             max_num_batched_tokens=max(512, max(levels) * (args.k + 1)), dtype=args.dtype,
+            weights=args.weights,
         )
         engine = assemble_engine(loaded, config)
         for params in modes.values():  # warm-up; the first constraint also builds the tokenizer
