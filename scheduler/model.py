@@ -229,11 +229,13 @@ class TargetModel:
     ) -> torch.Tensor:
         """Write the step's keys and values, attend: [T, H, D] in the attention dtype."""
         H, D = self.num_heads, self.head_dim
-        k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]
-        k_cache[batch.slot_ids, :, batch.positions] = k.to(self.kv_dtype)
-        v_cache[batch.slot_ids, :, batch.positions] = v.to(self.kv_dtype)
+        k_stored, v_stored = self.k_cache[layer_idx], self.v_cache[layer_idx]
+        k_stored[batch.slot_ids, :, batch.positions] = k.to(self.kv_dtype)
+        v_stored[batch.slot_ids, :, batch.positions] = v.to(self.kv_dtype)
+        k_cache: torch.Tensor | Widened = k_stored
+        v_cache: torch.Tensor | Widened = v_stored
         if self.kv_dtype != self.attn_dtype:  # eager kernels read the attention dtype
-            k_cache, v_cache = Widened(k_cache, self.attn_dtype), Widened(v_cache, self.attn_dtype)
+            k_cache, v_cache = Widened(k_stored, self.attn_dtype), Widened(v_stored, self.attn_dtype)
         scale = self.scale
         gqa = H != self.num_kv_heads
         out = torch.empty_like(q)  # [T, heads, head_dim]

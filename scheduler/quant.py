@@ -54,6 +54,9 @@ def has_int4_kernel() -> bool:
 class Int4Linear(nn.Module):
     """y = x W^T + b with W in torch's CPU int4 layout, group-wise scale and zero."""
 
+    packed: torch.Tensor  # buffers, declared so type checkers see tensors
+    scales_zeros: torch.Tensor
+
     def __init__(
         self,
         q: torch.Tensor,  # [out, in] uint8 in 0..15
