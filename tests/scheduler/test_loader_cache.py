@@ -27,7 +27,7 @@ def _resolve(gguf: str, cache: str, results: mp.Queue) -> None:
     try:
         path, name = loader.resolve_model_path(gguf, Path(cache))
         results.put(("ok", str(path), name))
-    except Exception as exc:  # the report names what failed, in the parent
+    except OSError as exc:  # a second converter at once fails here; the parent reports it
         results.put(("error", repr(exc), ""))
 
 
