@@ -100,7 +100,7 @@ def test_draft_gate_keeps_output_identical_and_skips_a_useless_drafter(
     proposer = drafters(target, prompts, reference)[name]
     profile = ThroughputProfile(64)
     profile.seed([(1, 0.050), (16, 0.055), (64, 0.090)])
-    gate = DraftGate(profile, probe_every=4)
+    gate = DraftGate(profile)
     engine = make_engine(
         target, num_slots=4, budget=48, proposer=proposer,
         policy=build_policy("dspark", 7, profile), gate=gate,
