@@ -129,7 +129,8 @@ class OnlineAcceptanceEstimator:
         out = []
         for j, f in enumerate(draft_features):
             pos, b = min(j, last), self._bin(f)
-            out.append((self._hits[pos].get(b, 0.0) + k * rates[j]) / (self._total[pos].get(b, 0.0) + k))
+            hits, total = self._hits[pos].get(b, 0.0), self._total[pos].get(b, 0.0)
+            out.append((hits + k * rates[j]) / (total + k))
         return out
 
     def observe(

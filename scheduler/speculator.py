@@ -9,7 +9,8 @@ One engine step, from speculation's side:
                     worth what it usually brings, and only when its gate says drafting them may
                     pay; each candidate gets per-position confidences (the drafter's own, or
                     its online estimator's); per request the candidate worth the most expected
-                    tokens at the step's marginal token cost is kept (`choose_candidates`), and
+                    tokens at the step's marginal token cost is kept (verify_policy's
+                    `choose_candidates`), and
                     the policy picks each kept draft's verify length from its confidences and
                     the profile; a structured request's draft is then cut at the first token its
                     grammar rejects (after the policy: the policy's choice must not depend on
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from scheduler.drafter import DraftProposal, DraftRequest, Proposer
 from scheduler.plan import ScheduledRequest, StepPlan, StepResult
 from scheduler.stats import DrafterStepStats
+from scheduler.verify_policy import choose_candidates
 
 if TYPE_CHECKING:
     from scheduler.acceptance import OnlineAcceptanceEstimator
@@ -69,10 +71,6 @@ class Candidate:
     # Prefix survival the choice between drafters may read: everything for deterministic drafts;
     # for sampled ones only what is known before the first draft is drawn (see choose_candidates).
     selection_survival: list[float] = field(default_factory=list)
-
-    @property
-    def value(self) -> float:
-        return sum(self.selection_survival)
 
 
 @dataclass
@@ -162,11 +160,17 @@ class Speculator:
         num_sampling = sum(1 for s in plan.scheduled if s.samples)
         per_request: list[list[Candidate]] = [[] for _ in requests]
         for di, d in enumerate(self.drafters):
-            self._draft_with(di, d, requests, limits, per_request, plan.num_tokens, num_sampling, step)
+            self._draft_with(
+                di, d, requests, limits, per_request, plan.num_tokens, num_sampling, step
+            )
         if not any(st.num_asked for st in step.per_drafter):
             step.skipped = any(st.skipped for st in step.per_drafter)
             return step
-        chosen = choose_candidates(per_request, self._token_cost(plan.num_tokens, num_sampling))
+        picks = choose_candidates(
+            [[c.selection_survival for c in cands] for cands in per_request],
+            self._token_cost(plan.num_tokens, num_sampling),
+        )
+        chosen = [None if k is None else cands[k] for cands, k in zip(per_request, picks)]
         offered = [c for c in chosen if c is not None]
         confidences = [c.confidences for c in offered]
         lengths = iter(self.policy.choose(confidences, plan.num_tokens, num_sampling))
@@ -216,7 +220,10 @@ class Speculator:
             usual = d.gate.means.accepted if d.gate.means is not None else float("inf")
             # Where an earlier (cheaper) candidate already expects what d usually brings, d
             # would only add its drafting time.
-            asked = [i for i in asked if max((c.value for c in per_request[i]), default=-1) < usual]
+            asked = [
+                i for i in asked
+                if max((sum(c.selection_survival) for c in per_request[i]), default=-1) < usual
+            ]
             if not asked:
                 return
             if not d.gate.should_draft(len(asked), num_base_tokens, num_sampling):
@@ -326,35 +333,6 @@ class Speculator:
             if hidden is not None and hidden.shape[0] and not s.req.is_finished:
                 for proposer in readers:
                     proposer.observe(s.req.req_id, s.start_pos, hidden)
-
-
-def choose_candidates(
-    per_request: Sequence[Sequence[Candidate]], token_cost: float
-) -> list[Candidate | None]:
-    """Per request, the candidate worth the most expected tokens net of their verify cost:
-
-        value(c) = max over l of  sum_{j < l} (a_j - token_cost)
-
-    with a the candidate's selection survival and token_cost what one more verified token costs
-    in emitted tokens (R x (T(B+1)/T(B) - 1)). Ties go to the earlier drafter (listed first,
-    the cheap one). The policy then picks the kept draft's verify length from its own
-    confidences, so this rule only ranks drafters, it never trims drafts.
-
-    Exactness: a sampled draft's later confidences read the drafts before them, so the rule
-    sees only its selection survival (position 0's confidence, then the drafter's past rates);
-    what it reads of a deterministic draft is a function of the context. So which candidate is
-    kept never depends on the value of a sampled draft token.
-    """
-    out: list[Candidate | None] = []
-    for cands in per_request:
-        best, best_value = None, float("-inf")
-        for c in cands:
-            net = list(accumulate(a - token_cost for a in c.selection_survival))
-            v = max([0.0, *net])
-            if v > best_value:
-                best, best_value = c, v
-        out.append(best)
-    return out
 
 
 def _draft_features(proposal: DraftProposal, i: int, k: int) -> list[Hashable]:

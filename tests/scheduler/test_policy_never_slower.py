@@ -182,7 +182,7 @@ DRAFTERS = ["ngram", "suffix", "model", "suffix+model"]
 @pytest.mark.parametrize("drafter", DRAFTERS)
 def test_dspark_is_never_slower_than_fixed_at_one_user(drafter: str) -> None:
     model_cost = (0.004, 0.001)  # a model drafter costs a quarter of a decode step
-    run = lambda policy: serve(drafter, policy, 1, idle, model_cost, 4, 120)  # noqa: E731
+    run = lambda policy: serve(drafter, policy, 1, idle, model_cost, 4, 120)
     none, fixed, dspark = run("none"), run("fixed"), run("dspark")
     assert fixed > 1.3 * none  # drafting pays here: the comparison means something
     assert dspark >= 0.98 * fixed, (none, fixed, dspark)
@@ -191,7 +191,7 @@ def test_dspark_is_never_slower_than_fixed_at_one_user(drafter: str) -> None:
 @pytest.mark.parametrize("drafter", DRAFTERS)
 def test_dspark_is_never_slower_than_none_at_saturation(drafter: str) -> None:
     model_cost = (0.004, 0.002)
-    run = lambda policy: serve(drafter, policy, 16, saturated, model_cost, 32, 48)  # noqa: E731
+    run = lambda policy: serve(drafter, policy, 16, saturated, model_cost, 32, 48)
     none, dspark = run("none"), run("dspark")
     # Probes of a losing drafter are budgeted at 2 % of the time (DraftGate.probe_share).
     assert dspark >= 0.97 * none, (none, dspark)
