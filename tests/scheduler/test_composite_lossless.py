@@ -1,6 +1,6 @@
 """The composite drafter, `--speculative suffix+dspark` built through the registry, on the real
-embedded model (float32): greedy output identical to no drafting, token for token, and sampled
-output that follows the target distribution (chi-square, as in test_sampling_exact.py).
+embedded model (float32): sampled output follows the target distribution (chi-square, as in
+test_sampling_exact.py). Greedy output identical to no drafting: test_spec_lossless.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from scheduler.runner import TorchModelRunner
 from scheduler.speculator import Drafter, Speculator
 from scheduler.verify_policy import build_policy
 from tests.scheduler.test_sampling_exact import ALPHA, chi_square_pvalue
-from tests.scheduler.test_spec_lossless import NEW_TOKENS, prompts, reference  # noqa: F401
 
 COMPOSITE = "suffix+dspark"
 
@@ -63,18 +62,6 @@ def run(engine: LLMEngine, requests: list[Request], stagger: int = 2):
     return outputs, per_drafter
 
 
-def test_composite_greedy_identical(target, prompts, reference):  # noqa: F811
-    engine = composite_engine(target, "dspark")
-    greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
-    opt_out = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, speculative=False)
-    requests = [Request(f"r{i}", p, opt_out if i == 3 else greedy) for i, p in enumerate(prompts)]
-    outputs, per_drafter = run(engine, requests)
-    assert [outputs[f"r{i}"] for i in range(len(prompts))] == reference
-    # Both drafters had drafts kept and verified, and the suffix lookup found the copied code.
-    assert per_drafter["suffix"]["accepted"] > 0
-    assert per_drafter["dspark"]["verified"] > 0
-
-
 def test_composite_sampling_follows_the_target(target):
     """Sampled requests on a prompt whose continuation the suffix lookup can copy and the DSpark
     draft can guess: token 3 given tokens 1 and 2 must follow the target's law. Token 1 is
@@ -89,14 +76,14 @@ def test_composite_sampling_follows_the_target(target):
         add_special_tokens=False,
     )
     blue, comma = (tok.encode(t, add_special_tokens=False)[0] for t in (" blue", ","))
-    n = 512
+    n = 256  # about 80 reach (blue, comma): enough bins to see a lean, at a few minutes of CPU
     engine = composite_engine(target, "dspark", num_slots=16, budget=512)
     requests = [Request(f"s{i}", prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=i))
                 for i in range(n)]
     outputs, per_drafter = run(engine, requests, stagger=1)
     assert per_drafter["suffix"]["verified"] > 0 and per_drafter["dspark"]["asked"] > 0
     third = [o[2] for o in outputs.values() if len(o) == 3 and o[:2] == [blue, comma]]
-    assert len(third) > 100  # P(blue, comma) is about 0.32
+    assert len(third) > 50  # P(blue, comma) is about 0.32
     with torch.inference_mode():
         logits = target.hf_model(torch.tensor([prompt + [blue, comma]])).logits[0, -1].double()
     p = torch.softmax(logits, dim=-1)
