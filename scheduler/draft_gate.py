@@ -7,34 +7,38 @@ drafter that is rarely accepted, drafting every step makes every user slower. Th
 before drafting, whether the last steps say it pays:
 
     plain   = R / T(B)                                   tokens per second without drafts
-    drafted = max((R + n * acc) / (T(B + n * ver) + n * d),    tokens per second with them,
-                  R / (T(B) + n * d))                          or with none of them verified
+    drafted = (R + n * acc) / (T(B + n * ver) + n * d)   tokens per second with them
 
 R: requests that emit a token this step, B: tokens the step processes anyway, n: requests that
 would draft, T: the throughput profile's step time, and per drafting request the running
 means of acc (accepted drafts), ver (verified drafts) and d (drafting seconds). It drafts when
-`drafted > plain`. The second term of the max: once drafts exist, the verify policy may still
-verify none of them, so what drafting can lose is its own time. The gate weighs drafting and
-the policy weighs verification; a gate that also charged the recent verification outcomes
-would skip a cheap drafter after a few unlucky rejections, which the policy had judged worth
-the risk.
+`drafted > plain`. The means are what drafted steps did under the verify policy, which weighs
+verification: where it declines a drafter's drafts (its estimator has learned that they fail)
+or the drafter found nothing to propose, ver and acc fall to 0 and drafting loses only its own
+time; where it verifies drafts that fail (its confidences are wrong for this drafter: no
+estimator, or one that has not learned yet), a drafted step pays for that verification too.
 
 Otherwise it skips, but not for ever: the means only move on steps that draft, so a gate that
 never drafts never learns that the text turned copyable or the load fell. It drafts anyway (a
 probe) once it has skipped `wait` steps in a row, where the wait is what makes probes cost
-about `probe_share` of the engine's time: a probe is expected to lose
+about `probe_share` of the engine's time: a probe is a drafted step, expected to lose
 `loss = 1 - drafted / plain` of a plain step, so
 
     wait = ceil(loss / probe_share) - 1      (at most max_probe_every)
 
 A drafter that costs nothing to ask (the suffix and n-gram lookups: microseconds against a
-step of milliseconds) loses almost nothing by drafting and is asked every step, whatever it
-found last time; a model drafter that loses a third of a step under load probes every ~16
-steps at the default 2 %. (The first version waited 16 steps and doubled the wait after every
-probe that left the verdict at "skip", up to 256, for every drafter alike. An n-gram drafter
-that found no match in its first decode steps then drafted in 10 of 313 steps of a
-context-copying answer: 1.1x over no drafting where verifying every draft gave 1.96x;
-docs/scheduling.md has the measurement.)
+step of milliseconds) and whose drafts the policy does not verify in vain loses almost
+nothing by drafting and is asked every step; a drafter whose drafts are verified and
+rejected probes as rarely as that verification makes necessary; a model drafter that loses a
+third of a step under load probes every ~16 steps at the default 2 %. (The first version
+waited 16 steps and doubled the wait after every probe that left the verdict at "skip", up to
+256, for every drafter alike. An n-gram drafter that found no match in its first decode steps
+then drafted in 10 of 313 steps of a context-copying answer: 1.1x over no drafting where
+verifying every draft gave 1.96x; docs/scheduling.md has the measurement. The next version
+took `drafted` as the larger of the above and R / (T(B) + n * d), as if the policy verified
+none of the drafts. That term is below `plain` whenever d > 0, so it never turned a verdict;
+it only shrank the loss that spaces the probes to the drafting time alone, and a drafter of
+random tokens, all verified and all rejected, was probed every step: never skipped.)
 
 Lossless: the decision depends only on earlier steps, never on drafts of this one.
 
@@ -87,12 +91,8 @@ class DraftGate:
         plain = num_sampling / t_plain
         verify_tokens = num_base_tokens + round(n * m.verified)
         t_verified = 1.0 / self.profile.steps_per_second(verify_tokens)
-        # Drafting buys the verify policy a choice; verifying nothing stays open to it, so
-        # drafting loses at most its own time (the policy weighs verification).
-        drafted = max(
-            (num_sampling + n * m.accepted) / (t_verified + n * m.draft_s),
-            num_sampling / (t_plain + n * m.draft_s),
-        )
+        # What drafted steps did: the drafting time and the verification the policy chose.
+        drafted = (num_sampling + n * m.accepted) / (t_verified + n * m.draft_s)
         if drafted > plain:
             return self._draft()
         loss = 1.0 - drafted / plain
