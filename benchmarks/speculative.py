@@ -5,7 +5,10 @@ streams busy (closed loop) with greedy requests and reports per-user tokens/s (o
 over each request's own latency, averaged), aggregate tokens/s, and the mean accepted length
 (tokens per verification round, bonus included). The last line printed is one JSON object.
 
-  # issue: n-gram vs none on prompts that repeat their context
+  # issue 19: none, suffix, dspark and the composite on four prompt sets
+  python benchmarks/speculative.py --configs none,suffix:dspark,dspark:dspark,suffix+dspark:dspark \\
+      --prompts copy,mt_bench,gsm8k,humaneval --concurrency 1,16
+  # n-gram vs none on prompts that repeat their context
   python benchmarks/speculative.py --configs none,ngram:fixed --prompts repeat --concurrency 1,16
   # issue: none vs fixed k=7 vs dspark scheduling
   python benchmarks/speculative.py --configs none,dspark:fixed,dspark:dspark --concurrency 1,4,16,32
@@ -43,31 +46,83 @@ def repeat_prompts() -> list[str]:
     return out
 
 
-def chat_prompts() -> list[str]:
+def copy_prompts() -> list[str]:
+    """Answers that copy their context, as in RAG and summaries: alpaca items that come with an
+    input text, asked in turn to follow their own instruction on it, to rewrite it, and to answer
+    from it (quoting it). Items are taken in file order, so the set is the same on every run."""
+    with open(DATA / "alpaca" / "alpaca_5000.json") as f:
+        items = [r for r in json.load(f) if len(r.get("input", "")) >= 200][:48]
+    out = []
+    for i, r in enumerate(items):
+        text, task = r["input"], r["instruction"]
+        if i % 3 == 0:
+            out.append(f"{task}\n\n{text}")
+        elif i % 3 == 1:
+            out.append(f"Rewrite the following text in clear, plain English, keeping every fact "
+                       f"and every name:\n\n{text}")
+        else:
+            out.append(f"Answer from the text below, quoting it where you can.\n\nText: {text}"
+                       f"\n\nQuestion: {task}")
+    return out
+
+
+def mt_bench_prompts() -> list[str]:
     with open(DATA / "mt_bench" / "question.jsonl") as f:
-        mt = [json.loads(line)["turns"][0] for line in f]
+        return [json.loads(line)["turns"][0] for line in f]
+
+
+def gsm8k_prompts() -> list[str]:
     with open(DATA / "gsm8k" / "test.jsonl") as f:
-        gsm = [json.loads(line)["question"] for line in f][:40]
-    return [p for pair in zip(mt, gsm) for p in pair]
+        return [json.loads(line)["question"] for line in f][:80]
 
 
-def run(engine, prompts: list[list[int]], concurrency: int, num_requests: int, max_tokens: int) -> dict:
+def humaneval_prompts() -> list[str]:
+    with gzip.open(DATA / "humaneval" / "HumanEval.jsonl.gz", "rt") as f:
+        return [f"Complete this function:\n\n{json.loads(line)['prompt']}" for line in f][:80]
+
+
+def chat_prompts() -> list[str]:
+    return [p for pair in zip(mt_bench_prompts(), gsm8k_prompts()) for p in pair]
+
+
+PROMPT_SETS = {
+    "repeat": repeat_prompts,
+    "chat": chat_prompts,  # MT-bench and GSM8K interleaved
+    "mt_bench": mt_bench_prompts,
+    "gsm8k": gsm8k_prompts,
+    "humaneval": humaneval_prompts,
+    "copy": copy_prompts,
+}
+
+
+def run(
+    engine, prompts: list[list[int]], concurrency: int, num_requests: int, max_tokens: int,
+    first: int = 0,
+) -> dict:
+    """Closed loop over prompts[first:first + num_requests] (wrapping around). Distinct prompts
+    per run matter: greedy answers to a repeated prompt repeat exactly, which the suffix
+    drafter's global index would copy whole."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     started: dict[str, float] = {}
     tokens: dict[str, int] = {}
     latency: dict[str, float] = {}
     drafts = accepted = 0
+    kept: dict[str, int] = {}  # per drafter: request-steps whose kept draft was its
     next_i = 0
     t0 = time.perf_counter()
     while len(latency) < num_requests:
         while next_i < num_requests and len(started) - len(latency) < concurrency:
-            req_id = f"b{next_i}"
-            engine.add_request(Request(req_id, prompts[next_i % len(prompts)], params))
+            req_id = f"b{first + next_i}"
+            engine.add_request(Request(req_id, prompts[(first + next_i) % len(prompts)], params))
             started[req_id], tokens[req_id] = time.perf_counter(), 0
             next_i += 1
         stepped = engine.step()
         now = time.perf_counter()
-        for out in stepped[0] if stepped else []:
+        if not stepped:
+            continue
+        for d in stepped[1].drafters:
+            kept[d.name] = kept.get(d.name, 0) + d.num_drafts
+        for out in stepped[0]:
             tokens[out.req_id] += len(out.new_token_ids)
             if out.finished:
                 latency[out.req_id] = now - started[out.req_id]
@@ -83,16 +138,20 @@ def run(engine, prompts: list[list[int]], concurrency: int, num_requests: int, m
         "per_user_tok_s": sum(per_user) / len(per_user),
         "aggregate_tok_s": sum(tokens.values()) / wall,
         "mean_accepted_length": 1 + accepted / drafts if drafts else 1.0,
+        "verified_drafts_by_drafter": kept,
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="none,ngram:fixed", help="drafter[:policy] list")
+    ap.add_argument("--configs", default="none,ngram:fixed",
+                    help="drafter[:policy] list; a composite joins drafters with '+'")
     ap.add_argument("--concurrency", default="1,16")
-    ap.add_argument("--prompts", choices=["repeat", "chat"], default="repeat")
+    ap.add_argument("--prompts", default="repeat",
+                    help=f"comma-separated prompt sets: {', '.join(sorted(PROMPT_SETS))}")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--requests-per-stream", type=int, default=2)
+    ap.add_argument("--min-requests", type=int, default=6, help="at least this many per run")
     ap.add_argument("--k", type=int, default=7)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--weights", default="auto", help="auto | gguf | dense (as the server's flag)")
@@ -102,33 +161,45 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     loaded = load_target(device="cpu", dtype=args.dtype, weights=args.weights)
     tok = loaded.tokenizer
-    texts = repeat_prompts() if args.prompts == "repeat" else chat_prompts()
-    prompts = [
-        tok.encode(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                           tokenize=False), add_special_tokens=False)
-        for t in texts
-    ]
+    sets = {}
+    for name in args.prompts.split(","):
+        sets[name] = [
+            tok.encode(tok.apply_chat_template([{"role": "user", "content": t}],
+                                               add_generation_prompt=True, tokenize=False),
+                       add_special_tokens=False)
+            for t in PROMPT_SETS[name]()
+        ]
     levels = [int(c) for c in args.concurrency.split(",")]
-    results = []
-    for spec in args.configs.split(","):
+    specs = args.configs.split(",")
+    engines = {}
+    for spec in specs:  # all engines first, then runs interleaved: load drifts hit all alike
         drafter, _, policy = spec.partition(":")
         config = EngineConfig(
             speculative=drafter, verify_policy=policy or "fixed", num_speculative_tokens=args.k,
-            max_num_seqs=max(levels), max_model_len=1024, max_num_batched_tokens=max(512, max(levels) * (args.k + 1)),
-            dtype=args.dtype, weights=args.weights,
+            max_num_seqs=max(levels), max_model_len=1024,
+            max_num_batched_tokens=max(512, max(levels) * (args.k + 1)), dtype=args.dtype,
+            weights=args.weights,
         )
-        engine = assemble_engine(loaded, config)
-        run(engine, prompts[:1], 1, 1, 8)  # warm-up
+        engines[spec] = assemble_engine(loaded, config)
+        run(engines[spec], [[1, 2, 3, 4]], 1, 1, 8)  # warm-up, on a prompt of no set
+    results = []
+    for set_name, prompts in sets.items():
+        first = 0
         for c in levels:
-            r = run(engine, prompts, c, max(2, c * args.requests_per_stream), args.max_tokens)
-            r["config"] = spec
-            results.append(r)
-            print(f"{spec:>16} c={c:2d}: per-user {r['per_user_tok_s']:6.1f} tok/s  aggregate "
-                  f"{r['aggregate_tok_s']:6.1f} tok/s  tau {r['mean_accepted_length']:.2f}", flush=True)
-    base = {r["concurrency"]: r for r in results if r["config"] == "none"}
+            n = max(args.min_requests, c * args.requests_per_stream)
+            for spec in specs:
+                r = run(engines[spec], prompts, c, n, args.max_tokens, first)
+                r["config"], r["prompts"] = spec, set_name
+                results.append(r)
+                print(f"{set_name:>9} {spec:>20} c={c:2d}: per-user {r['per_user_tok_s']:6.1f} "
+                      f"tok/s  aggregate {r['aggregate_tok_s']:6.1f} tok/s  "
+                      f"tau {r['mean_accepted_length']:.2f}  {r['verified_drafts_by_drafter']}",
+                      flush=True)
+            first += n
+    base = {(r["prompts"], r["concurrency"]): r for r in results if r["config"] == "none"}
     for r in results:
-        if r["concurrency"] in base:
-            b = base[r["concurrency"]]
+        b = base.get((r["prompts"], r["concurrency"]))
+        if b is not None:
             r["per_user_speedup_vs_none"] = r["per_user_tok_s"] / b["per_user_tok_s"]
             r["aggregate_speedup_vs_none"] = r["aggregate_tok_s"] / b["aggregate_tok_s"]
     print(json.dumps({"prompts": args.prompts, "max_tokens": args.max_tokens, "k": args.k,

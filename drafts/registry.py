@@ -67,12 +67,26 @@ def _ngram(target: Any, checkpoint: str | None, k: int) -> Proposer:
     return NgramProposer(k)
 
 
+def _suffix(target: Any, checkpoint: str | None, k: int) -> Proposer:
+    from drafts.suffix import SuffixProposer
+
+    return SuffixProposer(k)
+
+
 _TRAINED = "drafts.proposer:load_trained_proposer"
 _DSPARK_MODEL, _DSPARK_PROPOSER = "drafts.dspark:DSparkModel", "drafts.proposer:DSparkProposer"
 
 # In this order in --help, `drafts.train` and its results table.
 _BUILTIN = (
-    DrafterSpec("ngram", "prompt lookup: continues an n-gram seen earlier (no model)", _ngram),
+    DrafterSpec(
+        "suffix",
+        "suffix lookup: most frequent continuation of the longest match in the request or in "
+        "recent responses (no model)",
+        _suffix,
+    ),
+    DrafterSpec(
+        "ngram", "prompt lookup: the suffix drafter within the request, 2-4 token matches", _ngram
+    ),
     DrafterSpec(
         "eagle3",
         "EAGLE-3 head: one layer over fused target features, drafting token by token",
@@ -131,8 +145,24 @@ def describe(names: list[str] | None = None) -> str:
 
 def get(name: str) -> DrafterSpec:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown drafter {name!r}; choose one of {', '.join(available())}")
+        raise ValueError(
+            f"unknown drafter {name!r}; choose one of {', '.join(available())}, or several "
+            "joined by '+' (suffix+dspark)"
+        )
     return _REGISTRY[name]
+
+
+def split(name: str) -> list[str]:
+    """The drafters of `--speculative NAME`: one, or several joined by '+' (a composite, in
+    the order given: the cheap lookups first, so the model drafts only where they fall short).
+    """
+    names = [n.strip() for n in name.split("+")]
+    if len(names) > 1 and ("none" in names or len(set(names)) < len(names)):
+        raise ValueError(f"a composite drafter lists distinct drafters, not 'none': {name!r}")
+    for n in names:
+        if n != "none":
+            get(n)
+    return names
 
 
 def register(spec: DrafterSpec) -> None:
@@ -149,8 +179,25 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
+def build_proposers(
+    name: str, target: Any, checkpoint: str | None, k: int
+) -> list[tuple[str, Proposer]]:
+    """(name, proposer) per drafter of `--speculative NAME` ('+' joins several); empty when
+    nothing is drafted. A checkpoint goes to the drafter that has a model."""
+    names = split(name)
+    if names == ["none"] or k == 0:
+        return []
+    out = []
+    for n in names:
+        ckpt = checkpoint if get(n).model is not None or len(names) == 1 else None
+        proposer = build_proposer(n, target, ckpt, k)
+        assert proposer is not None
+        out.append((n, proposer))
+    return out
+
+
 def build_proposer(name: str, target: Any, checkpoint: str | None, k: int) -> Proposer | None:
-    """The engine proposer for `--speculative NAME`; None when nothing is drafted."""
+    """The engine proposer for one drafter; None when nothing is drafted."""
     if name == "none" or k == 0:
         return None
     spec = get(name)

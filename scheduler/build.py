@@ -25,35 +25,45 @@ log = logging.getLogger(__name__)
 
 
 def drafter_names() -> list[str]:
-    """Names `--speculative` accepts ("none" first); reading them loads no drafter code."""
+    """Names `--speculative` accepts ("none" first; several joined by '+' make a composite);
+    reading them loads no drafter code."""
     from drafts.registry import available
 
     return available()
 
 
-def build_proposer(config: EngineConfig, target: Any) -> Proposer | None:
-    """The configured drafter around the target's HF model (None: no drafting)."""
-    from drafts.registry import build_proposer as build
+def build_proposers(config: EngineConfig, target: Any) -> list[tuple[str, Proposer]]:
+    """The configured drafters around the target's HF model (empty: no drafting)."""
+    from drafts.registry import build_proposers as build
 
     return build(
         config.speculative, target, config.draft_checkpoint, config.num_speculative_tokens
     )
 
 
-def build_speculator(config: EngineConfig, proposer: Proposer | None) -> Speculator | None:
-    """Proposer + verify policy + online acceptance estimator, plus the throughput profile and
-    the draft gate when the policy weighs cost."""
-    if proposer is None:
+def build_speculator(
+    config: EngineConfig, proposers: list[tuple[str, Proposer]]
+) -> Speculator | None:
+    """Drafters (each with its online acceptance estimator, and a draft gate when the policy
+    weighs cost) + the verify policy + the throughput profile."""
+    if not proposers:
         return None
     from scheduler.acceptance import OnlineAcceptanceEstimator
     from scheduler.draft_gate import DraftGate
     from scheduler.profiler import ThroughputProfile
+    from scheduler.speculator import Drafter
     from scheduler.verify_policy import build_policy
 
     profile = ThroughputProfile(config.max_num_batched_tokens)
     policy = build_policy(config.verify_policy, config.num_speculative_tokens, profile)
-    gate = DraftGate(profile) if policy.uses_profile else None
-    return Speculator(proposer, policy, OnlineAcceptanceEstimator(), profile, gate)
+    drafters = [
+        Drafter(
+            name, proposer, OnlineAcceptanceEstimator(),
+            DraftGate(profile) if policy.uses_profile else None,
+        )
+        for name, proposer in proposers
+    ]
+    return Speculator(drafters, policy, profile=profile)
 
 
 def build_engine(config: EngineConfig) -> LLMEngine:
@@ -70,7 +80,7 @@ def assemble_engine(loaded: LoadedModel, config: EngineConfig) -> LLMEngine:
     """An engine around an already loaded target (benchmarks build several per model)."""
     from scheduler.runner import TorchModelRunner
 
-    speculator = build_speculator(config, build_proposer(config, loaded.hf_model))
+    speculator = build_speculator(config, build_proposers(config, loaded.hf_model))
     runner = TorchModelRunner(
         loaded.hf_model,
         num_slots=config.max_num_seqs,
@@ -177,5 +187,5 @@ def _build_fake(config: EngineConfig) -> LLMEngine:
     fake_ids = tokenizer.encode(FAKE_TEXT, add_special_tokens=False)
     eos = tokenizer.eos_token_id
     model = ServedModel("fake", tokenizer, frozenset({eos}))
-    speculator = build_speculator(config, build_proposer(config, None))
+    speculator = build_speculator(config, build_proposers(config, None))
     return LLMEngine(FakeRunner(fake_ids, eos), _batcher(config), model, speculator)

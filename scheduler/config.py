@@ -50,7 +50,12 @@ class EngineConfig:
     max_num_batched_tokens: int = _option(
         512, "token budget of one engine step (prefill chunks + decode + drafts)"
     )
-    speculative: str = _option("ngram", "drafter that proposes tokens for the target to verify")
+    speculative: str = _option(
+        "ngram",
+        "drafter that proposes tokens for the target to verify; several joined by '+' "
+        "(suffix+dspark) are a composite that keeps, per request and step, the draft worth "
+        "the most",
+    )
     num_speculative_tokens: int = _option(7, "draft tokens proposed per request per step (gamma)")
     verify_policy: str = _option(
         "dspark", "how many drafts to verify: none | fixed | dspark | dspark-production"

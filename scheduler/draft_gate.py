@@ -12,11 +12,33 @@ before drafting, whether the last steps say it pays:
 R: requests that emit a token this step, B: tokens the step processes anyway, n: requests that
 would draft, T: the throughput profile's step time, and per drafting request the running
 means of acc (accepted drafts), ver (verified drafts) and d (drafting seconds). It drafts when
-`drafted > plain`, and in any case after `probe_every` skipped steps, so the means follow a
-change in load or in the text being written. Each probe that leaves the verdict at "skip"
-doubles that wait (up to `max_probe_every`), and a verdict of "draft" resets it: a probe
-costs a drafted step that is expected to lose, and with a drafter that keeps losing under
-load that cost should shrink rather than stay fixed (docs/benchmarks.md has the measurement).
+`drafted > plain`. The means are what drafted steps did under the verify policy, which weighs
+verification: where it declines a drafter's drafts (its estimator has learned that they fail)
+or the drafter found nothing to propose, ver and acc fall to 0 and drafting loses only its own
+time; where it verifies drafts that fail (its confidences are wrong for this drafter: no
+estimator, or one that has not learned yet), a drafted step pays for that verification too.
+
+Otherwise it skips, but not for ever: the means only move on steps that draft, so a gate that
+never drafts never learns that the text turned copyable or the load fell. It drafts anyway (a
+probe) once it has skipped `wait` steps in a row, where the wait is what makes probes cost
+about `probe_share` of the engine's time: a probe is a drafted step, expected to lose
+`loss = 1 - drafted / plain` of a plain step, so
+
+    wait = ceil(loss / probe_share) - 1      (at most max_probe_every)
+
+A drafter that costs nothing to ask (the suffix and n-gram lookups: microseconds against a
+step of milliseconds) and whose drafts the policy does not verify in vain loses almost
+nothing by drafting and is asked every step; a drafter whose drafts are verified and
+rejected probes as rarely as that verification makes necessary; a model drafter that loses a
+third of a step under load probes every ~16 steps at the default 2 %. (The first version
+waited 16 steps and doubled the wait after every probe that left the verdict at "skip", up to
+256, for every drafter alike. An n-gram drafter that found no match in its first decode steps
+then drafted in 10 of 313 steps of a context-copying answer: 1.1x over no drafting where
+verifying every draft gave 1.96x; docs/scheduling.md has the measurement. The next version
+took `drafted` as the larger of the above and R / (T(B) + n * d), as if the policy verified
+none of the drafts. That term is below `plain` whenever d > 0, so it never turned a verdict;
+it only shrank the loss that spaces the probes to the drafting time alone, and a drafter of
+random tokens, all verified and all rejected, was probed every step: never skipped.)
 
 Lossless: the decision depends only on earlier steps, never on drafts of this one.
 
@@ -25,6 +47,7 @@ Pure Python: no torch, no I/O.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from scheduler.profiler import StepThroughput
@@ -43,18 +66,20 @@ class DraftGate:
     def __init__(
         self,
         profile: StepThroughput,
-        probe_every: int = 16,
+        probe_share: float = 0.02,
         ema: float = 0.2,
         max_probe_every: int = 256,
     ) -> None:
+        if not 0 < probe_share <= 1 or max_probe_every < 0:
+            raise ValueError("need 0 < probe_share <= 1 and max_probe_every >= 0")
         self.profile = profile
-        self.probe_every = probe_every
-        self.max_probe_every = max(max_probe_every, probe_every)
-        self.probe_interval = probe_every  # skipped steps before the next probe
+        self.probe_share = probe_share
+        self.max_probe_every = max_probe_every
         self.ema = ema
         self.means: PerRequest | None = None
         self.skipped_in_a_row = 0
         self.num_skipped = 0  # steps that did not draft, since start
+        self.probe_wait = 0  # skipped steps before the next probe, from the last verdict
 
     def should_draft(self, num_candidates: int, num_base_tokens: int, num_sampling: int) -> bool:
         if num_candidates == 0:
@@ -62,14 +87,17 @@ class DraftGate:
         if self.means is None or num_sampling < 1:
             return self._draft()
         m, n = self.means, num_candidates
-        plain = num_sampling * self.profile.steps_per_second(num_base_tokens)
+        t_plain = 1.0 / self.profile.steps_per_second(num_base_tokens)
+        plain = num_sampling / t_plain
         verify_tokens = num_base_tokens + round(n * m.verified)
-        t_drafted = 1.0 / self.profile.steps_per_second(verify_tokens) + n * m.draft_s
-        if (num_sampling + n * m.accepted) / t_drafted > plain:
-            self.probe_interval = self.probe_every
+        t_verified = 1.0 / self.profile.steps_per_second(verify_tokens)
+        # What drafted steps did: the drafting time and the verification the policy chose.
+        drafted = (num_sampling + n * m.accepted) / (t_verified + n * m.draft_s)
+        if drafted > plain:
             return self._draft()
-        if self.skipped_in_a_row >= self.probe_interval:
-            self.probe_interval = min(2 * self.probe_interval, self.max_probe_every)
+        loss = 1.0 - drafted / plain
+        self.probe_wait = min(math.ceil(loss / self.probe_share) - 1, self.max_probe_every)
+        if self.skipped_in_a_row >= self.probe_wait:
             return self._draft()
         self.skipped_in_a_row += 1
         self.num_skipped += 1

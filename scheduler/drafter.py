@@ -14,7 +14,7 @@ temperature 0) return None: the verifier treats them as one-hot.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -32,6 +32,7 @@ class DraftRequest:
     token_ids: Sequence[int]  # committed tokens, prompt + output; the last one is the anchor
     params: SamplingParams
     num_draft_tokens: int  # how many to propose (the proposer may return fewer)
+    num_prompt_tokens: int | None = None  # token_ids[:num_prompt_tokens] is the prompt
 
 
 @dataclass(slots=True)
@@ -44,6 +45,11 @@ class DraftProposal:
     probs: list[torch.Tensor | None] | None = None
     # Per request, per position: P(draft j accepted | drafts < j accepted). None: no estimate.
     confidences: list[list[float]] | None = None
+    # Per request, per position: what the online acceptance estimator conditions on, for
+    # drafters that know more about their drafts than the draft distribution says (the suffix
+    # drafter: match length, support). Hashable cell keys (scheduler/acceptance.py). None: the
+    # estimator reads the draft distribution's top probability instead.
+    features: list[list[Hashable]] | None = None
 
 
 class Proposer(Protocol):

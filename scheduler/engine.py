@@ -156,6 +156,8 @@ class LLMEngine:
             realised_per_position=spec.realised_per_position,
             count_per_position=spec.count_per_position,
             profile=self.speculator.profile_table() if self.speculator is not None else [],
+            drafters=spec.per_drafter,
+            draft_memory=self.speculator.memory() if self.speculator is not None else {},
         )
 
     def generate(

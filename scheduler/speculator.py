@@ -1,18 +1,24 @@
-"""Speculation in one object: the drafter, the verify policy, the acceptance estimator, the draft
-gate and the throughput profile, owned by the engine as a `Speculator`.
+"""Speculation in one object: the drafters, the verify policy, the acceptance estimators, the
+draft gates and the throughput profile, owned by the engine as a `Speculator`.
 
 One engine step, from speculation's side:
 
-    attach(plan)    the gate decides whether drafting may pay; decoding requests get drafts from
-                    the proposer; the policy picks each one's verify length from the drafts'
-                    confidences (the drafter's own, or the online estimator's) and the profile;
-                    a structured request's draft is then cut at the first token its grammar
-                    rejects (after the policy: the policy's choice must not depend on the
-                    drafted tokens' values, see docs/scheduling.md)
+    attach(plan)    decoding requests get candidate drafts from each configured drafter, in the
+                    configured order (cheap lookups first): a drafter with a gate drafts, in one
+                    batched call, only for the requests where no earlier candidate is already
+                    worth what it usually brings, and only when its gate says drafting them may
+                    pay; each candidate gets per-position confidences (the drafter's own, or
+                    its online estimator's); per request the candidate worth the most expected
+                    tokens at the step's marginal token cost is kept (verify_policy's
+                    `choose_candidates`), and
+                    the policy picks each kept draft's verify length from its confidences and
+                    the profile; a structured request's draft is then cut at the first token its
+                    grammar rejects (after the policy: the policy's choice must not depend on
+                    the drafted tokens' values, see docs/scheduling.md)
     (the engine runs the target forward and update())
-    record(...)     acceptance per position for stats, the estimator and the gate learn the
-                    outcomes, the profile learns the step time, the proposer gets the target
-                    features of the positions committed this step
+    record(...)     acceptance per position for stats, each drafter's estimator and gate learn
+                    the outcomes of its own drafts, the profile learns the step time, the
+                    proposers get the target features of the positions committed this step
 
 Only requests that are decoding (one new token: the anchor) draft; a request whose prompt
 finishes prefilling this step samples its first token plainly, because model-based drafters
@@ -24,14 +30,16 @@ Torch is not imported here: draft probabilities and features pass through as opa
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from operator import mul
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scheduler.drafter import DraftProposal, DraftRequest, Proposer
 from scheduler.plan import ScheduledRequest, StepPlan, StepResult
+from scheduler.stats import DrafterStepStats
+from scheduler.verify_policy import choose_candidates
 
 if TYPE_CHECKING:
     from scheduler.acceptance import OnlineAcceptanceEstimator
@@ -42,15 +50,40 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class SpeculationStep:
-    """What drafting did this step, for stats and for the online acceptance estimator."""
+class Drafter:
+    """One configured drafter and what learns about it."""
 
-    # (request, estimator features) per request that verifies drafts this step
-    drafted: list[tuple[ScheduledRequest, list[float | None]]] = field(default_factory=list)
+    name: str
+    proposer: Proposer
+    estimator: OnlineAcceptanceEstimator | None = None  # its drafts' outcomes, per position
+    gate: DraftGate | None = None  # whether drafting may pay this step
+
+
+@dataclass
+class Candidate:
+    """One drafter's draft for one request this step."""
+
+    drafter: int  # index into Speculator.drafters
+    token_ids: list[int]
+    probs: Any  # [k, vocab] tensor the drafts were sampled from, or None (deterministic)
+    confidences: list[float]  # P(draft j accepted | drafts before j accepted)
+    features: list[Hashable]  # what the drafter's estimator conditions on
+    # Prefix survival the choice between drafters may read: everything for deterministic drafts;
+    # for sampled ones only what is known before the first draft is drawn (see choose_candidates).
+    selection_survival: list[float] = field(default_factory=list)
+
+
+@dataclass
+class SpeculationStep:
+    """What drafting did this step, for stats and for the online acceptance estimators."""
+
+    # (request, drafter index, estimator features) per request that verifies drafts this step
+    drafted: list[tuple[ScheduledRequest, int, list[Hashable]]] = field(default_factory=list)
     num_candidates: int = 0  # decoding requests that could draft this step
-    skipped: bool = False  # the draft gate said no: nobody drafted
+    skipped: bool = False  # the draft gates said no: nobody drafted
     num_proposed: int = 0
     draft_time_s: float = 0.0
+    per_drafter: list[DrafterStepStats] = field(default_factory=list)
     # Filled by Speculator.record():
     num_drafts: int = 0
     num_draft_tokens: int = 0
@@ -65,126 +98,220 @@ class SpeculationStep:
 class Speculator:
     def __init__(
         self,
-        proposer: Proposer,
+        proposer: Proposer | Sequence[Drafter],
         policy: VerifyPolicy,
         estimator: OnlineAcceptanceEstimator | None = None,
         profile: ThroughputProfile | None = None,  # kept current from real step times
         gate: DraftGate | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self.proposer = proposer
+        """One proposer (with its estimator and gate), or several Drafters: a composite."""
+        if isinstance(proposer, Sequence):
+            self.drafters = list(proposer)
+        else:
+            self.drafters = [Drafter("draft", proposer, estimator, gate)]
+        if not self.drafters:
+            raise ValueError("a Speculator needs at least one drafter")
+        needs_features = {tuple(d.proposer.aux_layer_ids) for d in self.drafters} - {()}
+        if len(needs_features) > 1:
+            raise ValueError("drafters that read different target layers cannot be combined")
+        self._aux_layer_ids = needs_features.pop() if needs_features else ()
         self.policy = policy
-        self.estimator = estimator
         self.profile = profile
-        self.gate = gate
+        self.clock = clock
 
     @property
     def aux_layer_ids(self) -> tuple[int, ...]:
-        """Target layers whose outputs the proposer reads (the runner returns them)."""
-        return tuple(self.proposer.aux_layer_ids)
+        """Target layers whose outputs the proposers read (the runner returns them)."""
+        return self._aux_layer_ids
 
     @property
     def max_draft_tokens(self) -> int:
-        return self.proposer.max_draft_tokens
+        return max(d.proposer.max_draft_tokens for d in self.drafters)
 
     def profile_table(self) -> list[tuple[int, float]]:
         return self.profile.table() if self.profile is not None else []
 
+    def memory(self) -> dict[str, int]:
+        """Index sizes of drafters that keep one (the suffix drafter), for /metrics."""
+        out: dict[str, int] = {}
+        for d in self.drafters:
+            report = getattr(d.proposer, "memory", None)
+            if report is not None:
+                out.update({f"{d.name}_{k}": v for k, v in report().items()})
+        return out
+
     # -- before the forward ---------------------------------------------------------------
     def attach(self, plan: StepPlan, batcher: ContinuousBatcher) -> SpeculationStep:
         """Draft for the plan's decoding requests and attach each one's verified prefix."""
-        t0 = time.perf_counter()
-        step = SpeculationStep()
-        candidates, limits = [], []
+        t0 = self.clock()
+        step = SpeculationStep(per_drafter=[DrafterStepStats(d.name) for d in self.drafters])
+        requests, limits = [], []
         for s in plan.scheduled:
             if not (s.is_decoding and s.req.params.speculative):
                 continue
             k = min(self.max_draft_tokens, batcher.max_draft_tokens(s))
             if k > 0:
-                candidates.append(s)
+                requests.append(s)
                 limits.append(k)
-        if not candidates:
+        if not requests:
             return step
-        step.num_candidates = len(candidates)
+        step.num_candidates = len(requests)
         num_sampling = sum(1 for s in plan.scheduled if s.samples)
-        if self.gate is not None and not self.gate.should_draft(
-            len(candidates), plan.num_tokens, num_sampling
-        ):
-            step.skipped = True
+        per_request: list[list[Candidate]] = [[] for _ in requests]
+        for di, d in enumerate(self.drafters):
+            self._draft_with(
+                di, d, requests, limits, per_request, plan.num_tokens, num_sampling, step
+            )
+        if not any(st.num_asked for st in step.per_drafter):
+            step.skipped = any(st.skipped for st in step.per_drafter)
             return step
-        proposal = self.proposer.propose(
-            [
-                DraftRequest(s.req.req_id, s.req.all_token_ids, s.req.params, k)
-                for s, k in zip(candidates, limits)
-            ]
+        picks = choose_candidates(
+            [[c.selection_survival for c in cands] for cands in per_request],
+            self._token_cost(plan.num_tokens, num_sampling),
         )
-        features = [_draft_features(proposal, i) for i in range(len(candidates))]
-        confidences = self._confidences(proposal, features)
-        step.num_proposed = sum(len(ids) for ids in proposal.token_ids)
-        lengths = self.policy.choose(confidences, plan.num_tokens, num_sampling)
-        lengths = _fit_budget(lengths, batcher.max_num_batched_tokens - plan.num_tokens)
-        for i, (s, length) in enumerate(zip(candidates, lengths)):
-            length = min(length, len(proposal.token_ids[i]))
-            ids = list(proposal.token_ids[i][:length])
-            probs = proposal.probs[i] if proposal.probs is not None else None
+        chosen = [None if k is None else cands[k] for cands, k in zip(per_request, picks)]
+        offered = [c for c in chosen if c is not None]
+        confidences = [c.confidences for c in offered]
+        lengths = iter(self.policy.choose(confidences, plan.num_tokens, num_sampling))
+        lengths_all = [next(lengths) if c is not None else 0 for c in chosen]
+        lengths_all = _fit_budget(lengths_all, batcher.max_num_batched_tokens - plan.num_tokens)
+        for s, c, length in zip(requests, chosen, lengths_all):
+            if c is None:
+                continue
+            step.per_drafter[c.drafter].num_chosen += 1
+            length = min(length, len(c.token_ids))
+            ids = c.token_ids[:length]
             valid = batcher.num_valid_drafts(s.req, ids)
-            if valid < length and probs is not None:
+            if valid < length and c.probs is not None:
                 # Cut at the first draft the grammar rejects. Whether that happens depends on
                 # the sampled token, so the token sampled in its place must come from the
                 # residual against its q, exactly as if the target had rejected it:
                 # draft_probs keeps that one extra row (scheduler/sampling.py).
-                s.draft_probs = probs[: valid + 1]
+                s.draft_probs = c.probs[: valid + 1]
             elif valid:
-                s.draft_probs = probs[:valid] if probs is not None else None
+                s.draft_probs = c.probs[:valid] if c.probs is not None else None
             if valid == 0:
                 continue
             s.draft_ids = ids[:valid]
-            s.predicted_survival = list(accumulate(confidences[i][:valid], mul))
-            step.drafted.append((s, features[i][:valid]))
+            s.predicted_survival = list(accumulate(c.confidences[:valid], mul))
+            step.drafted.append((s, c.drafter, c.features[:valid]))
         # Requests that could have drafted but were given length 0 count as verify length 0.
         if step.num_proposed:
-            step.verify_lengths.extend(0 for s in candidates if not s.draft_ids)
-        step.draft_time_s = time.perf_counter() - t0
+            step.verify_lengths.extend(0 for s in requests if not s.draft_ids)
+        step.draft_time_s = self.clock() - t0
         return step
 
-    def _confidences(
-        self, proposal: DraftProposal, features: list[list[float | None]]
-    ) -> list[list[float]]:
-        """Per request and draft position, P(accepted | earlier drafts accepted)."""
+    def _draft_with(
+        self,
+        di: int,
+        d: Drafter,
+        requests: list[ScheduledRequest],
+        limits: list[int],
+        per_request: list[list[Candidate]],
+        num_base_tokens: int,
+        num_sampling: int,
+        step: SpeculationStep,
+    ) -> None:
+        """Candidates from drafter d for the requests it may pay for (one propose call)."""
+        stats = step.per_drafter[di]
+        asked = list(range(len(requests)))
+        if d.gate is not None:
+            usual = d.gate.means.accepted if d.gate.means is not None else float("inf")
+            # Where an earlier (cheaper) candidate already expects what d usually brings, d
+            # would only add its drafting time.
+            asked = [
+                i for i in asked
+                if max((sum(c.selection_survival) for c in per_request[i]), default=-1) < usual
+            ]
+            if not asked:
+                return
+            if not d.gate.should_draft(len(asked), num_base_tokens, num_sampling):
+                stats.skipped = True
+                return
+        t0 = self.clock()
+        proposal = d.proposer.propose(
+            [
+                DraftRequest(
+                    requests[i].req.req_id, requests[i].req.all_token_ids,
+                    requests[i].req.params, limits[i], requests[i].req.num_prompt_tokens,
+                )
+                for i in asked
+            ]
+        )
+        stats.draft_time_s = self.clock() - t0
+        stats.num_asked = len(asked)
+        for n, i in enumerate(asked):
+            ids = list(proposal.token_ids[n][: limits[i]])
+            if not ids:
+                continue
+            c = self._candidate(di, d, proposal, n, ids)
+            per_request[i].append(c)
+            stats.num_proposed += len(ids)
+            step.num_proposed += len(ids)
+
+    def _candidate(
+        self, di: int, d: Drafter, proposal: DraftProposal, n: int, ids: list[int]
+    ) -> Candidate:
+        k = len(ids)
+        probs = proposal.probs[n] if proposal.probs is not None else None
+        features = _draft_features(proposal, n, k)
         if proposal.confidences is not None:  # the drafter's own (DSpark's calibrated head)
-            return [list(c) for c in proposal.confidences]
-        if self.estimator is not None:
-            return [self.estimator.confidences(f) for f in features]
-        return [[1.0] * len(ids) for ids in proposal.token_ids]
+            confidences = [float(c) for c in proposal.confidences[n][:k]]
+        elif d.estimator is not None:
+            confidences = d.estimator.confidences(features)
+        else:
+            confidences = [1.0] * k
+        if probs is None:  # deterministic: the drafts are functions of the context
+            selection = list(accumulate((min(1.0, max(0.0, c)) for c in confidences), mul))
+        else:
+            # Sampled: confidence j >= 1 reads drafts before j; the choice between drafters
+            # may not, or a draft's own value would decide whether it is verified. Position 0's
+            # confidence (known before any draft is drawn), then the drafter's usual rates.
+            rates = d.estimator.position_rates(k) if d.estimator is not None else [1.0] * k
+            selection = list(accumulate([min(1.0, max(0.0, confidences[0])), *rates[1:]], mul))
+        return Candidate(di, ids, probs, confidences, features, selection)
+
+    def _token_cost(self, num_base_tokens: int, num_sampling: int) -> float:
+        """What one more verified token costs, in emitted tokens: R x (T(B+1)/T(B) - 1)."""
+        if self.profile is None or not self.policy.uses_profile:
+            return 0.0
+        t = self.profile.step_time
+        return num_sampling * (t(num_base_tokens + 1) / t(num_base_tokens) - 1.0)
 
     # -- after update() -------------------------------------------------------------------
     def record(
         self, plan: StepPlan, result: StepResult, step: SpeculationStep, step_time_s: float
     ) -> None:
-        """Learn from this step: outcomes per draft position, gate, profile, proposer features."""
+        """Learn from this step: outcomes per draft position, gates, profile, proposer features."""
         self._record_outcomes(plan, result, step)
-        if self.gate is not None and step.num_candidates and not step.skipped:
-            self.gate.record(
-                step.num_candidates, step.draft_time_s, step.num_draft_tokens, step.num_accepted
-            )
+        for d, st in zip(self.drafters, step.per_drafter):
+            if d.gate is not None and st.num_asked:
+                d.gate.record(st.num_asked, st.draft_time_s, st.num_draft_tokens, st.num_accepted)
         if self.profile is not None:
             # The step without drafting: when verify lengths are chosen the drafting time is
             # already spent, so what one more verified token costs is the rest of the step
-            # (the draft gate accounts for drafting separately). Real steps keep the curve
+            # (the draft gates account for drafting separately). Real steps keep the curve
             # current with co-located load and context growth.
             self.profile.observe(plan.num_tokens, step_time_s - step.draft_time_s)
-        self._feed_proposer(plan, result)
+        self._feed_proposers(plan, result)
 
     def release(self, req_id: str) -> None:
-        self.proposer.release(req_id)
+        for d in self.drafters:
+            d.proposer.release(req_id)
 
     def _record_outcomes(self, plan: StepPlan, result: StepResult, step: SpeculationStep) -> None:
         outcome = {id(s): r for s, r in zip(plan.scheduled, result.results)}
-        for s, features in step.drafted:
+        for s, di, features in step.drafted:
             r = outcome[id(s)]
             k, accepted = len(s.draft_ids), r.num_accepted_drafts
             step.num_drafts += 1
             step.num_draft_tokens += k
             step.num_accepted += accepted
+            per = step.per_drafter[di]
+            per.num_drafts += 1
+            per.num_draft_tokens += k
+            per.num_accepted += accepted
             step.verify_lengths.append(k)
             _grow(step, k)
             for j in range(k):
@@ -193,30 +320,35 @@ class Speculator:
                 if j < accepted:
                     step.accepted_per_position[j] += 1
                     step.realised_per_position[j] += 1
-            if self.estimator is not None and r.error is None:
-                self.estimator.observe(features, k, accepted)
+            estimator = self.drafters[di].estimator
+            if estimator is not None and r.error is None:
+                estimator.observe(features, k, accepted)
 
-    def _feed_proposer(self, plan: StepPlan, result: StepResult) -> None:
-        """Hand the proposer the target features of the positions committed this step."""
+    def _feed_proposers(self, plan: StepPlan, result: StepResult) -> None:
+        """Hand the proposers the target features of the positions committed this step."""
         if result.aux_hidden is None:
             return
+        readers = [d.proposer for d in self.drafters if d.proposer.aux_layer_ids]
         for s, hidden in zip(plan.scheduled, result.aux_hidden):
             if hidden is not None and hidden.shape[0] and not s.req.is_finished:
-                self.proposer.observe(s.req.req_id, s.start_pos, hidden)
+                for proposer in readers:
+                    proposer.observe(s.req.req_id, s.start_pos, hidden)
 
 
-def _draft_features(proposal: DraftProposal, i: int) -> list[float | None]:
-    """Per draft of request i, what the online estimator conditions on: the top probability
-    of the draft distribution at that position (None for deterministic drafts).
+def _draft_features(proposal: DraftProposal, i: int, k: int) -> list[Hashable]:
+    """Per draft of request i, what the online estimator conditions on: the drafter's own
+    features if it gives some, else the top probability of the draft distribution at that
+    position (None for deterministic drafts).
 
     Not q_j(d_j), the probability of the sampled token itself: a verify length that depends
     on the value of d_j would bias the output (see docs/scheduling.md).
     """
-    ids = proposal.token_ids[i]
+    if proposal.features is not None:
+        return list(proposal.features[i][:k])
     probs = proposal.probs[i] if proposal.probs is not None else None
     if probs is None:
-        return [None] * len(ids)
-    return [float(v) for v in probs[: len(ids)].max(dim=-1).values]
+        return [None] * k
+    return [float(v) for v in probs[:k].max(dim=-1).values]
 
 
 def _fit_budget(lengths: Sequence[int], budget: int) -> list[int]:

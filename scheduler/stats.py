@@ -9,6 +9,21 @@ from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
+class DrafterStepStats:
+    """One drafter's share of a step, when several drafters serve (and also when one does)."""
+
+    name: str
+    num_asked: int = 0  # requests it drafted for
+    skipped: bool = False  # its draft gate said no this step
+    num_proposed: int = 0  # draft tokens it proposed
+    num_chosen: int = 0  # requests whose kept candidate was its draft
+    num_drafts: int = 0  # of those, requests that verified >= 1 of its tokens
+    num_draft_tokens: int = 0  # its draft tokens verified
+    num_accepted: int = 0  # its draft tokens accepted
+    draft_time_s: float = 0.0
+
+
+@dataclass(slots=True)
 class StepStats:
     """One engine step."""
 
@@ -42,3 +57,7 @@ class StepStats:
     mask_time_s: float = 0.0
     # Current throughput profile of the device: (tokens per step, steps per second) points.
     profile: list[tuple[int, float]] = field(default_factory=list)
+    drafters: list[DrafterStepStats] = field(default_factory=list)  # per configured drafter
+    # Size of drafters' indexes ("<drafter>_<what>" -> count; the suffix drafter's tokens and
+    # pattern occurrences, per request and global).
+    draft_memory: dict[str, int] = field(default_factory=dict)

@@ -278,6 +278,37 @@ class DSparkProductionPolicy:
         return lengths
 
 
+def choose_candidates(
+    survivals: Sequence[Sequence[Sequence[float]]], token_cost: float
+) -> list[int | None]:
+    """Several drafters: per request, the index of the candidate draft worth the most expected
+    tokens net of their verify cost (None when there is none):
+
+        value = max over l of  sum_{j < l} (a_j - token_cost)
+
+    survivals[r][i]: candidate i's prefix survival a (what the choice may read: see below);
+    token_cost: what one more verified token costs in emitted tokens, R x (T(B+1)/T(B) - 1).
+    Ties go to the earlier candidate (the drafter listed first, the cheap one). The policy then
+    picks the kept draft's verify length from its own confidences: this rule ranks drafters,
+    it never trims drafts.
+
+    Exactness: a sampled draft's confidence at j >= 1 reads the drafts before j, so the caller
+    passes, for such a candidate, only what was known before its first draft was drawn
+    (confidence 0, then the drafter's past rates per position); a deterministic draft is a
+    function of the context and may be read in full. The kept candidate then never depends on
+    the value of a sampled draft token.
+    """
+    picks: list[int | None] = []
+    for candidates in survivals:
+        best, best_value = None, float("-inf")
+        for i, survival in enumerate(candidates):
+            value = max([0.0, *accumulate(a - token_cost for a in survival)])
+            if value > best_value:
+                best, best_value = i, value
+        picks.append(best)
+    return picks
+
+
 _REGISTRY: dict[str, Callable[[int, StepThroughput], VerifyPolicy]] = {
     "none": lambda k, profile: NoSpeculation(),
     "fixed": lambda k, profile: FixedLength(k),

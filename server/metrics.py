@@ -124,6 +124,24 @@ class Metrics:
                                           "(request, position) pairs verified.", ["position"])
         self.profile = gauge("dspark_throughput_profile_steps_per_second",
                              "Measured engine steps per second by step size.", ["tokens"])
+        # Per drafter (one, or each of a composite such as suffix+dspark).
+        self.drafter_proposed = counter("dspark_spec_decode_drafter_proposed_tokens",
+                                        "Draft tokens a drafter proposed.", ["drafter"])
+        self.drafter_chosen = counter("dspark_spec_decode_drafter_chosen",
+                                      "Request-steps whose kept draft was this drafter's.",
+                                      ["drafter"])
+        self.drafter_drafts = counter("dspark_spec_decode_drafter_num_drafts",
+                                      "Request-steps that verified this drafter's tokens.",
+                                      ["drafter"])
+        self.drafter_draft_tokens = counter("dspark_spec_decode_drafter_draft_tokens",
+                                            "A drafter's tokens verified.", ["drafter"])
+        self.drafter_accepted = counter("dspark_spec_decode_drafter_accepted_tokens",
+                                        "A drafter's tokens accepted.", ["drafter"])
+        self.drafter_skipped = counter("dspark_spec_decode_drafter_steps_skipped",
+                                       "Steps in which a drafter's gate skipped it.", ["drafter"])
+        self.draft_memory = gauge("dspark_spec_decode_index_entries",
+                                  "Size of drafters' lookup indexes (suffix drafter: tokens "
+                                  "and pattern occurrences, per request and global).", ["index"])
 
     # --- engine side -----------------------------------------------------------------------
 
@@ -157,6 +175,15 @@ class Metrics:
             self.verified_positions.labels(m, str(j)).inc(n)
         for tokens, sps in s.profile:
             self.profile.labels(m, str(tokens)).set(sps)
+        for d in s.drafters:
+            self.drafter_proposed.labels(m, d.name).inc(d.num_proposed)
+            self.drafter_chosen.labels(m, d.name).inc(d.num_chosen)
+            self.drafter_drafts.labels(m, d.name).inc(d.num_drafts)
+            self.drafter_draft_tokens.labels(m, d.name).inc(d.num_draft_tokens)
+            self.drafter_accepted.labels(m, d.name).inc(d.num_accepted)
+            self.drafter_skipped.labels(m, d.name).inc(d.skipped)
+        for index, n in s.draft_memory.items():
+            self.draft_memory.labels(m, index).set(n)
 
     def set_queue(self, running: int, waiting: int) -> None:
         self.running.labels(self.model_name).set(running)

@@ -42,6 +42,8 @@ VERIFIED_POS = "dspark_spec_decode_verified_positions_total"
 PREDICTED = "dspark_spec_decode_predicted_acceptance_total"
 REALISED = "dspark_spec_decode_realised_acceptance_total"
 RUNNING = "dspark_num_requests_running"
+DRAFTER_ACCEPTED = "dspark_spec_decode_drafter_accepted_tokens_total"
+DRAFTER_DRAFT_TOKENS = "dspark_spec_decode_drafter_draft_tokens_total"
 
 ACCEPTANCE_RATE = f"{rate(ACCEPTED)} / {rate(DRAFT_TOKENS)}"
 ACCEPTANCE_LENGTH = f"1 + {rate(ACCEPTED)} / {rate(DRAFTS)}"
@@ -229,6 +231,71 @@ def speculation() -> Panel:
             "s",
             right_axis={"acceptance length": "short"},
             desc="One streamed step can carry several tokens: ITL is per step, TPOT per token.",
+        ),
+        row("Per drafter"),
+        timeseries(
+            "Acceptance rate by drafter",
+            [
+                target(
+                    f"{rate(DRAFTER_ACCEPTED, by='drafter')} / "
+                    f"{rate(DRAFTER_DRAFT_TOKENS, by='drafter')}",
+                    "{{drafter}}",
+                )
+            ],
+            "percentunit",
+            desc="Accepted / verified tokens of each configured drafter (one, or each of a "
+            "composite such as suffix+dspark).",
+        ),
+        timeseries(
+            "Mean acceptance length by drafter",
+            [
+                target(
+                    f"1 + {rate(DRAFTER_ACCEPTED, by='drafter')} / "
+                    f"{rate('dspark_spec_decode_drafter_num_drafts_total', by='drafter')}",
+                    "{{drafter}}",
+                )
+            ],
+            "short",
+            desc="Tokens per verification round when that drafter's draft was verified.",
+        ),
+        timeseries(
+            "Proposed and verified tokens by drafter",
+            [
+                target(
+                    rate("dspark_spec_decode_drafter_proposed_tokens_total", by="drafter"),
+                    "proposed {{drafter}}",
+                ),
+                target(rate(DRAFTER_DRAFT_TOKENS, by="drafter"), "verified {{drafter}}"),
+            ],
+            "short",
+            desc="A composite asks every drafter; only the kept candidate's tokens are verified.",
+        ),
+        timeseries(
+            "Kept drafts by drafter",
+            [target(rate("dspark_spec_decode_drafter_chosen_total", by="drafter"), "{{drafter}}")],
+            "short",
+            stack=True,
+            desc="Request-steps per second whose kept candidate came from each drafter: the "
+            "composite's choice, per request and step, by expected tokens at the step's cost.",
+        ),
+        timeseries(
+            "Drafter steps skipped by its gate",
+            [
+                target(
+                    rate("dspark_spec_decode_drafter_steps_skipped_total", by="drafter"),
+                    "{{drafter}}",
+                )
+            ],
+            "short",
+            desc="Steps per second in which a drafter's gate judged drafting not worth its "
+            "time.",
+        ),
+        timeseries(
+            "Suffix index size",
+            [target(f"max by (index) ({m('dspark_spec_decode_index_entries')})", "{{index}}")],
+            "short",
+            desc="Tokens and pattern occurrences held by the suffix drafter, per request and "
+            "in the bounded global index over recent responses.",
         ),
     ]
     return dashboard(

@@ -57,7 +57,10 @@ def test_converges_to_true_rates_under_random_verify_lengths() -> None:
         checked += 1
     assert checked >= 35  # most of the 7 x 10 cells had enough data to check
     for row in est.calibration():
-        assert row.abs_error < 0.02, row  # estimates handed out were calibrated on average
+        # Estimates handed out were calibrated on average, within 0.02 or three standard
+        # errors of the realised rate where few verifications reached the position.
+        r = row.mean_realised
+        assert row.abs_error < max(0.02, 3 * math.sqrt(r * (1 - r) / row.count)), row
 
 
 def test_censored_positions_teach_nothing() -> None:
@@ -66,7 +69,13 @@ def test_censored_positions_teach_nothing() -> None:
     est.observe([0.9] * 5, num_verified=2, num_accepted=2)  # positions 2.. were never verified
     est.observe([0.9] * 5, num_verified=4, num_accepted=1)  # 1 rejected; 2, 3 not tested
     after = est.confidences([0.9] * 5)
-    assert after[0] > fresh[0] and after[2:] == pytest.approx(fresh[2:])
+    # The same outcomes told without the censored positions teach exactly the same.
+    told = OnlineAcceptanceEstimator()
+    told.observe([0.9] * 2, num_verified=2, num_accepted=2)
+    told.observe([0.9] * 2, num_verified=2, num_accepted=1)
+    assert after == pytest.approx(told.confidences([0.9] * 5))
+    # Untested positions carry on at the last tested position's rate.
+    assert after[0] > fresh[0] and after[2:] == pytest.approx([est.position_rates(2)[1]] * 3)
     assert [(r.position, r.count) for r in est.calibration()] == [(0, 2), (1, 2)]
     assert est.calibration()[1].mean_realised == pytest.approx(0.5)
     est.observe([0.9] * 5, num_verified=0, num_accepted=0)  # nothing verified: no-op

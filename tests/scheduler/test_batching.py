@@ -35,7 +35,7 @@ def test_pure_modules_do_not_import_torch():
 
     code = ("import sys, scheduler.config, scheduler.batching, scheduler.kv_slots, scheduler.engine, scheduler.fake, "
             "scheduler.verify_policy, scheduler.profiler, scheduler.acceptance, scheduler.speculator, "
-            "scheduler.drafter, scheduler.draft_gate, scheduler.build, drafts.registry, drafts.ngram; "
+            "scheduler.drafter, scheduler.draft_gate, scheduler.build, drafts.registry, drafts.ngram, drafts.suffix; "
             "assert 'torch' not in sys.modules, 'pure modules imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -100,7 +100,7 @@ def test_draft_gate_keeps_output_identical_and_skips_a_useless_drafter(
     proposer = drafters(target, prompts, reference)[name]
     profile = ThroughputProfile(64)
     profile.seed([(1, 0.050), (16, 0.055), (64, 0.090)])
-    gate = DraftGate(profile, probe_every=4)
+    gate = DraftGate(profile)
     engine = make_engine(
         target, num_slots=4, budget=48, proposer=proposer,
         policy=build_policy("dspark", 7, profile), gate=gate,
@@ -144,3 +144,18 @@ def test_greedy_identical_with_shipped_drafter(target, prompts, reference, name)
     outs, spec = run_staggered(engine, prompts, lambda i: greedy)
     assert outs == reference
     assert sum(s.num_draft_tokens for s in spec.values()) > 0
+
+
+def test_composite_greedy_identical(target, prompts, reference):
+    """`--speculative suffix+dspark` through the registry, dspark policy with its gates."""
+    from tests.scheduler.test_composite_lossless import composite_engine, run
+
+    engine = composite_engine(target, "dspark")
+    greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+    opt_out = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, speculative=False)
+    requests = [Request(f"r{i}", p, opt_out if i == 3 else greedy) for i, p in enumerate(prompts)]
+    outputs, per_drafter = run(engine, requests)
+    assert [outputs[f"r{i}"] for i in range(len(prompts))] == reference
+    # Both drafters had drafts kept and verified; the lookup found the copied code.
+    assert per_drafter["suffix"]["accepted"] > 0
+    assert per_drafter["dspark"]["verified"] > 0

@@ -107,3 +107,60 @@ def test_drafts_are_recorded_per_position_and_outputs_stay_exact() -> None:
     assert out == FAKE_IDS[:10]
     assert proposed > 0
     assert accepted == 0  # the anchor is FAKE_IDS[0] itself; drafts repeat it, never the next
+
+
+class ScriptedProposer:
+    """Proposes fixed drafts with fixed confidences; `sampled` marks them as drawn from a q."""
+
+    aux_layer_ids: tuple[int, ...] = ()
+    max_draft_tokens = 4
+
+    def __init__(self, confidences: list[float], sampled: bool) -> None:
+        self.confidences, self.sampled = confidences, sampled
+
+    def propose(self, requests: Sequence[DraftRequest]) -> DraftProposal:
+        n = len(requests)
+        k = len(self.confidences)
+        return DraftProposal(
+            [[FAKE_IDS[1]] * k for _ in requests],
+            probs=[[[1.0]] * k for _ in requests] if self.sampled else None,
+            confidences=[list(self.confidences) for _ in range(n)],
+            features=[[None] * k for _ in range(n)],
+        )
+
+    def observe(self, req_id: str, start_pos: int, hidden: object) -> None:
+        pass
+
+    def release(self, req_id: str) -> None:
+        pass
+
+
+def _kept(lookup: list[float], model: list[float], model_sampled: bool) -> str | None:
+    from scheduler.acceptance import OnlineAcceptanceEstimator
+    from scheduler.speculator import Drafter
+
+    speculator = Speculator(
+        [
+            Drafter("lookup", ScriptedProposer(lookup, sampled=False), OnlineAcceptanceEstimator()),
+            Drafter("model", ScriptedProposer(model, model_sampled), OnlineAcceptanceEstimator()),
+        ],
+        FixedLength(4),
+    )
+    batcher = ContinuousBatcher(2, 64, 64)
+    batcher.add(Request("a", [1, 2, 3], SamplingParams(max_tokens=10)))
+    plan = batcher.schedule()
+    batcher.update(plan, FakeRunner(FAKE_IDS, EOS).execute(plan))  # prefill: now decoding
+    step = speculator.attach(batcher.schedule(), batcher)
+    kept = [d.name for d in step.per_drafter if d.num_chosen]
+    return kept[0] if kept else None
+
+
+def test_composite_keeps_the_better_draft_and_never_reads_a_sampled_drafts_later_confidences():
+    # Deterministic drafts are read in full: the model's long confident draft wins.
+    assert _kept([0.6, 0.5], [0.7, 0.95, 0.95, 0.95], model_sampled=False) == "model"
+    assert _kept([0.6, 0.5], [0.7, 0.05, 0.05, 0.05], model_sampled=False) == "lookup"
+    # Sampled drafts: confidences after the first depend on the drafted tokens, so the choice
+    # sees only the first one and the drafter's past rates (the prior here): the same either way.
+    high = _kept([0.6, 0.5], [0.7, 0.95, 0.95, 0.95], model_sampled=True)
+    low = _kept([0.6, 0.5], [0.7, 0.05, 0.05, 0.05], model_sampled=True)
+    assert high == low

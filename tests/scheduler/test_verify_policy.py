@@ -313,3 +313,15 @@ def test_production_variant_with_a_stale_budget_is_exact() -> None:
     counts, lengths = simulate(lambda conf: policy.choose(conf, 1)[0], [0.8, 0.5], seed=3)
     assert min(lengths) > TRIALS // 10
     assert joint_chi2(counts) < CHI2_CRIT[3]
+
+
+def test_choose_candidates_keeps_the_draft_worth_most_net_of_its_cost() -> None:
+    from scheduler.verify_policy import choose_candidates
+
+    long_weak = [0.5, 0.4, 0.3, 0.2, 0.1]  # 1.5 expected tokens, most of them cheap ones
+    short_strong = [0.9, 0.8]  # 1.7
+    # Free tokens: the larger sum wins; dear tokens (0.3 each): only entries above 0.3 count.
+    assert choose_candidates([[long_weak, short_strong]], 0.0) == [1]
+    assert choose_candidates([[[0.5, 0.4, 0.4, 0.4], [0.9, 0.2]]], 0.0) == [0]
+    assert choose_candidates([[[0.5, 0.4, 0.4, 0.4], [0.9, 0.2]]], 0.3) == [1]
+    assert choose_candidates([[[0.6], [0.6]], [], [[], [0.1]]], 0.0) == [0, None, 1]  # ties: first
