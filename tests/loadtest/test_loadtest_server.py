@@ -32,9 +32,9 @@ def test_runner_against_the_fake_engine(tmp_path: Path) -> None:
         "--rates",
         "4,8",
         "--warmup",
-        "2",
+        "1",
         "--duration",
-        "6",
+        "3",
         "--out",
         str(out),
     ]

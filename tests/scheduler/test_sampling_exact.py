@@ -120,9 +120,11 @@ def test_real_model_first_two_tokens_follow_target(target, chat_prompts, params)
     q = torch.stack([q0, q0])
     gen = torch.Generator().manual_seed(7)
     n = 4000
+    # Every trial's two drafts, drawn from q in one call: one call per draft, each over the
+    # whole vocabulary, took most of this test's time.
+    drafts = torch.multinomial(q0, 2 * n, replacement=True, generator=gen).view(n, 2).tolist()
     counts: dict[tuple[int, int], int] = {}
-    for _ in range(n):
-        d = [int(torch.multinomial(q[j], 1, generator=gen)) for j in range(2)]
+    for d in drafts:
         accepted, tokens = rejection_sample(rows[tuple(d)], d, q, gen)
         # Second token: known exactly only after an accepted first draft.
         key = (tokens[0], tokens[1] if accepted >= 1 else -1)
