@@ -44,8 +44,14 @@ SPAN_QUANTUM = 16
 
 
 def enable_disk_cache(cache_dir: Path) -> None:
-    """Point inductor's caches (compiled kernels, FX graphs) at our cache folder."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+    """Point inductor's caches (compiled kernels, FX graphs) at our cache folder, unless the
+    user chose a folder for them. Importing inductor's config already sets the variable to
+    torch's own default (a temporary folder), so that value counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or current == torch_default():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
 
 
 class CompiledStep:
