@@ -21,7 +21,9 @@ from tests.scheduler.test_sampling_exact import ALPHA, chi_square_pvalue
 COMPOSITE = "suffix+dspark"
 
 
-def composite_engine(target, policy_name: str, num_slots: int = 4, budget: int = 48) -> LLMEngine:
+def composite_engine(
+    target, policy_name: str, num_slots: int = 4, budget: int = 48, gates: bool = True
+) -> LLMEngine:
     from drafts.registry import build_proposers
 
     profile = ThroughputProfile(budget)
@@ -29,7 +31,7 @@ def composite_engine(target, policy_name: str, num_slots: int = 4, budget: int =
     policy = build_policy(policy_name, 7, profile)
     drafters = [
         Drafter(name, proposer, OnlineAcceptanceEstimator(),
-                DraftGate(profile) if policy.uses_profile else None)
+                DraftGate(profile) if gates and policy.uses_profile else None)
         for name, proposer in build_proposers(COMPOSITE, target.hf_model, None, 7)
     ]
     assert [d.name for d in drafters] == ["suffix", "dspark"]
@@ -77,11 +79,15 @@ def test_composite_sampling_follows_the_target(target):
     )
     blue, comma = (tok.encode(t, add_special_tokens=False)[0] for t in (" blue", ","))
     n = 256  # about 80 reach (blue, comma): enough bins to see a lean, at a few minutes of CPU
-    engine = composite_engine(target, "dspark", num_slots=16, budget=512)
+    # No draft gates: they judge by measured time, so on a busy host they may skip a drafter for
+    # the whole run, and this test is about the choice and the verification, not the gates.
+    engine = composite_engine(target, "dspark", num_slots=16, budget=512, gates=False)
     requests = [Request(f"s{i}", prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=i))
                 for i in range(n)]
     outputs, per_drafter = run(engine, requests, stagger=1)
-    assert per_drafter["suffix"]["verified"] > 0 and per_drafter["dspark"]["asked"] > 0
+    # Both candidates are offered every round. With the shipped DSpark draft the choice goes to
+    # the draft on this prompt (it is confident and right), so the lookup is rarely if ever picked.
+    assert per_drafter["suffix"]["asked"] > 0 and per_drafter["dspark"]["verified"] > 0
     third = [o[2] for o in outputs.values() if len(o) == 3 and o[:2] == [blue, comma]]
     assert len(third) > 50  # P(blue, comma) is about 0.32
     with torch.inference_mode():
