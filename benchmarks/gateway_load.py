@@ -111,7 +111,18 @@ def metric(base: str, name: str) -> float | None:
 
 def metrics(base: str, names: list[str]) -> dict[str, float | None]:
     """First samples of several metrics from one scrape (a consistent snapshot)."""
-    text = httpx.get(base + "/metrics", timeout=10).text
+    return first_samples(httpx.get(base + "/metrics", timeout=10).text, names)
+
+
+async def metrics_async(
+    client: httpx.AsyncClient, base: str, names: list[str]
+) -> dict[str, float | None]:
+    """`metrics` for a coroutine that scrapes while requests are in flight: a blocking scrape
+    would stall every request of the event loop and add its time to their latencies."""
+    return first_samples((await client.get(base + "/metrics", timeout=10)).text, names)
+
+
+def first_samples(text: str, names: list[str]) -> dict[str, float | None]:
     out: dict[str, float | None] = dict.fromkeys(names)
     for line in text.splitlines():
         for name in names:

@@ -27,13 +27,14 @@ from gateway_load import (
     Tally,
     add_common_options,
     chat,
-    metric,
+    metrics_async,
     rss_mb,
     run_against_server,
     wait_idle,
 )
 
 DEFAULT_SERVER = "--model fake --max-num-seqs 4 --max-queue 32"
+RSS, WAITING = "process_resident_memory_bytes", "dspark_num_requests_waiting"
 
 
 async def measure_capacity(client: httpx.AsyncClient, base: str, concurrency: int,
@@ -67,8 +68,11 @@ async def soak(base: str, args: argparse.Namespace) -> dict[str, Any]:
         next_sample = t0
         while (now := time.monotonic()) - t0 < args.duration:
             if now >= next_sample:
-                samples.append({"t_s": round(now - t0, 1), "rss_mb": rss_mb(base),
-                                "waiting": metric(base, "dspark_num_requests_waiting")})
+                m = await metrics_async(client, base, [RSS, WAITING])
+                rss = m[RSS]
+                samples.append({"t_s": round(now - t0, 1),
+                                "rss_mb": None if rss is None else round(rss / 2**20, 1),
+                                "waiting": m[WAITING]})
                 next_sample = now + max(args.duration / 20, 1.0)
             tasks.append(asyncio.create_task(
                 chat(client, base, stream=rng.random() < 0.5, max_tokens=args.max_tokens)))

@@ -26,7 +26,7 @@ from gateway_load import (
     Tally,
     add_common_options,
     chat,
-    metrics,
+    metrics_async,
     rss_mb,
     run_against_server,
     wait_idle,
@@ -40,11 +40,11 @@ async def burst(base: str, capacity: int, factor: int, max_tokens: int) -> dict[
     max_waiting = max_in_system = 0.0
     stop = asyncio.Event()
 
-    async def watch_queue() -> None:
+    async def watch_queue(client: httpx.AsyncClient) -> None:
         nonlocal max_waiting, max_in_system
         names = ["dspark_num_requests_waiting", "dspark_num_requests_running"]
         while not stop.is_set():
-            m = metrics(base, names)
+            m = await metrics_async(client, base, names)
             waiting, running = (m[n] or 0.0 for n in names)
             max_waiting = max(max_waiting, waiting)
             max_in_system = max(max_in_system, waiting + running)
@@ -52,7 +52,7 @@ async def burst(base: str, capacity: int, factor: int, max_tokens: int) -> dict[
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-        watcher = asyncio.create_task(watch_queue())
+        watcher = asyncio.create_task(watch_queue(client))
         n = capacity * factor
         t0 = time.monotonic()
         tally.outcomes = list(await asyncio.gather(*(

@@ -59,7 +59,7 @@ def build_speculator(
     drafters = [
         Drafter(
             name, proposer, OnlineAcceptanceEstimator(),
-            DraftGate(profile) if policy.uses_profile else None,
+            DraftGate(profile) if config.draft_gate and policy.uses_profile else None,
         )
         for name, proposer in proposers
     ]

@@ -60,6 +60,11 @@ class EngineConfig:
     verify_policy: str = _option(
         "dspark", "how many drafts to verify: none | fixed | dspark | dspark-production"
     )
+    draft_gate: bool = _option(
+        True,
+        "under the dspark policies, skip drafting on steps where recent drafted steps say it "
+        "would not pay (probing now and then); --no-draft-gate drafts every step",
+    )
     draft_checkpoint: str | None = _option(
         None, "draft head checkpoint (default: the drafter's shipped one)"
     )

@@ -186,3 +186,16 @@ def test_reading_the_names_loads_no_torch() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_no_draft_gate_drafts_every_step() -> None:
+    """`--no-draft-gate` builds the dspark policy's drafters without a gate; by default each has one."""
+    def gates(draft_gate: bool) -> list[object]:
+        config = EngineConfig(model="fake", speculative="ngram", verify_policy="dspark",
+                              draft_gate=draft_gate, profile_on_start=False)
+        speculator = build_engine(config).speculator
+        assert speculator is not None
+        return [d.gate for d in speculator.drafters]
+
+    assert all(g is not None for g in gates(True))
+    assert gates(False) == [None]
