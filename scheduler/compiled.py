@@ -14,9 +14,14 @@ after it. The cache is read through the requests' slot indices inside inductor's
 nothing is gathered or copied, and the per-token cost of attention grows with the cached
 bytes (bfloat16 caches are read as such and widened in registers).
 
-Shapes are dynamic (requests E, query length Q, cached span L, logits rows N), E and Q
-unbacked, so one graph serves every step shape: a one-token decode runs the very kernels a
-verification does (the weight kernels compute each row alike whatever the other rows). The
+Every tensor of the graph is laid out by the step's packed rows (tokens), and every row
+attends on its own: no row is computed for padding. (The first version laid the step out as
+[requests, longest query]: 16 decodes beside one 8-token verification then ran 128 rows through
+the weight products and attention instead of 23.)
+
+Shapes are dynamic (rows N, cached span L, logits rows M), N unbacked, so one graph serves
+every step shape: a one-token decode runs the very kernels a verification does (the weight
+kernels compute each row alike whatever the other rows). The
 graph is compiled at start-up (scheduler/build.py warms it up) and kept in inductor's on-disk
 cache (`enable_disk_cache`): a restart reloads it.
 """
@@ -146,78 +151,69 @@ class CompiledStep:
         self, batch: PackedBatch, aux_layer_ids: tuple[int, ...]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         m = self.model
-        inputs = _padded_inputs(batch, m.k_cache.shape[3])
-        logits, new_k, new_v, aux = self._graph(*inputs.graph_args, aux_layer_ids)
-        # new_k: [E, Q, layers, KV, D] -> the real rows, one write per cache.
-        if inputs.real is not None:
-            new_k, new_v = new_k[inputs.real], new_v[inputs.real]
-        else:
-            new_k, new_v = new_k.flatten(0, 1), new_v.flatten(0, 1)
+        logits, new_k, new_v, aux = self._graph(
+            *_graph_inputs(batch, m.k_cache.shape[3]), aux_layer_ids
+        )
+        # new_k: [rows, layers, KV, D] in the packed rows' order -> one write per cache.
         m.k_cache[:, batch.slot_ids, :, batch.positions] = new_k
         m.v_cache[:, batch.slot_ids, :, batch.positions] = new_v
-        if aux is not None and inputs.real is not None:
-            aux = aux.view(*inputs.real_shape, -1)[inputs.real]
         return logits, aux
 
     def _step(
         self,
-        input_ids: torch.Tensor,  # [E, Q] int64, padded per request
-        positions: torch.Tensor,  # [E, Q]
-        slots: torch.Tensor,  # [E] each request's cache row
-        starts: torch.Tensor,  # [E] position of each request's first new token
+        rows: torch.Tensor,  # [N, 5] int64 per packed row: ROW_COLUMNS
         span: torch.Tensor,  # [L] positions attended (only its length is read)
-        head_rows: torch.Tensor,  # [N] rows of the flattened [E * Q] that need logits
+        head_rows: torch.Tensor,  # [M] rows that need logits
         aux_layer_ids: tuple[int, ...],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         m = self.model
-        E, Q = input_ids.shape
-        L = span.shape[0]
+        input_ids, positions, row_slot, row_start, row_first = rows.unbind(1)
+        N, L = rows.shape[0], span.shape[0]
         H, KV, D = m.num_heads, m.num_kv_heads, m.head_dim
         G = H // KV
-        h = m.decoder.embed_tokens(input_ids.reshape(-1))  # [E*Q, hidden]
-        cos, sin = m.decoder.rotary_emb(h, positions.reshape(1, -1))
+        h = m.decoder.embed_tokens(input_ids)  # [N, hidden]
+        cos, sin = m.decoder.rotary_emb(h, positions[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]
-        # Keys by absolute position: the cache below each request's start, its own new keys
-        # from there on. One reduction over positions in order, whatever the step's shape, so
-        # a token verified among drafts gets the bits it would get decoded alone.
-        rel = torch.arange(L, device=h.device)[None, :] - starts[:, None]  # [E, L]
-        own_idx = rel.clamp(0, Q - 1)
-        from_own = (rel >= 0)[:, None, :, None]  # [E, 1, L, 1]
-        rows = torch.arange(E, device=h.device)[:, None]
+        # Every row attends on its own: keys by absolute position, the cache below its
+        # request's start, the step's own new keys from there on. One reduction over positions
+        # in order, whatever the step's shape, so a token verified among drafts gets the bits
+        # it would get decoded alone.
+        rel = torch.arange(L, device=h.device)[None, :] - row_start[:, None]  # [N, L]
+        query_idx = positions - row_start  # [N] the row's place in its request's query
+        from_own = (rel >= 0)[:, None, :, None]  # [N, 1, L, 1]
+        # The new key at position start + r sits in packed row first + r (clamped where masked).
+        own_rows = row_first[:, None] + torch.minimum(rel.clamp(min=0), query_idx[:, None])
         # Row j of a request (position start + j) attends positions <= start + j.
-        mask = torch.zeros(E, Q, L, device=h.device).masked_fill(
-            rel[:, None, :] > torch.arange(Q, device=h.device)[None, :, None], float("-inf")
-        )[:, :, None, None, :]  # [E, Q, 1, 1, L]
+        mask = torch.zeros(N, L, device=h.device).masked_fill(
+            rel > query_idx[:, None], float("-inf")
+        )[:, None, None, :]  # [N, 1, 1, L]
         new_k, new_v, aux = [], [], []
         for i, (layer, fused) in enumerate(zip(m.layers, m.fused)):
             q, k, v = m.project_qkv(layer, fused, layer.input_layernorm(h), cos, sin)
-            # Every tensor keeps (request, query) leading, so the output reshapes to rows as a
-            # view whatever E and Q are (no size guards, one graph for all step shapes).
-            qg = _stored(q.view(E, Q, KV, G, 1, D) * m.scale)
+            qg = _stored(q.view(N, KV, G, 1, D) * m.scale)
             # The step's own keys as the cache will hold them (rounded to its dtype), so a key
             # is the same number whether it is read back from the cache or straight from here.
-            k_new = _stored(k.view(E, Q, KV, D).to(m.kv_dtype))
-            v_new = _stored(v.view(E, Q, KV, D).to(m.kv_dtype))
-            # [E, KV, L, D]; indexing inside inductor's loops reads the cache in place.
+            k_new = _stored(k.to(m.kv_dtype))  # [N, KV, D]
+            v_new = _stored(v.to(m.kv_dtype))
+            # [N, KV, L, D]; indexing inside inductor's loops reads the cache in place.
             keys = torch.where(
-                from_own, k_new[rows, own_idx].transpose(1, 2), m.k_cache[i][slots][:, :, :L]
+                from_own, k_new[own_rows].transpose(1, 2), m.k_cache[i][row_slot][:, :, :L]
             )
             values = torch.where(
-                from_own, v_new[rows, own_idx].transpose(1, 2), m.v_cache[i][slots][:, :, :L]
+                from_own, v_new[own_rows].transpose(1, 2), m.v_cache[i][row_slot][:, :, :L]
             )
             # Products as broadcast multiply-sums: loops over the cache, no gathered copy.
-            scores = (qg * keys[:, None, :, None]).sum(-1).float() + mask  # [E, Q, KV, G, L]
+            scores = (qg * keys[:, :, None]).sum(-1).float() + mask  # [N, KV, G, L]
             probs = torch.softmax(scores, -1)
-            o = (probs[..., None] * values[:, None, :, None].float()).sum(-2)  # [E, Q, KV, G, D]
-            o = o.reshape(E * Q, H * D)
-            h = h + fused.o(o.to(h.dtype))
+            o = (probs[..., None] * values[:, :, None].float()).sum(-2)  # [N, KV, G, D]
+            h = h + fused.o(o.reshape(N, H * D).to(h.dtype))
             h = m.mlp(layer, fused, h)
             new_k.append(k_new)
             new_v.append(v_new)
             if i in aux_layer_ids:
                 aux.append(h)
         logits, aux_hidden = m.logits_and_aux(h, head_rows, aux, aux_layer_ids)
-        return logits, torch.stack(new_k, 2), torch.stack(new_v, 2), aux_hidden
+        return logits, torch.stack(new_k, 1), torch.stack(new_v, 1), aux_hidden
 
 
 _instances = itertools.count()
@@ -236,51 +232,34 @@ def _skip_guards_on_the_model(entries: list[Any]) -> list[bool]:
     return [e.name != "self" and not e.name.startswith("self.") for e in entries]
 
 
-class _GraphInputs:
-    def __init__(
-        self,
-        graph_args: tuple[torch.Tensor, ...],
-        real: tuple[torch.Tensor, torch.Tensor] | None,
-        real_shape: tuple[int, int],
-    ) -> None:
-        self.graph_args = graph_args
-        self.real = real  # (request, query index) of each packed row; None: no padding
-        self.real_shape = real_shape
+# One tensor for every per-row input: the row count is then one unbacked size. With a tensor
+# each, a one-token step compiled a graph of its own (its sizes equal to 1 and to each other),
+# whose kernels differ from the general graph's: a decode and a verification of the same
+# token then disagreed in the last bits.
+ROW_COLUMNS = ("token id", "position", "cache row", "request's start", "request's first row")
 
 
-def _padded_inputs(batch: PackedBatch, max_len: int) -> _GraphInputs:
-    """The packed step as [E, Q] tensors, each request padded to the step's longest query."""
+def _graph_inputs(batch: PackedBatch, max_len: int) -> tuple[torch.Tensor, ...]:
+    """The packed step as graph inputs: per row its token, position, and its request's cache
+    row, start position and first packed row; the attended span; the logits rows."""
     reqs = batch.requests
-    E, Q = len(reqs), max(n for _, _, n, _ in reqs)
     dev = batch.input_ids.device
-    starts = [start for _, start, _, _ in reqs]
     last = max(start + n for _, start, n, _ in reqs)
     span = max(SPAN_QUANTUM, -(-last // SPAN_QUANTUM) * SPAN_QUANTUM)
     span = min(span, max_len)
-    slots = torch.tensor([slot for slot, _, _, _ in reqs], device=dev)
-    start_t = torch.tensor(starts, device=dev)
+    per_request = torch.tensor([(slot, start, row0) for slot, start, _, row0 in reqs], device=dev)
+    counts = torch.tensor([n for _, _, n, _ in reqs], device=dev)
+    # Built here, in inference mode: dynamo guards on how a tensor was created, and batches
+    # built outside inference mode (profiling, benchmarks) would compile anew.
+    rows = torch.cat(
+        [batch.input_ids[:, None], batch.positions[:, None],
+         per_request.repeat_interleave(counts, 0)], 1,
+    )
+    head_rows = batch.logits_rows.clone()
     span_t = torch.empty(span, dtype=torch.int8, device=dev)
-    positions = start_t[:, None] + torch.arange(Q, device=dev)[None, :]
-    if all(n == Q for _, _, n, _ in reqs):  # no padding: the packed rows are the layout
-        # Copies made here, in inference mode: dynamo guards on how a tensor was created, and
-        # batches built outside inference mode (profiling, benchmarks) would compile anew.
-        input_ids, real = batch.input_ids.view(E, Q).clone(), None
-        head_rows = batch.logits_rows.clone()
-    else:
-        input_ids = torch.zeros(E, Q, dtype=torch.long, device=dev)
-        req_idx = torch.cat(
-            [torch.full((n,), i, device=dev) for i, (_, _, n, _) in enumerate(reqs)]
-        )
-        query_idx = torch.cat([torch.arange(n, device=dev) for _, _, n, _ in reqs])
-        input_ids[req_idx, query_idx] = batch.input_ids
-        real = (req_idx, query_idx)
-        head_rows = (req_idx * Q + query_idx)[batch.logits_rows]
-    positions = positions.clamp_(max=max_len - 1)  # padded queries past the end: RoPE only
-    # Requests and query length unbacked: sizes the compiler may not guard on, so a step of
-    # one token runs the same graph (the same kernels, the same numbers per row) as any other.
-    torch._dynamo.decorators.mark_unbacked(input_ids, 0)
-    torch._dynamo.decorators.mark_unbacked(input_ids, 1)
-    for t in (positions, slots, start_t, span_t, head_rows):
-        for dim in range(t.dim()):
-            torch._dynamo.maybe_mark_dynamic(t, dim)
-    return _GraphInputs((input_ids, positions, slots, start_t, span_t, head_rows), real, (E, Q))
+    # Rows unbacked: a size the compiler may not guard on, so a step of one token runs the
+    # same graph (the same kernels, the same numbers per row) as any other.
+    torch._dynamo.decorators.mark_unbacked(rows, 0)
+    for t in (span_t, head_rows):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    return rows, span_t, head_rows
