@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from itertools import accumulate
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from scheduler.build import assemble_engine
 from scheduler.config import EngineConfig
 from scheduler.loader import load_target
 from scheduler.request import Request, SamplingParams
+from scheduler.verify_policy import candidate_value
 
 
 class StepRecorder:
@@ -49,7 +49,7 @@ class StepRecorder:
 
         def recorded_choose(survivals: Any, cost: float) -> list[int | None]:
             picks = choose(survivals, cost)
-            self.current.update(survivals=[[list(s) for s in r] for r in survivals], picks=picks)
+            self.current["picks"] = picks
             return picks
 
         def recorded_policy(confidences: Any, *args: Any) -> list[int]:
@@ -75,9 +75,8 @@ class StepRecorder:
         cur, self.current = self.current, {}
         if len(cur.get("candidates", [])) < 2:
             return
-        lam = cur["lam"]
         for c in cur["candidates"]:
-            c["value"] = max([0.0, *accumulate(a - lam for a in c["survival"])])
+            c["value"] = candidate_value(c["survival"], cur["lam"])
         kept = cur["picks"][0]
         cur["kept"] = cur["candidates"][kept]["drafter"] if kept is not None else None
         cur["accepted"] = emitted - 1

@@ -131,9 +131,15 @@ def first_samples(text: str, names: list[str]) -> dict[str, float | None]:
     return out
 
 
+RSS = "process_resident_memory_bytes"
+
+
 def rss_mb(base: str) -> float | None:
-    v = metric(base, "process_resident_memory_bytes")
-    return None if v is None else round(v / 2**20, 1)
+    return to_mib(metric(base, RSS))
+
+
+def to_mib(num_bytes: float | None) -> float | None:
+    return None if num_bytes is None else round(num_bytes / 2**20, 1)
 
 
 def spawn_server(args: list[str], env: dict[str, str] | None = None) -> ServerProcess:

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 from gateway_load import (
+    RSS,
     Outcome,
     Tally,
     add_common_options,
@@ -30,11 +31,12 @@ from gateway_load import (
     metrics_async,
     rss_mb,
     run_against_server,
+    to_mib,
     wait_idle,
 )
 
 DEFAULT_SERVER = "--model fake --max-num-seqs 4 --max-queue 32"
-RSS, WAITING = "process_resident_memory_bytes", "dspark_num_requests_waiting"
+WAITING = "dspark_num_requests_waiting"
 
 
 async def measure_capacity(client: httpx.AsyncClient, base: str, concurrency: int,
@@ -69,9 +71,7 @@ async def soak(base: str, args: argparse.Namespace) -> dict[str, Any]:
         while (now := time.monotonic()) - t0 < args.duration:
             if now >= next_sample:
                 m = await metrics_async(client, base, [RSS, WAITING])
-                rss = m[RSS]
-                samples.append({"t_s": round(now - t0, 1),
-                                "rss_mb": None if rss is None else round(rss / 2**20, 1),
+                samples.append({"t_s": round(now - t0, 1), "rss_mb": to_mib(m[RSS]),
                                 "waiting": m[WAITING]})
                 next_sample = now + max(args.duration / 20, 1.0)
             tasks.append(asyncio.create_task(

@@ -161,7 +161,7 @@ class CompiledStep:
 
     def _step(
         self,
-        rows: torch.Tensor,  # [N, 5] int64 per packed row: ROW_COLUMNS
+        rows: torch.Tensor,  # [N, 5] int64 per packed row (see _graph_inputs)
         span: torch.Tensor,  # [L] positions attended (only its length is read)
         head_rows: torch.Tensor,  # [M] rows that need logits
         aux_layer_ids: tuple[int, ...],
@@ -235,8 +235,8 @@ def _skip_guards_on_the_model(entries: list[Any]) -> list[bool]:
 # One tensor for every per-row input: the row count is then one unbacked size. With a tensor
 # each, a one-token step compiled a graph of its own (its sizes equal to 1 and to each other),
 # whose kernels differ from the general graph's: a decode and a verification of the same
-# token then disagreed in the last bits.
-ROW_COLUMNS = ("token id", "position", "cache row", "request's start", "request's first row")
+# token then disagreed in the last bits. Columns: token id, position, and the request's cache
+# row, start position and first packed row.
 
 
 def _graph_inputs(batch: PackedBatch, max_len: int) -> tuple[torch.Tensor, ...]:

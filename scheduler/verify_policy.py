@@ -302,11 +302,17 @@ def choose_candidates(
     for candidates in survivals:
         best, best_value = None, float("-inf")
         for i, survival in enumerate(candidates):
-            value = max([0.0, *accumulate(a - token_cost for a in survival)])
+            value = candidate_value(survival, token_cost)
             if value > best_value:
                 best, best_value = i, value
         picks.append(best)
     return picks
+
+
+def candidate_value(survival: Sequence[float], token_cost: float) -> float:
+    """Expected tokens a draft is worth net of its verify cost, at its best length:
+    max over l of sum_{j < l} (a_j - token_cost)."""
+    return max([0.0, *accumulate(a - token_cost for a in survival)])
 
 
 _REGISTRY: dict[str, Callable[[int, StepThroughput], VerifyPolicy]] = {
