@@ -5,9 +5,9 @@ streams busy (closed loop) with greedy requests and reports per-user tokens/s (o
 over each request's own latency, averaged), aggregate tokens/s, and the mean accepted length
 (tokens per verification round, bonus included). The last line printed is one JSON object.
 
-  # issue 19: none, suffix, dspark and the composite on four prompt sets
+  # issue 19: none, suffix, dspark and the composite on four prompt sets, three runs a point
   python benchmarks/speculative.py --configs none,suffix:dspark,dspark:dspark,suffix+dspark:dspark \\
-      --prompts copy,mt_bench,gsm8k,humaneval --concurrency 1,16
+      --prompts copy,mt_bench,gsm8k,humaneval --concurrency 1,16 --repeats 3
   # n-gram vs none on prompts that repeat their context
   python benchmarks/speculative.py --configs none,ngram:fixed --prompts repeat --concurrency 1,16
   # issue: none vs fixed k=7 vs dspark scheduling
@@ -20,11 +20,13 @@ import argparse
 import gzip
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from loadtest.prompts import load_source
 from scheduler.build import assemble_engine
 from scheduler.config import EngineConfig
 from scheduler.loader import load_target
@@ -47,23 +49,9 @@ def repeat_prompts() -> list[str]:
 
 
 def copy_prompts() -> list[str]:
-    """Answers that copy their context, as in RAG and summaries: alpaca items that come with an
-    input text, asked in turn to follow their own instruction on it, to rewrite it, and to answer
-    from it (quoting it). Items are taken in file order, so the set is the same on every run."""
-    with open(DATA / "alpaca" / "alpaca_5000.json") as f:
-        items = [r for r in json.load(f) if len(r.get("input", "")) >= 200][:48]
-    out = []
-    for i, r in enumerate(items):
-        text, task = r["input"], r["instruction"]
-        if i % 3 == 0:
-            out.append(f"{task}\n\n{text}")
-        elif i % 3 == 1:
-            out.append(f"Rewrite the following text in clear, plain English, keeping every fact "
-                       f"and every name:\n\n{text}")
-        else:
-            out.append(f"Answer from the text below, quoting it where you can.\n\nText: {text}"
-                       f"\n\nQuestion: {task}")
-    return out
+    """Answers that copy their context (the load tests' `copy` source): file order, so the set is
+    the same on every run."""
+    return [p.chat for p in load_source("copy", DATA)]
 
 
 def mt_bench_prompts() -> list[str]:
@@ -156,6 +144,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--weights", default="auto", help="auto | gguf | dense (as the server's flag)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs per point, each on the next prompts, configs in rotated order; "
+                         "the summary gives the median and the spread")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,24 +178,63 @@ def main() -> None:
         first = 0
         for c in levels:
             n = max(args.min_requests, c * args.requests_per_stream)
-            for spec in specs:
-                r = run(engines[spec], prompts, c, n, args.max_tokens, first)
-                r["config"], r["prompts"] = spec, set_name
-                results.append(r)
-                print(f"{set_name:>9} {spec:>20} c={c:2d}: per-user {r['per_user_tok_s']:6.1f} "
-                      f"tok/s  aggregate {r['aggregate_tok_s']:6.1f} tok/s  "
-                      f"tau {r['mean_accepted_length']:.2f}  {r['verified_drafts_by_drafter']}",
-                      flush=True)
-            first += n
-    base = {(r["prompts"], r["concurrency"]): r for r in results if r["config"] == "none"}
-    for r in results:
-        b = base.get((r["prompts"], r["concurrency"]))
-        if b is not None:
-            r["per_user_speedup_vs_none"] = r["per_user_tok_s"] / b["per_user_tok_s"]
-            r["aggregate_speedup_vs_none"] = r["aggregate_tok_s"] / b["aggregate_tok_s"]
+            for rep in range(args.repeats):
+                # Rotated order: a config is not always the one that runs right after another
+                # (or first on a cold cache), so drifts of the host fall on all configs alike.
+                for spec in specs[rep % len(specs):] + specs[: rep % len(specs)]:
+                    r = run(engines[spec], prompts, c, n, args.max_tokens, first)
+                    r["config"], r["prompts"], r["repeat"] = spec, set_name, rep
+                    results.append(r)
+                    print(f"{set_name:>9} {spec:>20} c={c:2d}: per-user "
+                          f"{r['per_user_tok_s']:6.1f} tok/s  aggregate {r['aggregate_tok_s']:6.1f} "
+                          f"tok/s  tau {r['mean_accepted_length']:.2f}  "
+                          f"{r['verified_drafts_by_drafter']}", flush=True)
+                first += n  # every repeat on new prompts, the same for every config
+    summary = summarise(results)
+    print_summary(summary, args.repeats)
     print(json.dumps({"prompts": args.prompts, "max_tokens": args.max_tokens, "k": args.k,
-                      "weights": loaded.weights, "results": results}))
+                      "repeats": args.repeats, "weights": loaded.weights, "results": results,
+                      "summary": summary}))
 
+
+def summarise(results: list[dict]) -> list[dict]:
+    """Per (prompt set, concurrency, config): medians over repeats, and the speedup over `none`
+    as the median of per-repeat ratios (each repeat runs every config on the same prompts, and
+    prompts differ far more between repeats than configs do within one)."""
+    points: dict[tuple[str, int, str], list[dict]] = {}
+    for r in results:
+        points.setdefault((r["prompts"], r["concurrency"], r["config"]), []).append(r)
+    out = []
+    for (set_name, c, spec), runs in points.items():
+        base = {r["repeat"]: r for r in points.get((set_name, c, "none"), [])}
+        point = {
+            "prompts": set_name, "concurrency": c, "config": spec, "runs": len(runs),
+            "per_user_tok_s": statistics.median(r["per_user_tok_s"] for r in runs),
+            "aggregate_tok_s": statistics.median(r["aggregate_tok_s"] for r in runs),
+            "mean_accepted_length": statistics.median(r["mean_accepted_length"] for r in runs),
+        }
+        for kind in ("per_user", "aggregate"):
+            ratios = [r[f"{kind}_tok_s"] / base[r["repeat"]][f"{kind}_tok_s"]
+                      for r in runs if r["repeat"] in base]
+            if ratios:
+                point[f"{kind}_speedup_vs_none"] = statistics.median(ratios)
+                point[f"{kind}_speedup_range"] = [min(ratios), max(ratios)]
+        out.append(point)
+    return out
+
+
+def print_summary(summary: list[dict], repeats: int) -> None:
+    print(f"\nmedian of {repeats} run(s) per point; speedups: median [min-max] of per-run ratios")
+    for p in summary:
+        vs_none = ""
+        if "per_user_speedup_vs_none" in p:
+            lo, hi = p["per_user_speedup_range"]
+            vs_none = f"  per-user {p['per_user_speedup_vs_none']:.2f}x none [{lo:.2f}-{hi:.2f}]"
+            lo, hi = p["aggregate_speedup_range"]
+            vs_none += f"  aggregate {p['aggregate_speedup_vs_none']:.2f}x [{lo:.2f}-{hi:.2f}]"
+        print(f"{p['prompts']:>9} {p['config']:>20} c={p['concurrency']:2d}: per-user "
+              f"{p['per_user_tok_s']:6.1f} aggregate {p['aggregate_tok_s']:6.1f} "
+              f"tau {p['mean_accepted_length']:.2f}{vs_none}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,7 @@ class Prompt:
     """One prompt in both shapes the endpoints need."""
 
     pid: str  # "<source>/<id>", stable across runs
-    category: str  # chat | math | code
+    category: str  # chat | math | code | copy
     chat: str  # user message for /v1/chat/completions
     completion: str  # raw text for /v1/completions
 
@@ -74,6 +74,32 @@ def _alpaca_5000(root: Path) -> list[Prompt]:
     return out
 
 
+def _copy(root: Path) -> list[Prompt]:
+    """Answers that copy their context, as in RAG and summaries: the first 48 alpaca items that
+    come with an input text of 200+ characters, asked in turn to follow their own instruction on
+    it, to rewrite it, and to answer from it (quoting it). (From the drafts' training split: the
+    instructions were trained on, the rewriting and quoting tasks were not.)"""
+    with open(root / "alpaca" / "alpaca_5000.json", encoding="utf-8") as f:
+        items = [(i, r) for i, r in enumerate(json.load(f)) if len(r.get("input", "")) >= 200]
+    out = []
+    for n, (i, r) in enumerate(items[:48]):
+        text, task = r["input"], r["instruction"]
+        if n % 3 == 0:
+            chat = f"{task}\n\n{text}"
+        elif n % 3 == 1:
+            chat = (
+                f"Rewrite the following text in clear, plain English, keeping every fact "
+                f"and every name:\n\n{text}"
+            )
+        else:
+            chat = (
+                f"Answer from the text below, quoting it where you can.\n\nText: {text}"
+                f"\n\nQuestion: {task}"
+            )
+        out.append(Prompt(f"copy/{i}", "copy", chat, chat))
+    return out
+
+
 def _gsm8k(root: Path) -> list[Prompt]:
     out = []
     for i, r in enumerate(_jsonl(root / "gsm8k" / "test.jsonl")):
@@ -110,6 +136,7 @@ SOURCES: dict[str, Callable[[Path], list[Prompt]]] = {
     "gsm8k": _gsm8k,
     "humaneval": _humaneval,
     "mbpp": _mbpp,
+    "copy": _copy,
 }
 
 MIXES: dict[str, tuple[str, ...]] = {
@@ -117,12 +144,19 @@ MIXES: dict[str, tuple[str, ...]] = {
     "math": ("gsm8k",),
     "code": ("humaneval", "mbpp"),
     "mixed": ("mt_bench", "alpaca_seed", "gsm8k", "humaneval", "mbpp"),
+    # the mixed traffic plus answers that copy their context (RAG, summaries, rewrites)
+    "mixed_copy": ("mt_bench", "alpaca_seed", "gsm8k", "humaneval", "mbpp", "copy"),
     # single sources, for per-category reports
     **{
         name: (name,)
-        for name in ("mt_bench", "alpaca_seed", "alpaca", "gsm8k", "humaneval", "mbpp")
+        for name in ("mt_bench", "alpaca_seed", "alpaca", "gsm8k", "humaneval", "mbpp", "copy")
     },
 }
+
+
+def load_source(name: str, root: Path | None = None) -> list[Prompt]:
+    """One source's prompts in file order (the benchmarks' fixed sets)."""
+    return SOURCES[name](root or data_dir())
 
 
 def load_mix(

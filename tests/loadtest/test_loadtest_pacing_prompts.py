@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from loadtest.pacing import ArrivalClock, ConstantRate, StepRate, pool_size
-from loadtest.prompts import DATA_ENV, MIXES, data_dir, load_mix
+from loadtest.prompts import DATA_ENV, MIXES, data_dir, load_mix, load_source
 
 
 def drain(clock: ArrivalClock) -> list[float]:
@@ -66,6 +66,7 @@ def test_pool_size_covers_rate_times_e2e() -> None:
         ("math", {"math"}),
         ("code", {"code"}),
         ("mixed", {"chat", "math", "code"}),
+        ("mixed_copy", {"chat", "math", "code", "copy"}),
     ],
 )
 def test_mixes_load_from_shared_data(mix: str, cats: set[str]) -> None:
@@ -76,6 +77,22 @@ def test_mixes_load_from_shared_data(mix: str, cats: set[str]) -> None:
     # Round-robin interleaving: every source shows up in the first few prompts.
     sources = {p.pid.split("/")[0] for p in prompts}
     assert {p.pid.split("/")[0] for p in prompts[: 2 * len(MIXES[mix])]} == sources
+
+
+def test_copy_prompts_carry_their_context() -> None:
+    """Every copy prompt holds its source text whole (what the answer is to copy from), and the
+    source's order is the file's: the benchmark's fixed set."""
+    prompts = load_source("copy")
+    assert len(prompts) == 48
+    texts = [
+        r["input"]
+        for r in json.loads((data_dir() / "alpaca" / "alpaca_5000.json").read_text())
+        if len(r.get("input", "")) >= 200
+    ][:48]
+    assert all(t in p.chat and len(p.chat) > len(t) for p, t in zip(prompts, texts))
+    assert [p.pid for p in prompts] == sorted(
+        (p.pid for p in prompts), key=lambda pid: int(pid[5:])
+    )
 
 
 def test_mix_is_deterministic_and_seeded() -> None:
