@@ -6,7 +6,8 @@
 
 Both sides decode the same chat prompts greedily with ignore_eos, so every request yields
 exactly --max-tokens tokens, and both give torch --threads threads (0: torch's default).
-Engine alone: an EngineThread in this process, token times taken in its on_step callback.
+Engine alone: the engine loop on this process's main thread, token times taken in its
+on_step callback.
 Served: `python -m server` with the same engine flags in a subprocess (the engine in its own
 process unless --server-args says otherwise), an httpx streaming client here; token times are
 chunk arrival times, so the client's own parsing is part of the served figure, as for a user.
@@ -28,7 +29,6 @@ import asyncio
 import json
 import shlex
 import statistics
-import threading
 import time
 from typing import Any
 
@@ -61,14 +61,15 @@ def summarize(records: list[Record]) -> dict[str, Any]:
 
 
 def engine_round(engine: Any, concurrency: int, max_tokens: int, tag: str) -> dict[str, Any]:
-    """One batch of `concurrency` requests through an EngineThread in this process."""
-    from scheduler.engine import EngineThread
+    """One batch of `concurrency` requests through the engine loop on this process's main
+    thread, the thread that built the engine, as in the engine process (server/engine_core.py:
+    a loop on a second thread runs a second OpenMP team, ~3x slower per step on 2 cores)."""
+    from scheduler.engine import EngineLoop, QueueInbox
     from scheduler.request import Request, SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     tok = engine.tokenizer
-    state: dict[str, list[Any]] = {}  # req_id -> [t_submit, t_first, t_last, tokens, done]
-    done = threading.Event()
+    state: dict[str, list[Any]] = {}  # req_id -> [t_submit, t_first, t_last, tokens]
 
     def on_step(outputs: list[Any], stats: Any) -> None:
         now = time.perf_counter()
@@ -77,22 +78,19 @@ def engine_round(engine: Any, concurrency: int, max_tokens: int, tag: str) -> di
             if o.new_token_ids:
                 rec[1] = rec[1] or now
                 rec[2], rec[3] = now, o.num_output_tokens
-            if o.finished:
-                rec[4] = True
-        if all(rec[4] for rec in state.values()):
-            done.set()
 
-    thread = EngineThread(engine, on_step)
-    thread.start()
+    inbox = QueueInbox()
     for i, text in enumerate(prompts(concurrency)):
         msgs = [{"role": "user", "content": text}]
         ids = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
                          add_special_tokens=False)
-        state[f"{tag}-{i}"] = [time.perf_counter(), None, None, 0, False]
-        thread.add_request(Request(f"{tag}-{i}", ids, params, arrival_s=time.monotonic()))
-    done.wait(600)
-    thread.shutdown(5)
-    return summarize([(t0, first, last, n) for t0, first, last, n, _ in state.values()])
+        state[f"{tag}-{i}"] = [time.perf_counter(), None, None, 0]
+        inbox.put(("add", Request(f"{tag}-{i}", ids, params, arrival_s=time.monotonic())))
+    inbox.put(("drain", 600.0))  # after the adds: the loop returns once they have finished
+    error = EngineLoop(engine, inbox, on_step).run()
+    if error is not None:
+        raise error
+    return summarize([(t0, first, last, n) for t0, first, last, n in state.values()])
 
 
 async def served_round(base: str, concurrency: int, max_tokens: int) -> dict[str, Any]:

@@ -218,8 +218,10 @@ class EngineLoop:
     """drain the inbox -> step -> on_step(outputs, stats), until a drain has finished.
 
     One loop for both homes of the engine: `EngineThread` runs it on a thread of the HTTP
-    process, the engine process (server/engine_core.py) on a thread of its own with an inbox
-    fed by a socket. Every step that did work, or any command that finished a request, makes
+    process, the engine process (server/engine_core.py) on its main thread with an inbox fed
+    by a socket. (Step it from the thread that built the engine where you can: a second
+    thread runs torch's parallel regions in a second OpenMP team, and on a small CPU each
+    step is then several times slower; see server/engine_core.py.) Every step that did work, or any command that finished a request, makes
     exactly one on_step call, so each step's stats reach the exporter once.
     """
 

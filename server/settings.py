@@ -60,7 +60,8 @@ _SERVER_HELP = {
     "log_prompts": "log prompts and outputs (off by default: they may be confidential)",
     "warmup": "run one short generation before reporting ready",
     "engine_process": "run the engine core in its own process, out of the HTTP process's way "
-    "(--no-engine-process: on a thread of the HTTP process)",
+    "(--no-engine-process: on a thread of the HTTP process, a second OpenMP team: on a small "
+    "CPU each step is several times slower)",
     "threads": "torch intra-op threads of the engine (0: torch's default, one per physical "
     "core; the HTTP process runs no torch threads of its own)",
 }
