@@ -11,6 +11,7 @@ Nothing here imports torch: code is named by "module:attribute" strings resolved
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,12 +180,35 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
+# `--speculative auto`: the composite where the shipped DSpark draft was trained for the
+# served model (the embedded default), else the lookup drafter, which needs no weights.
+AUTO = "auto"
+AUTO_WITH_DRAFT = "suffix+dspark"
+AUTO_WITHOUT_DRAFT = "ngram"
+
+
+def resolve_auto(name: str, target: Any) -> str:
+    """The drafters `auto` stands for with this target (other names pass unchanged)."""
+    if name != AUTO:
+        return name
+    ckpt = get("dspark").shipped_checkpoint
+    config = ckpt / "config.json" if ckpt is not None else None
+    trained_for = (
+        json.loads(config.read_text(encoding="utf-8")).get("target_name")
+        if config is not None and config.is_file()
+        else None
+    )
+    # The folder name the target was loaded from: how a draft's config names its target.
+    served = Path(str(getattr(getattr(target, "config", None), "name_or_path", ""))).name
+    return AUTO_WITH_DRAFT if trained_for and trained_for == served else AUTO_WITHOUT_DRAFT
+
+
 def build_proposers(
     name: str, target: Any, checkpoint: str | None, k: int
 ) -> list[tuple[str, Proposer]]:
-    """(name, proposer) per drafter of `--speculative NAME` ('+' joins several); empty when
-    nothing is drafted. A checkpoint goes to the drafter that has a model."""
-    names = split(name)
+    """(name, proposer) per drafter of `--speculative NAME` ('+' joins several, `auto` picks);
+    empty when nothing is drafted. A checkpoint goes to the drafter that has a model."""
+    names = split(resolve_auto(name, target))
     if names == ["none"] or k == 0:
         return []
     out = []

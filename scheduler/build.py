@@ -25,11 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def drafter_names() -> list[str]:
-    """Names `--speculative` accepts ("none" first; several joined by '+' make a composite);
-    reading them loads no drafter code."""
-    from drafts.registry import available
+    """Names `--speculative` accepts ("none" and "auto" first; several joined by '+' make a
+    composite); reading them loads no drafter code."""
+    from drafts.registry import AUTO, available
 
-    return available()
+    names = available()
+    return [names[0], AUTO, *names[1:]]
 
 
 def build_proposers(config: EngineConfig, target: Any) -> list[tuple[str, Proposer]]:

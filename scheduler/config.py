@@ -51,10 +51,11 @@ class EngineConfig:
         512, "token budget of one engine step (prefill chunks + decode + drafts)"
     )
     speculative: str = _option(
-        "ngram",
+        "auto",
         "drafter that proposes tokens for the target to verify; several joined by '+' "
         "(suffix+dspark) are a composite that keeps, per request and step, the draft worth "
-        "the most",
+        "the most; auto: suffix+dspark where the shipped DSpark draft was trained for the "
+        "model (the embedded default), else ngram",
     )
     num_speculative_tokens: int = _option(7, "draft tokens proposed per request per step (gamma)")
     verify_policy: str = _option(

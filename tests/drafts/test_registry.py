@@ -16,12 +16,14 @@ from drafts.checkpoint import build_model, draft_config
 from drafts.common import FrozenTargetParts
 from drafts.proposer import make_proposer
 from drafts.registry import (
+    AUTO,
     DrafterSpec,
     available,
     build_proposer,
     get,
     register,
     resolve,
+    resolve_auto,
     trainable,
     unregister,
 )
@@ -199,3 +201,25 @@ def test_no_draft_gate_drafts_every_step() -> None:
 
     assert all(g is not None for g in gates(True))
     assert gates(False) == [None]
+
+
+def test_auto_is_the_composite_only_for_the_target_of_the_shipped_draft() -> None:
+    """`--speculative auto` (the default) adds the DSpark draft where it was trained for the
+    served model, and falls back to the weight-free lookup for any other model."""
+    def target(folder: str) -> object:
+        return type("Target", (), {"config": type("Cfg", (), {"name_or_path": folder})()})()
+
+    shipped_for = draft_config(build_model_from_shipped()).target_name
+    assert resolve_auto(AUTO, target(f"/some/cache/{shipped_for}")) == "suffix+dspark"
+    assert resolve_auto(AUTO, target("/models/Qwen3-0.6B")) == "ngram"
+    assert resolve_auto(AUTO, None) == "ngram"  # the fake model has no config
+    assert resolve_auto("dspark", target("/models/Qwen3-0.6B")) == "dspark"
+    assert EngineConfig().speculative == AUTO
+
+
+def build_model_from_shipped() -> torch.nn.Module:
+    from drafts.checkpoint import load_draft
+
+    ckpt = get("dspark").shipped_checkpoint
+    assert ckpt is not None
+    return load_draft(ckpt)
