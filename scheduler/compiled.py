@@ -111,8 +111,18 @@ class CompiledStep:
         if self.accepts(batch):
             return self._run(batch, aux_layer_ids)
         if all(n > self.max_query for _, _, n, _ in batch.requests):
-            return self.model.forward_eager(batch, aux_layer_ids)
+            return self._prompt_chunks(batch, aux_layer_ids)
         return self._split(batch, aux_layer_ids)
+
+    def _prompt_chunks(
+        self, batch: PackedBatch, aux_layer_ids: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Long queries (prompt chunks) eager, int4 linears through their dense copies where
+        they keep one: dequantising once per four rows costs more than reading bf16."""
+        from scheduler.quant import prompt_chunk_products
+
+        with prompt_chunk_products():
+            return self.model.forward_eager(batch, aux_layer_ids)
 
     def _split(
         self, batch: PackedBatch, aux_layer_ids: tuple[int, ...]
@@ -135,7 +145,7 @@ class CompiledStep:
         out_rows = {r: i for i, r in enumerate(batch.logits_rows.tolist())}
         logits: torch.Tensor | None = None
         aux: torch.Tensor | None = None
-        for run, (queries, logits_rows, rows) in zip((self._run, self.model.forward_eager), parts):
+        for run, (queries, logits_rows, rows) in zip((self._run, self._prompt_chunks), parts):
             part_logits, part_aux = run(self.build_batch(queries, logits_rows, dev), aux_layer_ids)
             if logits is None:
                 logits = part_logits.new_empty(len(out_rows), part_logits.shape[1])

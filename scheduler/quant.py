@@ -23,10 +23,14 @@ the kernel wants bfloat16 scales, which round d to 8 bits of mantissa.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from scheduler.gguf_blocks import (
@@ -42,6 +46,24 @@ log = logging.getLogger(__name__)
 # The CPU int4 kernel packs rows in blocks of 64: packed matrices (and their scales) whose row
 # counts are multiples of it can be concatenated and sliced by rows without repacking.
 PACK_ROWS = 64
+
+
+_many_rows = threading.local()
+
+
+@contextmanager
+def prompt_chunk_products() -> Iterator[None]:
+    """Within: `Int4Linear`s that keep a dense copy multiply through it. For prompt chunks only
+    (the eager path of scheduler/compiled.py): the int4 kernel dequantises the weights once per
+    four rows, so a 256-row chunk costs 2.3x the dense product (docs/benchmarks.md). Decodes
+    and verifications stay on the int4 kernel, in the compiled graph, whatever the step's
+    shape: a token gets the same bits there whether it is verified among drafts or not."""
+    before = getattr(_many_rows, "on", False)
+    _many_rows.on = True
+    try:
+        yield
+    finally:
+        _many_rows.on = before
 
 
 def has_int4_kernel() -> bool:
@@ -76,6 +98,8 @@ class Int4Linear(nn.Module):
         scales_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(act_dtype)
         self.register_buffer("scales_zeros", scales_zeros)
         self.bias = None if bias is None else bias.to(act_dtype)
+        # The same matrix dense, for prompt chunks (see prompt_chunk_products), or None.
+        self.prompt_weight: torch.Tensor | None = None
 
     @classmethod
     def concat(cls, parts: list[Int4Linear]) -> Int4Linear | None:
@@ -97,6 +121,14 @@ class Int4Linear(nn.Module):
         fused.register_buffer("scales_zeros", torch.cat([p.scales_zeros for p in parts], 1))
         has_bias = all(p.bias is not None for p in parts)
         fused.bias = torch.cat([p.bias for p in parts]) if has_bias else None  # type: ignore[misc]
+        dense = [p.prompt_weight for p in parts]
+        fused.prompt_weight = None
+        if all(w is not None for w in dense):
+            fused.prompt_weight = torch.cat(dense)  # type: ignore[arg-type]
+            start = 0
+            for p in parts:  # held once here too
+                p.prompt_weight = fused.prompt_weight[start : start + p.out_features]
+                start += p.out_features
         start = 0
         for p in parts:  # the parts read the fused copy from now on: the weights are held once
             p.packed = fused.packed[start : start + p.out_features]
@@ -106,9 +138,12 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.act_dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2, self.packed, self.group, self.scales_zeros
-        )
+        if self.prompt_weight is not None and getattr(_many_rows, "on", False):
+            y = F.linear(x2, self.prompt_weight)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, self.packed, self.group, self.scales_zeros
+            )
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
@@ -168,14 +203,20 @@ def apply_gguf_weights(
 
 
 def gguf_modules(
-    hf_model: nn.Module, path: Path, act_dtype: torch.dtype, head: str = "auto"
+    hf_model: nn.Module,
+    path: Path,
+    act_dtype: torch.dtype,
+    head: str = "auto",
+    prompt_weights: bool = True,
 ) -> dict[str, nn.Module]:
     """The file's quantized matrices as modules for the model's linears, by module path.
 
     The dense weights loaded with the model are checked against the de-quantised file (a
     wrong row order or file would be caught here, not in the output). A Q8_0 LM head is
     served as `Q8Linear` (`head="q8"`), kept dense (`"dense"`), or whichever of the two a
-    start-up measurement finds faster (`"auto"`).
+    start-up measurement finds faster (`"auto"`). With `prompt_weights` every int4 linear
+    keeps the loaded dense matrix for prompt chunks (`prompt_chunk_products`): twice the
+    weights' memory in the activation dtype, for prefill products 2.1-2.4x faster.
     """
     if not has_int4_kernel():
         raise GGUFWeightsError("this torch has no CPU int4 kernel")
@@ -191,6 +232,8 @@ def gguf_modules(
         if qt.bits == 4:
             assert qt.zero is not None
             new: nn.Module = Int4Linear(qt.q, qt.scale, qt.zero, GROUP, dense.bias, act_dtype)
+            if prompt_weights:
+                new.prompt_weight = dense.weight.detach().to(act_dtype)
         else:
             if head == "dense":
                 continue

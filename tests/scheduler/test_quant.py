@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType, quants
 from scheduler.gguf_blocks import GROUP, parse_blocks, quantize_q4_1, read_gguf_linears
 from scheduler.loader import embedded_gguf_path, load_target
 from scheduler.model import TargetModel, build_packed_batch
-from scheduler.quant import Int4Linear, Q8Linear
+from scheduler.quant import Int4Linear, Q8Linear, prompt_chunk_products
 from scheduler.request import SamplingParams
 from tests.scheduler.test_engine_real import make_engine
 
@@ -81,6 +81,31 @@ def test_concatenated_int4_linears_compute_the_parts_side_by_side():
     # Row counts off the packing's 64-row blocks cannot share one packed matrix.
     odd = [Int4Linear(*_q4(48, 128, gen), GROUP, None, torch.float32) for _ in range(2)]
     assert Int4Linear.concat(odd) is None
+
+
+def test_prompt_chunks_multiply_through_the_dense_copy_and_nothing_else_does():
+    """Inside `prompt_chunk_products` an int4 linear with a dense copy multiplies through it
+    (the copy is made visibly different here to tell the paths apart); outside, and for a
+    linear without a copy, the int4 kernel runs. A fused linear keeps its parts' copies side
+    by side."""
+    gen = torch.Generator().manual_seed(4)
+    parts = []
+    for out_features in (128, 64):
+        qt = quantize_q4_1(torch.randn(out_features, 128, generator=gen))
+        lin = Int4Linear(qt.q, qt.scale, qt.zero, GROUP, None, torch.float32)
+        lin.prompt_weight = qt.dequantize() + 1.0
+        parts.append(lin)
+    x = torch.randn(24, 128, generator=gen)
+    int4 = torch.cat([p(x) for p in parts], -1)
+    fused = Int4Linear.concat(parts)
+    assert fused is not None and fused.prompt_weight is not None
+    with prompt_chunk_products():
+        dense = fused(x)
+        torch.testing.assert_close(dense, x @ torch.cat([p.prompt_weight for p in parts]).T)
+        torch.testing.assert_close(parts[1](x), dense[:, 128:])
+        fused.prompt_weight = None
+        assert torch.equal(fused(x), int4)
+    assert torch.equal(torch.cat([p(x) for p in parts], -1), int4)
 
 
 def _q4(out_features: int, in_features: int, gen: torch.Generator):
