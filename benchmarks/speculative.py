@@ -19,20 +19,18 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from loadtest.prompts import load_source
+from loadtest.prompts import data_dir, load_source
 from scheduler.build import assemble_engine
 from scheduler.config import EngineConfig
 from scheduler.loader import load_target
 from scheduler.request import Request, SamplingParams
 
-DATA = Path(os.environ.get("DSPARK_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = data_dir()  # ../shared/data, or $DSPARK_DATA_DIR
 
 
 def repeat_prompts() -> list[str]:

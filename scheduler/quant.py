@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 PACK_ROWS = 64
 
 
-_many_rows = threading.local()
+_in_prompt_chunk = threading.local()
 
 
 @contextmanager
@@ -58,12 +58,12 @@ def prompt_chunk_products() -> Iterator[None]:
     four rows, so a 256-row chunk costs 2.3x the dense product (docs/benchmarks.md). Decodes
     and verifications stay on the int4 kernel, in the compiled graph, whatever the step's
     shape: a token gets the same bits there whether it is verified among drafts or not."""
-    before = getattr(_many_rows, "on", False)
-    _many_rows.on = True
+    before = getattr(_in_prompt_chunk, "on", False)
+    _in_prompt_chunk.on = True
     try:
         yield
     finally:
-        _many_rows.on = before
+        _in_prompt_chunk.on = before
 
 
 def has_int4_kernel() -> bool:
@@ -122,23 +122,21 @@ class Int4Linear(nn.Module):
         has_bias = all(p.bias is not None for p in parts)
         fused.bias = torch.cat([p.bias for p in parts]) if has_bias else None  # type: ignore[misc]
         dense = [p.prompt_weight for p in parts]
-        fused.prompt_weight = None
-        if all(w is not None for w in dense):
-            fused.prompt_weight = torch.cat(dense)  # type: ignore[arg-type]
-            start = 0
-            for p in parts:  # held once here too
-                p.prompt_weight = fused.prompt_weight[start : start + p.out_features]
-                start += p.out_features
+        has_dense = all(w is not None for w in dense)
+        fused.prompt_weight = torch.cat(dense) if has_dense else None  # type: ignore[arg-type]
         start = 0
-        for p in parts:  # the parts read the fused copy from now on: the weights are held once
-            p.packed = fused.packed[start : start + p.out_features]
+        for p in parts:  # the parts read the fused copies from now on: weights held once
+            rows = slice(start, start + p.out_features)
+            p.packed = fused.packed[rows]
+            if fused.prompt_weight is not None:
+                p.prompt_weight = fused.prompt_weight[rows]
             start += p.out_features
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.act_dtype)
-        if self.prompt_weight is not None and getattr(_many_rows, "on", False):
+        if self.prompt_weight is not None and getattr(_in_prompt_chunk, "on", False):
             y = F.linear(x2, self.prompt_weight)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -207,16 +205,15 @@ def gguf_modules(
     path: Path,
     act_dtype: torch.dtype,
     head: str = "auto",
-    prompt_weights: bool = True,
 ) -> dict[str, nn.Module]:
     """The file's quantized matrices as modules for the model's linears, by module path.
 
     The dense weights loaded with the model are checked against the de-quantised file (a
     wrong row order or file would be caught here, not in the output). A Q8_0 LM head is
     served as `Q8Linear` (`head="q8"`), kept dense (`"dense"`), or whichever of the two a
-    start-up measurement finds faster (`"auto"`). With `prompt_weights` every int4 linear
-    keeps the loaded dense matrix for prompt chunks (`prompt_chunk_products`): twice the
-    weights' memory in the activation dtype, for prefill products 2.1-2.4x faster.
+    start-up measurement finds faster (`"auto"`). Every int4 linear also keeps the loaded dense
+    matrix for prompt chunks (`prompt_chunk_products`): the weights' memory again in the
+    activation dtype, for prefill products 2.1-2.4x faster.
     """
     if not has_int4_kernel():
         raise GGUFWeightsError("this torch has no CPU int4 kernel")
@@ -232,8 +229,7 @@ def gguf_modules(
         if qt.bits == 4:
             assert qt.zero is not None
             new: nn.Module = Int4Linear(qt.q, qt.scale, qt.zero, GROUP, dense.bias, act_dtype)
-            if prompt_weights:
-                new.prompt_weight = dense.weight.detach().to(act_dtype)
+            new.prompt_weight = dense.weight.detach().to(act_dtype)
         else:
             if head == "dense":
                 continue
