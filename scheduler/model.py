@@ -132,6 +132,8 @@ class TargetModel:
         param = next(hf_model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.fused = [LayerProjections(layer) for layer in self.layers]
+        # Rows the weight products take at a time: the throughput profile's stairs.
+        self.row_quantum = int(getattr(self.fused[0].qkv, "kernel_rows", 1))
         # A quantized head (scheduler/quant.py) multiplies its own blocks; a dense one is frozen.
         self.head = (
             shared_frozen_linear(self.lm_head.weight, self.lm_head.bias)

@@ -64,15 +64,21 @@ def bucket_sizes(max_tokens: int) -> list[int]:
     return sorted(sizes)
 
 
-def default_profile_sizes(max_num_seqs: int, max_draft_tokens: int, max_tokens: int) -> list[int]:
+def default_profile_sizes(
+    max_num_seqs: int, max_draft_tokens: int, max_tokens: int, row_quantum: int = 1
+) -> list[int]:
     """Step sizes worth measuring at start-up.
 
     The sizes a lone stream produces (1 .. 1 + gamma), the sizes a full batch produces
     (max_num_seqs x (1 + k) for k = 0 .. gamma), powers of two for the shape in between, and the
-    step budget itself. Everything is capped at max_tokens.
+    step budget itself. With a row quantum q > 1 (see ThroughputProfile.seed), every one of
+    those sizes that ends a pass of q rows is measured with the size after it too: the first
+    row of the next pass, where the cost jumps. Everything is capped at max_tokens.
     """
-    if min(max_num_seqs, max_tokens) < 1 or max_draft_tokens < 0:
-        raise ValueError("need max_num_seqs >= 1, max_tokens >= 1, max_draft_tokens >= 0")
+    if min(max_num_seqs, max_tokens, row_quantum) < 1 or max_draft_tokens < 0:
+        raise ValueError(
+            "need max_num_seqs >= 1, max_tokens >= 1, row_quantum >= 1, max_draft_tokens >= 0"
+        )
     sizes = {1 + k for k in range(max_draft_tokens + 1)}
     sizes.update(max_num_seqs * (1 + k) for k in range(max_draft_tokens + 1))
     p = 1
@@ -80,6 +86,8 @@ def default_profile_sizes(max_num_seqs: int, max_draft_tokens: int, max_tokens: 
         sizes.add(p)
         p *= 2
     sizes.add(max_tokens)
+    if row_quantum > 1:
+        sizes.update([n + 1 for n in sizes if n % row_quantum == 0])
     return sorted(n for n in sizes if 1 <= n <= max_tokens)
 
 
@@ -157,15 +165,43 @@ class ThroughputProfile:
     def is_seeded(self) -> bool:
         return self._log_t is not None
 
-    def seed(self, points: Sequence[tuple[int, float]]) -> None:
-        """Replace the curve with start-up measurements: (num_tokens, step_time_s) pairs."""
+    def seed(self, points: Sequence[tuple[int, float]], row_quantum: int = 1) -> None:
+        """Replace the curve with start-up measurements: (num_tokens, step_time_s) pairs.
+
+        row_quantum q: the weight kernel works on q rows at a time (torch's CPU int4 kernel
+        dequantises the weights once per 4 rows), so the step time climbs in stairs: row
+        q*m + 1 starts a pass that costs as much as a few rows inside it. A smooth curve
+        through the measured 16 and 32 charged the 17th row 4 % of a step where it costs
+        14 % (embedded model, 16 streams), and the policy verified drafts that lost
+        throughput. With q > 1
+        the grid holds both sides of every stair up to the largest measured pass start:
+        sizes q*m (pass ends) interpolated from the measured pass ends, sizes q*m + 1 from
+        the measured pass starts, and lookups between them linear within a pass.
+        """
         if not points:
             raise ValueError("seed needs at least one point")
+        if row_quantum < 1:
+            raise ValueError("row_quantum must be >= 1")
         sps = monotone_points(points)
-        self._set_grid(sorted(set(bucket_sizes(self.max_tokens)) | {n for n, _ in sps}))
-        xs = [float(n) for n, _ in sps]
-        ts = [1.0 / s for _, s in sps]
-        self._log_t = [math.log(_interp(xs, ts, n)) for n in self._sizes]
+        measured = {n: 1.0 / s for n, s in sps}
+        grid = set(bucket_sizes(self.max_tokens)) | set(measured)
+        starts = [n for n in measured if n % row_quantum == 1 % row_quantum]
+        ends = [n for n in measured if n % row_quantum == 0] or sorted(measured)
+        if row_quantum > 1 and len(starts) > 1:
+            stairs = range(row_quantum, max(starts), row_quantum)
+            grid |= {n + d for n in stairs for d in (0, 1)}
+
+        def interpolated(n: int) -> float:
+            if n in measured:
+                return measured[n]
+            family = starts if len(starts) > 1 and n % row_quantum == 1 else ends
+            return _interp(family, [measured[m] for m in family], n)
+
+        self._set_grid(sorted(grid))
+        times = [interpolated(n) for n in self._sizes]
+        for i in range(1, len(times)):  # the two families interleaved: keep it non-decreasing
+            times[i] = max(times[i], times[i - 1])
+        self._log_t = [math.log(t) for t in times]
         self._rebuild()
 
     def observe(self, num_tokens: int, step_time_s: float) -> None:

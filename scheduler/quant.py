@@ -78,6 +78,9 @@ class Int4Linear(nn.Module):
 
     packed: torch.Tensor  # buffers, declared so type checkers see tensors
     scales_zeros: torch.Tensor
+    # Rows the kernel multiplies per dequantisation of the weights (aten's int4pack_mm_kernel_,
+    # BLOCK_M = 4): a step's time climbs in stairs of this many rows (scheduler/profiler.py).
+    kernel_rows = 4
 
     def __init__(
         self,
@@ -136,7 +139,11 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.act_dtype)
-        if self.prompt_weight is not None and getattr(_in_prompt_chunk, "on", False):
+        # The compiled graph (decodes, verifications) always multiplies int4, so it never reads
+        # the flag: a traced read puts a guard on it, which the first prompt chunk after
+        # warm-up broke, recompiling the step (~11 s) in the middle of serving.
+        in_chunk = not torch.compiler.is_compiling() and getattr(_in_prompt_chunk, "on", False)
+        if self.prompt_weight is not None and in_chunk:
             y = F.linear(x2, self.prompt_weight)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -104,8 +104,15 @@ class Speculator:
         profile: ThroughputProfile | None = None,  # kept current from real step times
         gate: DraftGate | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        own_pass_above: int | None = None,
     ) -> None:
-        """One proposer (with its estimator and gate), or several Drafters: a composite."""
+        """One proposer (with its estimator and gate), or several Drafters: a composite.
+
+        own_pass_above: queries longer than this many tokens run through a forward of their
+        own (the compiled CPU step sends prompt chunks down its eager path), so the drafts
+        share their weight products only with the step's other tokens, and verifying them is
+        priced against those (see `_tokens_beside_drafts`). None: every token shares one pass.
+        """
         if isinstance(proposer, Sequence):
             self.drafters = list(proposer)
         else:
@@ -119,6 +126,7 @@ class Speculator:
         self.policy = policy
         self.profile = profile
         self.clock = clock
+        self.own_pass_above = own_pass_above
 
     @property
     def aux_layer_ids(self) -> tuple[int, ...]:
@@ -158,22 +166,21 @@ class Speculator:
             return step
         step.num_candidates = len(requests)
         num_sampling = sum(1 for s in plan.scheduled if s.samples)
+        base = self._tokens_beside_drafts(plan)
         per_request: list[list[Candidate]] = [[] for _ in requests]
         for di, d in enumerate(self.drafters):
-            self._draft_with(
-                di, d, requests, limits, per_request, plan.num_tokens, num_sampling, step
-            )
+            self._draft_with(di, d, requests, limits, per_request, base, num_sampling, step)
         if not any(st.num_asked for st in step.per_drafter):
             step.skipped = any(st.skipped for st in step.per_drafter)
             return step
         picks = choose_candidates(
             [[c.selection_survival for c in cands] for cands in per_request],
-            self._token_cost(plan.num_tokens, num_sampling),
+            self._token_cost(base, num_sampling),
         )
         chosen = [None if k is None else cands[k] for cands, k in zip(per_request, picks)]
         offered = [c for c in chosen if c is not None]
         confidences = [c.confidences for c in offered]
-        lengths = iter(self.policy.choose(confidences, plan.num_tokens, num_sampling))
+        lengths = iter(self.policy.choose(confidences, base, num_sampling))
         lengths_all = [next(lengths) if c is not None else 0 for c in chosen]
         lengths_all = _fit_budget(lengths_all, batcher.max_num_batched_tokens - plan.num_tokens)
         for s, c, length in zip(requests, chosen, lengths_all):
@@ -272,6 +279,18 @@ class Speculator:
             selection = list(accumulate([min(1.0, max(0.0, confidences[0])), *rates[1:]], mul))
         return Candidate(di, ids, probs, confidences, features, selection)
 
+    def _tokens_beside_drafts(self, plan: StepPlan) -> int:
+        """Tokens of the step that go through the drafts' forward pass: all of them, or, where
+        long queries run a pass of their own, the short ones. A prompt chunk of 200 tokens
+        beside 16 decodes made the 17th row look like 0.5 % more work, where it costs the
+        decode pass 14 % (the int4 kernel's stairs, scheduler/profiler.py); pricing drafts
+        against the decodes alone leaves out the chunk's time, which errs toward verifying
+        less."""
+        if self.own_pass_above is None:
+            return plan.num_tokens
+        short = (s.num_query_tokens for s in plan.scheduled)
+        return sum(n for n in short if n <= self.own_pass_above)
+
     def _token_cost(self, num_base_tokens: int, num_sampling: int) -> float:
         """What one more verified token costs, in emitted tokens: R x (T(B+1)/T(B) - 1)."""
         if self.profile is None or not self.policy.uses_profile:
@@ -288,11 +307,12 @@ class Speculator:
         for d, st in zip(self.drafters, step.per_drafter):
             if d.gate is not None and st.num_asked:
                 d.gate.record(st.num_asked, st.draft_time_s, st.num_draft_tokens, st.num_accepted)
-        if self.profile is not None:
+        if self.profile is not None and self._tokens_beside_drafts(plan) == plan.num_tokens:
             # The step without drafting: when verify lengths are chosen the drafting time is
             # already spent, so what one more verified token costs is the rest of the step
             # (the draft gates account for drafting separately). Real steps keep the curve
-            # current with co-located load and context growth.
+            # current with co-located load and context growth. A step whose prompt chunks
+            # ran a pass of their own is two passes, not a point of the curve: skipped.
             self.profile.observe(plan.num_tokens, step_time_s - step.draft_time_s)
         self._feed_proposers(plan, result)
 

@@ -6,6 +6,8 @@ which is split off and run eager)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -19,7 +21,9 @@ from scheduler.quant import Int4Linear
 AUX = (0, 1)
 
 
-def tiny_int4_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+def tiny_int4_llama(
+    dtype: torch.dtype = torch.float32, dense_copies: bool = False
+) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=256,
         hidden_size=128,
@@ -38,6 +42,8 @@ def tiny_int4_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
                 if isinstance(child, torch.nn.Linear):
                     qt = quantize_q4_1(child.weight)
                     new = Int4Linear(qt.q, qt.scale, qt.zero, GROUP, child.bias, dtype)
+                    if dense_copies:  # as the served model keeps for prompt chunks
+                        new.prompt_weight = qt.dequantize().to(dtype)
                     setattr(parent, name, new)
     return model
 
@@ -136,3 +142,33 @@ def test_a_row_gets_the_same_bits_decoded_alone_verified_or_beside_others():
             )[0]
     assert torch.equal(verified, alone)
     assert torch.equal(beside, alone)
+
+
+def test_a_prompt_chunk_between_decodes_does_not_recompile_the_step():
+    """The graph multiplies int4 whatever `prompt_chunk_products` says, so it must not read
+    (and guard on) that flag: a guard the first prompt chunk after warm-up broke recompiled
+    the step in the middle of serving (11 s on the embedded model). Run in a fresh thread,
+    where the flag was never set, as in a server's engine process."""
+    enable_disk_cache(default_cache_dir())
+    hf = tiny_int4_llama(torch.bfloat16, dense_copies=True)
+    cpu = torch.device("cpu")
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            model = TargetModel(
+                hf, num_slots=2, max_model_len=128,
+                options=StepOptions(compile=True, kv_dtype=torch.bfloat16),
+            )
+            with torch.inference_mode():
+                model.forward(build_packed_batch([(0, 16, [5])], [0], cpu))  # compiles
+                model.forward(build_packed_batch([(1, 0, list(range(40)))], [39], cpu))
+                with torch._dynamo.config.patch(error_on_recompile=True):
+                    model.forward(build_packed_batch([(0, 17, [6]), (1, 40, [7])], [0, 1], cpu))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(e)
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    worker.join()
+    assert not errors, errors[0]

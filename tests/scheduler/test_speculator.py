@@ -164,3 +164,38 @@ def test_composite_keeps_the_better_draft_and_never_reads_a_sampled_drafts_later
     high = _kept([0.6, 0.5], [0.7, 0.95, 0.95, 0.95], model_sampled=True)
     low = _kept([0.6, 0.5], [0.7, 0.05, 0.05, 0.05], model_sampled=True)
     assert high == low
+
+
+class RecordingPolicy(FixedLength):
+    """Verifies everything, and logs the base token count each step was priced against."""
+
+    uses_profile = False
+
+    def __init__(self, k: int) -> None:
+        super().__init__(k)
+        self.bases: list[int] = []
+
+    def choose(self, confidences, num_base_tokens, num_sampling_requests=None):
+        self.bases.append(num_base_tokens)
+        return super().choose(confidences, num_base_tokens, num_sampling_requests)
+
+
+def test_drafts_are_priced_against_the_tokens_of_their_own_pass() -> None:
+    """Where long queries run a forward of their own (the compiled CPU step's eager prompt
+    chunks), a decode's drafts share products only with the short queries: the policy prices
+    them against those. Without the split, against the whole step."""
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    bases = {}
+    for own_pass_above in (None, 16):
+        policy = RecordingPolicy(3)
+        speculator = Speculator(RepeatProposer(3), policy, own_pass_above=own_pass_above)
+        engine = LLMEngine(
+            FakeRunner(FAKE_IDS, EOS), ContinuousBatcher(2, 128, 64),
+            ServedModel("fake", None, frozenset({EOS})), speculator,
+        )
+        engine.add_request(Request("decoding", [1, 2, 3], greedy))
+        engine.step()  # its prefill: it decodes from the next step on
+        engine.add_request(Request("long", list(range(1, 41)), greedy))  # a 40-token chunk
+        engine.step()
+        bases[own_pass_above] = policy.bases[0]
+    assert bases == {None: 41, 16: 1}  # the anchor beside the 40-token chunk, or it alone
