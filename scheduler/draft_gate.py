@@ -21,10 +21,14 @@ estimator, or one that has not learned yet), a drafted step pays for that verifi
 Otherwise it skips, but not for ever: the means only move on steps that draft, so a gate that
 never drafts never learns that the text turned copyable or the load fell. It drafts anyway (a
 probe) once it has skipped `wait` steps in a row, where the wait is what makes probes cost
-about `probe_share` of the engine's time: a probe is a drafted step, expected to lose
-`loss = 1 - drafted / plain` of a plain step, so
+about `probe_share` of the engine's time: a probe is a drafted step of t_drafted seconds that
+makes what a plain step would make in t_drafted x drafted / plain, so it loses
 
-    wait = ceil(loss / probe_share) - 1      (at most max_probe_every)
+    loss = t_drafted / t_plain x (1 - drafted / plain)      plain steps' time, and
+    wait = ceil(loss / probe_share) - 1                      (at most max_probe_every)
+
+(The wait once used 1 - drafted / plain alone, a throughput ratio, as the loss: a probe that
+doubled a step, a DSpark draft for 16 requests on the CPU, then cost twice its budget.)
 
 A drafter that costs nothing to ask (the suffix and n-gram lookups: microseconds against a
 step of milliseconds) and whose drafts the policy does not verify in vain loses almost
@@ -92,10 +96,11 @@ class DraftGate:
         verify_tokens = num_base_tokens + round(n * m.verified)
         t_verified = 1.0 / self.profile.steps_per_second(verify_tokens)
         # What drafted steps did: the drafting time and the verification the policy chose.
-        drafted = (num_sampling + n * m.accepted) / (t_verified + n * m.draft_s)
+        t_drafted = t_verified + n * m.draft_s
+        drafted = (num_sampling + n * m.accepted) / t_drafted
         if drafted > plain:
             return self._draft()
-        loss = 1.0 - drafted / plain
+        loss = t_drafted / t_plain * (1.0 - drafted / plain)  # in plain steps' time
         self.probe_wait = min(math.ceil(loss / self.probe_share) - 1, self.max_probe_every)
         if self.skipped_in_a_row >= self.probe_wait:
             return self._draft()

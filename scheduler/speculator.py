@@ -180,7 +180,13 @@ class Speculator:
         chosen = [None if k is None else cands[k] for cands, k in zip(per_request, picks)]
         offered = [c for c in chosen if c is not None]
         confidences = [c.confidences for c in offered]
-        lengths = iter(self.policy.choose(confidences, base, num_sampling))
+        # Where no kept draft was sampled or every request decodes greedily, a verify length
+        # may read the whole draft (verify_policy.VerifyPolicy.choose).
+        lookahead = all(
+            c.probs is None or s.req.params.is_greedy
+            for s, c in zip(requests, chosen) if c is not None
+        )
+        lengths = iter(self.policy.choose(confidences, base, num_sampling, lookahead))
         lengths_all = [next(lengths) if c is not None else 0 for c in chosen]
         lengths_all = _fit_budget(lengths_all, batcher.max_num_batched_tokens - plan.num_tokens)
         for s, c, length in zip(requests, chosen, lengths_all):

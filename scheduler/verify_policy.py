@@ -44,6 +44,7 @@ class VerifyPolicy(Protocol):
         confidences: Sequence[Sequence[float]],
         num_base_tokens: int,
         num_sampling_requests: int | None = None,
+        lookahead: bool = False,
     ) -> list[int]:
         """Verify length per speculating request, each in 0..len(confidences[r]).
 
@@ -51,6 +52,10 @@ class VerifyPolicy(Protocol):
         decoding request, speculating or not). num_sampling_requests: requests that emit a token
         this step (decoding requests plus prefills that finish this step); None means
         len(confidences), right when every sampling request is a speculating one.
+        lookahead: every request's verify length may depend on all of its drafts, because none
+        of them was sampled (lookups, greedy drafting) or the request decodes greedily, where
+        any verify length gives the target's argmax. The exactness constraint above is then
+        void, and a policy may look past a drop in Theta.
         """
         ...
 
@@ -116,6 +121,7 @@ class NoSpeculation:
         confidences: Sequence[Sequence[float]],
         num_base_tokens: int,
         num_sampling_requests: int | None = None,
+        lookahead: bool = False,
     ) -> list[int]:
         return [0] * len(confidences)
 
@@ -136,6 +142,7 @@ class FixedLength:
         confidences: Sequence[Sequence[float]],
         num_base_tokens: int,
         num_sampling_requests: int | None = None,
+        lookahead: bool = False,
     ) -> list[int]:
         return [min(self.k, len(c)) for c in confidences]
 
@@ -195,11 +202,14 @@ class DSparkPolicy:
         confidences: Sequence[Sequence[float]],
         num_base_tokens: int,
         num_sampling_requests: int | None = None,
+        lookahead: bool = False,
     ) -> list[int]:
         survival = [prefix_survival(c) for c in confidences]
-        return greedy_early_stop(
-            survival, num_base_tokens, _sampling(confidences, num_sampling_requests), self.profile
-        )
+        sampling = _sampling(confidences, num_sampling_requests)
+        if lookahead:  # the best point of the whole ranking: past the stairs of the profile
+            budget = global_budget(survival, num_base_tokens, sampling, self.profile)
+            return top_k_lengths(survival, budget)
+        return greedy_early_stop(survival, num_base_tokens, sampling, self.profile)
 
 
 def global_budget(
@@ -267,14 +277,20 @@ class DSparkProductionPolicy:
         confidences: Sequence[Sequence[float]],
         num_base_tokens: int,
         num_sampling_requests: int | None = None,
+        lookahead: bool = False,
     ) -> list[int]:
         survival = [prefix_survival(c) for c in confidences]
         sampling = _sampling(confidences, num_sampling_requests)
-        if len(self._budgets) < self.lag:
+        budget = global_budget(survival, num_base_tokens, sampling, self.profile)
+        if lookahead:  # no exactness to keep: this step's own budget
+            lengths = top_k_lengths(survival, budget)
+        elif len(self._budgets) < self.lag:
             lengths = greedy_early_stop(survival, num_base_tokens, sampling, self.profile)
         else:
             lengths = top_k_lengths(survival, self._budgets.popleft())
-        self._budgets.append(global_budget(survival, num_base_tokens, sampling, self.profile))
+        self._budgets.append(budget)
+        while len(self._budgets) > self.lag:  # lookahead steps spent none
+            self._budgets.popleft()
         return lengths
 
 

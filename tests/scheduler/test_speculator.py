@@ -175,9 +175,9 @@ class RecordingPolicy(FixedLength):
         super().__init__(k)
         self.bases: list[int] = []
 
-    def choose(self, confidences, num_base_tokens, num_sampling_requests=None):
+    def choose(self, confidences, num_base_tokens, num_sampling_requests=None, lookahead=False):
         self.bases.append(num_base_tokens)
-        return super().choose(confidences, num_base_tokens, num_sampling_requests)
+        return super().choose(confidences, num_base_tokens, num_sampling_requests, lookahead)
 
 
 def test_drafts_are_priced_against_the_tokens_of_their_own_pass() -> None:

@@ -196,6 +196,20 @@ def test_production_looks_past_a_cost_cliff_that_stops_the_greedy() -> None:
     assert production.choose(conf, 1) == [7]  # budget from the previous call's global search
 
 
+def test_with_lookahead_dspark_climbs_the_int4_stairs() -> None:
+    """One stream on the int4 step (stairs of 4 rows, benchmarks/engine.py's batch-1 shape):
+    the fifth row starts a pass and Theta drops there, so the early stop ends at 3 drafts;
+    a deterministic or greedy step may look past the drop to the best point, 7."""
+    stairs = Curve(lambda n: 1000.0 / (10.9 + 5.0 * ((n - 1) // 4) + 0.9 * (n - 1)))
+    conf = [[0.95] * 7]
+    assert DSparkPolicy(stairs).choose(conf, 1) == [3]
+    assert DSparkPolicy(stairs).choose(conf, 1, lookahead=True) == [7]
+    assert theta(conf, [7], 1, stairs) > theta(conf, [3], 1, stairs)
+    production = DSparkProductionPolicy(stairs, lag=1)
+    assert [production.choose(conf, 1, lookahead=True) for _ in range(3)] == [[7]] * 3
+    assert len(production._budgets) == 1  # lookahead steps do not pile up stale budgets
+
+
 def test_build_policy_registry() -> None:
     curve = Curve(lambda n: 1.0)
     assert POLICY_NAMES == ("none", "fixed", "dspark", "dspark-production")
