@@ -173,10 +173,9 @@ class ThroughputProfile:
         q*m + 1 starts a pass that costs as much as a few rows inside it. A smooth curve
         through the measured 16 and 32 charged the 17th row 4 % of a step where it costs
         14 % (embedded model, 16 streams), and the policy verified drafts that lost
-        throughput. With q > 1
-        the grid holds both sides of every stair up to the largest measured pass start:
-        sizes q*m (pass ends) interpolated from the measured pass ends, sizes q*m + 1 from
-        the measured pass starts, and lookups between them linear within a pass.
+        throughput. With q > 1 the grid holds both sides of every stair up to the largest
+        measured pass start: sizes q*m (pass ends) interpolated from the measured pass ends,
+        sizes q*m + 1 from the measured pass starts, and lookups linear within a pass.
         """
         if not points:
             raise ValueError("seed needs at least one point")
@@ -185,7 +184,7 @@ class ThroughputProfile:
         sps = monotone_points(points)
         measured = {n: 1.0 / s for n, s in sps}
         grid = set(bucket_sizes(self.max_tokens)) | set(measured)
-        starts = [n for n in measured if n % row_quantum == 1 % row_quantum]
+        starts = [n for n in measured if n % row_quantum == 1 % row_quantum]  # q = 1: all
         ends = [n for n in measured if n % row_quantum == 0] or sorted(measured)
         if row_quantum > 1 and len(starts) > 1:
             stairs = range(row_quantum, max(starts), row_quantum)
