@@ -208,10 +208,7 @@ def apply_gguf_weights(
 
 
 def gguf_modules(
-    hf_model: nn.Module,
-    path: Path,
-    act_dtype: torch.dtype,
-    head: str = "auto",
+    hf_model: nn.Module, path: Path, act_dtype: torch.dtype, head: str = "auto"
 ) -> dict[str, nn.Module]:
     """The file's quantized matrices as modules for the model's linears, by module path.
 
