@@ -19,6 +19,7 @@ Reports (the last line printed is one JSON object):
 Usage:
     python benchmarks/engine.py --threads 2 --llama-cpp-python /tmp/llamacpp-venv/bin/python
     [--weights auto|gguf|dense] [--dtype auto] [--compile-step auto] [--kv-dtype auto]
+    [--attention auto|native|inductor]
     [--speculative none] [--new-tokens 64] [--quick]
 """
 
@@ -258,6 +259,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--compile-step", default="auto")
     ap.add_argument("--kv-dtype", default="auto")
+    ap.add_argument("--attention", default="auto", help="auto | native | inductor")
     ap.add_argument("--speculative", default="none", help="drafter of the served engine")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -272,7 +274,7 @@ def main() -> None:
     max_len = (256 if args.quick else 1024) + new_tokens + 32
     config = EngineConfig(
         device="cpu", dtype=args.dtype, weights=args.weights, compile_step=args.compile_step,
-        kv_dtype=args.kv_dtype, max_num_seqs=slots, max_model_len=max_len,
+        kv_dtype=args.kv_dtype, attention=args.attention, max_num_seqs=slots, max_model_len=max_len,
         speculative=args.speculative, profile_on_start=args.speculative != "none",
         cache_dir=args.cache_dir,
     )
@@ -284,6 +286,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "weights": loaded.weights, "dtype": str(model.dtype).removeprefix("torch."),
         "kv_dtype": str(model.kv_dtype).removeprefix("torch."), "compiled": model.compiled is not None,
+        "native_attention": model.native_attention,
         "threads": threads, "speculative": args.speculative, "new_tokens": new_tokens,
         "engine_build_s": time.perf_counter() - t,
     }
@@ -330,11 +333,25 @@ def main() -> None:
               f"{eager_ms:.2f} ms", flush=True)
     if model.compiled is not None and not args.quick:
         other = torch.float32 if model.kv_dtype == torch.bfloat16 else torch.bfloat16
-        twin = TargetModel(loaded.hf_model, 1, max_len, StepOptions(compile=True, kv_dtype=other))
+        twin = TargetModel(loaded.hf_model, 1, max_len, StepOptions(
+            compile=True, kv_dtype=other, native_attention=model.native_attention))
         ms = {str(d).removeprefix("torch."): step_time(m, 1, 1, contexts[-1], 3 * args.repeats) * 1e3
               for d, m in ((model.kv_dtype, model), (other, twin))}
         result["kv_dtype_step_ms"] = {"context": contexts[-1], **ms}
         print(f"batch-1 compiled step at context {contexts[-1]} by KV dtype: {ms}", flush=True)
+        if model.native_attention:  # the C++ attention against inductor's loops
+            looped = TargetModel(loaded.hf_model, 1, max_len,
+                                 StepOptions(compile=True, kv_dtype=model.kv_dtype))
+            result["attention_step_ms"] = []
+            for ctx in contexts:
+                for q in (1, 8):
+                    row = {"context": ctx, "new_tokens": q,
+                           "native": step_time(model, 1, q, ctx, 3 * args.repeats) * 1e3,
+                           "inductor": step_time(looped, 1, q, ctx, 3 * args.repeats) * 1e3}
+                    result["attention_step_ms"].append(row)
+                    print(f"batch-1 compiled step, context {ctx}, {q} new tokens: native attention "
+                          f"{row['native']:.2f} ms, inductor's loops {row['inductor']:.2f} ms",
+                          flush=True)
 
     prompts = chat_prompts(loaded.tokenizer, 32)
     engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0))

@@ -109,7 +109,8 @@ def assemble_engine(loaded: LoadedModel, config: EngineConfig) -> LLMEngine:
 
 
 def step_options(config: EngineConfig, hf_model: Any) -> StepOptions:
-    """--compile-step and --kv-dtype resolved for this model (see their help in config.py)."""
+    """--compile-step, --kv-dtype and --attention resolved for this model (see their help in
+    config.py)."""
     import torch
 
     from scheduler.compiled import enable_disk_cache
@@ -126,9 +127,26 @@ def step_options(config: EngineConfig, hf_model: Any) -> StepOptions:
         kv_dtype = torch.bfloat16 if compile_step and dtype == torch.bfloat16 else None
     else:
         kv_dtype = getattr(torch, config.kv_dtype)
+    native_attention = False
     if compile_step:
-        enable_disk_cache(Path(config.cache_dir) if config.cache_dir else default_cache_dir())
-    return StepOptions(compile=compile_step, kv_dtype=kv_dtype)
+        cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+        enable_disk_cache(cache_dir)
+        if config.attention != "inductor":
+            from scheduler import kernels
+
+            cfg = hf_model.config
+            heads = cfg.num_attention_heads
+            kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+            if not kernels.attention_serves(head_dim, heads, kv_heads):
+                why = f"no kernel built for head_dim {head_dim} and {heads}/{kv_heads} heads"
+            elif not kernels.load(cache_dir):
+                why = f"the kernels did not build: {kernels.build_error()}"
+            else:
+                native_attention, why = True, ""
+            if config.attention == "native" and not native_attention:
+                raise RuntimeError(f"--attention native: {why}")
+    return StepOptions(compile=compile_step, kv_dtype=kv_dtype, native_attention=native_attention)
 
 
 def warm_up_compiled(model: TargetModel, aux_layer_ids: tuple[int, ...]) -> None:

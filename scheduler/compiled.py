@@ -177,7 +177,7 @@ class CompiledStep:
         aux_layer_ids: tuple[int, ...],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         m = self.model
-        input_ids, positions, row_slot, row_start, row_first = rows.unbind(1)
+        input_ids, positions = rows[:, 0], rows[:, 1]
         N, L = rows.shape[0], span.shape[0]
         H, KV, D = m.num_heads, m.num_kv_heads, m.head_dim
         G = H // KV
@@ -188,34 +188,16 @@ class CompiledStep:
         # request's start, the step's own new keys from there on. One reduction over positions
         # in order, whatever the step's shape, so a token verified among drafts gets the bits
         # it would get decoded alone.
-        rel = torch.arange(L, device=h.device)[None, :] - row_start[:, None]  # [N, L]
-        query_idx = positions - row_start  # [N] the row's place in its request's query
-        from_own = (rel >= 0)[:, None, :, None]  # [N, 1, L, 1]
-        # The new key at position start + r sits in packed row first + r (clamped where masked).
-        own_rows = row_first[:, None] + torch.minimum(rel.clamp(min=0), query_idx[:, None])
-        # Row j of a request (position start + j) attends positions <= start + j.
-        mask = torch.zeros(N, L, device=h.device).masked_fill(
-            rel > query_idx[:, None], float("-inf")
-        )[:, None, None, :]  # [N, 1, 1, L]
+        attend = _native_attention(m) if m.native_attention else _looped_attention(m, rows, L)
         new_k, new_v, aux = [], [], []
         for i, (layer, fused) in enumerate(zip(m.layers, m.fused)):
             q, k, v = m.project_qkv(layer, fused, layer.input_layernorm(h), cos, sin)
-            qg = _stored(q.view(N, KV, G, 1, D) * m.scale)
+            qg = _stored(q.view(N, KV, G, D) * m.scale)
             # The step's own keys as the cache will hold them (rounded to its dtype), so a key
             # is the same number whether it is read back from the cache or straight from here.
             k_new = _stored(k.to(m.kv_dtype))  # [N, KV, D]
             v_new = _stored(v.to(m.kv_dtype))
-            # [N, KV, L, D]; indexing inside inductor's loops reads the cache in place.
-            keys = torch.where(
-                from_own, k_new[own_rows].transpose(1, 2), m.k_cache[i][row_slot][:, :, :L]
-            )
-            values = torch.where(
-                from_own, v_new[own_rows].transpose(1, 2), m.v_cache[i][row_slot][:, :, :L]
-            )
-            # Products as broadcast multiply-sums: loops over the cache, no gathered copy.
-            scores = (qg * keys[:, :, None]).sum(-1).float() + mask  # [N, KV, G, L]
-            probs = torch.softmax(scores, -1)
-            o = (probs[..., None] * values[:, :, None].float()).sum(-2)  # [N, KV, G, D]
+            o = attend(i, qg, k_new, v_new, rows)  # [N, KV, G, D] float32
             h = h + fused.o(o.reshape(N, H * D).to(h.dtype))
             h = m.mlp(layer, fused, h)
             new_k.append(k_new)
@@ -224,6 +206,54 @@ class CompiledStep:
                 aux.append(h)
         logits, aux_hidden = m.logits_and_aux(h, head_rows, aux, aux_layer_ids)
         return logits, torch.stack(new_k, 1), torch.stack(new_v, 1), aux_hidden
+
+
+def _native_attention(m: TargetModel) -> Callable[..., torch.Tensor]:
+    """The attention rule in C++ (scheduler/kernels/row_attention.cpp): each row reads its
+    request's keys and values once for the query heads that share them."""
+
+    def attend(
+        layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        return torch.ops.dspark_kernels.row_attention(
+            q, k_new, v_new, m.k_cache[layer], m.v_cache[layer], rows
+        )
+
+    return attend
+
+
+def _looped_attention(
+    m: TargetModel, rows: torch.Tensor, L: int
+) -> Callable[..., torch.Tensor]:
+    """The attention rule as tensor formulas that inductor turns into loops over the cache."""
+    _, positions, row_slot, row_start, row_first = rows.unbind(1)
+    N = rows.shape[0]
+    rel = torch.arange(L, device=rows.device)[None, :] - row_start[:, None]  # [N, L]
+    query_idx = positions - row_start  # [N] the row's place in its request's query
+    from_own = (rel >= 0)[:, None, :, None]  # [N, 1, L, 1]
+    # The new key at position start + r sits in packed row first + r (clamped where masked).
+    own_rows = row_first[:, None] + torch.minimum(rel.clamp(min=0), query_idx[:, None])
+    # Row j of a request (position start + j) attends positions <= start + j.
+    mask = torch.zeros(N, L, device=rows.device).masked_fill(
+        rel > query_idx[:, None], float("-inf")
+    )[:, None, None, :]  # [N, 1, 1, L]
+
+    def attend(
+        layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        # [N, KV, L, D]; indexing inside inductor's loops reads the cache in place.
+        keys = torch.where(
+            from_own, k_new[own_rows].transpose(1, 2), m.k_cache[layer][row_slot][:, :, :L]
+        )
+        values = torch.where(
+            from_own, v_new[own_rows].transpose(1, 2), m.v_cache[layer][row_slot][:, :, :L]
+        )
+        # Products as broadcast multiply-sums: loops over the cache, no gathered copy.
+        scores = (q[:, :, :, None] * keys[:, :, None]).sum(-1).float() + mask  # [N, KV, G, L]
+        probs = torch.softmax(scores, -1)
+        return (probs[..., None] * values[:, :, None].float()).sum(-2)  # [N, KV, G, D]
+
+    return attend
 
 
 _instances = itertools.count()

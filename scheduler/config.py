@@ -45,6 +45,12 @@ class EngineConfig:
         "auto | float32 | bfloat16: KV cache dtype (auto: bfloat16 under a compiled step with "
         "bfloat16 activations, which reads it at half the bytes; float32 otherwise on CPU)",
     )
+    attention: str = _option(
+        "auto",
+        "auto | native | inductor: how the compiled step attends: a C++ kernel built for this "
+        "CPU at start-up and cached under --cache-dir (needs a C++ compiler), or inductor's "
+        "own loops (auto: native where it builds)",
+    )
     max_num_seqs: int = _option(16, "requests decoded at once (KV slots)")
     max_model_len: int = _option(2048, "prompt + output tokens per request")
     max_num_batched_tokens: int = _option(
@@ -90,6 +96,7 @@ class EngineConfig:
             ("weights", ("auto", "gguf", "dense")),
             ("compile_step", ("auto", "on", "off")),
             ("kv_dtype", ("auto", "float32", "bfloat16")),
+            ("attention", ("auto", "native", "inductor")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}")

@@ -100,10 +100,13 @@ class PackedBatch:
 
 @dataclass(frozen=True)
 class StepOptions:
-    """EngineConfig's --compile-step and --kv-dtype, resolved (scheduler/build.py)."""
+    """EngineConfig's --compile-step, --kv-dtype and --attention, resolved (scheduler/build.py)."""
 
     compile: bool = False  # short-query steps through scheduler/compiled.py's graph
     kv_dtype: torch.dtype | None = None  # None: the attention dtype
+    # The compiled step attends through scheduler/kernels (built and loaded by build.py)
+    # rather than inductor's loops.
+    native_attention: bool = False
 
 
 class TargetModel:
@@ -148,6 +151,7 @@ class TargetModel:
         shape = (self.num_layers, num_slots, self.num_kv_heads, max_model_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.native_attention = options.native_attention
         self.compiled: CompiledStep | None = None
         if options.compile:
             from scheduler.compiled import CompiledStep

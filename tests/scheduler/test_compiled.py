@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from scheduler import kernels
 from scheduler.compiled import enable_disk_cache
 from scheduler.gguf_blocks import GROUP, quantize_q4_1
 from scheduler.loader import default_cache_dir
@@ -19,6 +20,15 @@ from scheduler.model import StepOptions, TargetModel, build_packed_batch
 from scheduler.quant import Int4Linear
 
 AUX = (0, 1)
+# The compiled step's two attention paths: inductor's loops and the C++ kernel.
+ATTENTION = ["inductor", "native"]
+
+
+def compiled_options(attention: str, kv_dtype: torch.dtype | None) -> StepOptions:
+    native = attention == "native"
+    if native:
+        assert kernels.load(default_cache_dir()), kernels.build_error()
+    return StepOptions(compile=True, kv_dtype=kv_dtype, native_attention=native)
 
 
 def tiny_int4_llama(
@@ -59,13 +69,14 @@ STEPS = [
 ]
 
 
+@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16])
-def test_compiled_step_equals_the_eager_step(kv_dtype):
+def test_compiled_step_equals_the_eager_step(kv_dtype, attention):
     enable_disk_cache(default_cache_dir())  # later runs load the graphs instead of compiling
     hf = tiny_int4_llama()
     eager = TargetModel(hf, num_slots=4, max_model_len=128, options=StepOptions(kv_dtype=kv_dtype))
     compiled = TargetModel(
-        hf, num_slots=4, max_model_len=128, options=StepOptions(compile=True, kv_dtype=kv_dtype)
+        hf, num_slots=4, max_model_len=128, options=compiled_options(attention, kv_dtype)
     )
     assert compiled.compiled is not None and eager.compiled is None
     # float32 activations: the two differ only in summation order; a bfloat16 cache stores
@@ -102,17 +113,15 @@ def test_compiled_step_equals_the_eager_step(kv_dtype):
     assert taken == [False, True, True, True, True, False]
 
 
-def test_a_row_gets_the_same_bits_decoded_alone_verified_or_beside_others():
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_a_row_gets_the_same_bits_decoded_alone_verified_or_beside_others(attention):
     """bfloat16, the served format: four tokens decoded one step at a time, verified in one
     step, and verified beside another request's step give bit-identical logits, which is what
     makes greedy speculation lossless on this path."""
     enable_disk_cache(default_cache_dir())
     hf = tiny_int4_llama(torch.bfloat16)
     model = TargetModel(
-        hf,
-        num_slots=2,
-        max_model_len=128,
-        options=StepOptions(compile=True, kv_dtype=torch.bfloat16),
+        hf, num_slots=2, max_model_len=128, options=compiled_options(attention, torch.bfloat16)
     )
     gen = torch.Generator().manual_seed(9)
     prompt, other = (torch.randint(0, 256, (n,), generator=gen).tolist() for n in (30, 45))
@@ -158,7 +167,7 @@ def test_a_prompt_chunk_between_decodes_does_not_recompile_the_step():
         try:
             model = TargetModel(
                 hf, num_slots=2, max_model_len=128,
-                options=StepOptions(compile=True, kv_dtype=torch.bfloat16),
+                options=compiled_options("native", torch.bfloat16),
             )
             with torch.inference_mode():
                 model.forward(build_packed_batch([(0, 16, [5])], [0], cpu))  # compiles

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from scheduler import kernels
 from scheduler.batching import ContinuousBatcher
 from scheduler.compiled import enable_disk_cache
 from scheduler.engine import LLMEngine, ServedModel
@@ -37,6 +38,7 @@ BUDGET = 256  # room for a whole prompt beside every decode and verification
 def quantized():
     loaded = load_target(device="cpu", dtype="bfloat16", weights="gguf")
     enable_disk_cache(default_cache_dir())
+    assert kernels.load(default_cache_dir()), kernels.build_error()  # the served attention
     return loaded
 
 
@@ -57,7 +59,7 @@ def runner(quantized, dspark):
         4,
         512,
         aux_layer_ids=dspark.aux_layer_ids,
-        step_options=StepOptions(compile=True, kv_dtype=torch.bfloat16),
+        step_options=StepOptions(compile=True, kv_dtype=torch.bfloat16, native_attention=True),
     )
 
 

@@ -1,0 +1,98 @@
+"""C++ kernels of the compiled step, built for this CPU on first use and cached on disk.
+
+`row_attention.cpp`: a step's packed rows attending their requests' cached keys and values
+(scheduler/compiled.py). It is compiled with the machine's own instruction set (AVX-512 where
+the CPU has it, portable loops elsewhere) by torch's extension builder (needs a C++ compiler
+and ninja), ~10 s the first time, then loaded from `<cache>/kernels/` in a fraction of a
+second. The folder's name carries the CPU's flags, so a cache carried to another CPU builds
+anew rather than loading instructions that CPU lacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name("row_attention.cpp")]
+# What row_attention.cpp is instantiated for: head sizes, query heads per key/value head.
+HEAD_DIMS = (32, 64, 128, 256)
+MAX_GROUP = 8
+_lock = threading.Lock()
+_loaded: bool | None = None
+_error: str | None = None
+
+
+def load(cache_dir: Path) -> bool:
+    """Build (or reload) the kernels; False, with the reason in `build_error()`, when they
+    cannot be built here."""
+    global _loaded, _error
+    with _lock:
+        if _loaded is None:
+            try:
+                _build(cache_dir)
+                _register_fakes()
+                _loaded = True
+            # No compiler, no ninja, a compile error: say so and serve without them.
+            except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
+                _loaded, _error = False, f"{type(e).__name__}: {e}"
+                log.warning("native kernels unavailable (%s)", _error)
+    return _loaded
+
+
+def build_error() -> str | None:
+    return _error
+
+
+def attention_serves(head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
+    """Whether row_attention is built for a model of this shape."""
+    return head_dim in HEAD_DIMS and num_heads // num_kv_heads <= MAX_GROUP
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _build(cache_dir: Path) -> None:
+    import torch
+    from torch.utils import cpp_extension
+
+    try:  # the ninja wheel (a dependency) puts its binary beside it, maybe not on PATH
+        import ninja
+
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+    except ImportError:
+        pass
+    fingerprint = hashlib.sha256((_cpu_flags() + torch.__version__).encode()).hexdigest()[:10]
+    name = f"dspark_kernels_{fingerprint}"
+    build_dir = cache_dir / "kernels" / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in SOURCES],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+    )
+
+
+def _register_fakes() -> None:
+    import torch
+
+    @torch.library.register_fake("dspark_kernels::row_attention")
+    def _(q, k_new, v_new, k_cache, v_cache, rows):  # type: ignore[no-untyped-def]
+        return q.new_empty(q.shape, dtype=torch.float32)
