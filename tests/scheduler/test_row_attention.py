@@ -98,3 +98,22 @@ def test_rows_out_of_range_are_refused_not_read(row_attention):
     for bad in ([11, 16, 0, 16, 0], [11, 3, 2, 3, 0], [11, 4, 0, 3, 0]):  # position, slot, own row
         with pytest.raises(RuntimeError, match="out of range"):
             row_attention(q, k_new, k_new, k_cache, k_cache, torch.tensor([bad]))
+
+
+def test_the_served_step_attends_natively_where_the_kernel_builds(monkeypatch):
+    """--attention auto takes the kernel when it builds and falls back to inductor's loops when
+    it does not; --attention native refuses to start without it."""
+    from scheduler.build import step_options
+    from scheduler.config import EngineConfig
+    from tests.scheduler.test_compiled import tiny_int4_llama
+
+    hf = tiny_int4_llama(torch.bfloat16)
+    config = EngineConfig(device="cpu")
+    assert step_options(config, hf).native_attention
+    assert not step_options(EngineConfig(attention="inductor"), hf).native_attention
+    monkeypatch.setattr(kernels, "load", lambda cache_dir: False)
+    assert not step_options(config, hf).native_attention
+    with pytest.raises(RuntimeError, match="--attention native"):
+        step_options(EngineConfig(attention="native"), hf)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        EngineConfig(attention="flash")
