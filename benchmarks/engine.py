@@ -200,7 +200,8 @@ def long_prompts(tokenizer, lengths: dict[str, int]) -> dict[str, list[int]]:
     return {name: ids[:n] for name, n in lengths.items()}
 
 
-def llama_cpp(python: str | None, prompts: dict[str, list[int]], threads: int, new_tokens: int) -> dict:
+def llama_cpp(python: str | None, prompts: dict[str, list[int]], threads: int, new_tokens: int,
+              repeats: int) -> dict:
     if not python or not Path(python).exists():
         note = "skipped: pass --llama-cpp-python (a python with llama-cpp-python installed)"
         print(f"llama.cpp: {note}", flush=True)
@@ -208,7 +209,7 @@ def llama_cpp(python: str | None, prompts: dict[str, list[int]], threads: int, n
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump([{"name": k, "ids": v} for k, v in prompts.items()], f)
     cmd = [python, str(LLAMA_SIDE), "--model", str(embedded_gguf_path()), "--threads", str(threads),
-           "--prompts", f.name, "--new-tokens", str(new_tokens)]
+           "--prompts", f.name, "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
     try:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     finally:
@@ -216,6 +217,13 @@ def llama_cpp(python: str | None, prompts: dict[str, list[int]], threads: int, n
     result = json.loads(out.strip().splitlines()[-1])
     result["results"] = {r.pop("name"): r for r in result["results"]}
     return result
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median decode rate, with the median TTFT of all runs (as llama_cpp_side.py)."""
+    ranked = sorted(runs, key=lambda r: r["decode_tok_s"])
+    ttfts = sorted(r["ttft_s"] for r in runs)
+    return {**ranked[len(ranked) // 2], "ttft_s": ttfts[len(ttfts) // 2], "runs": len(runs)}
 
 
 def agreeing_prefix(a: list[int], b: list[int]) -> int:
@@ -228,8 +236,11 @@ def side_by_side(engine, tokenizer, args, threads: int, new_tokens: int) -> list
         lengths = {"context 64": 64, "context 256": 256, "prompt 200": 200}
     prompts = long_prompts(tokenizer, lengths)
     ours_single(engine, prompts[next(iter(prompts))][:16], 4)  # warm-up
-    ours = {name: ours_single(engine, ids, new_tokens) for name, ids in prompts.items()}
-    llama = llama_cpp(args.llama_cpp_python, prompts, threads, new_tokens)
+    # Each side runs each prompt `side_repeats` times and keeps the median: one run of 64 tokens
+    # moves by 10 % or more on a shared machine.
+    ours = {name: median_run([ours_single(engine, ids, new_tokens) for _ in range(args.side_repeats)])
+            for name, ids in prompts.items()}
+    llama = llama_cpp(args.llama_cpp_python, prompts, threads, new_tokens, args.side_repeats)
     rows = []
     for name, mine in ours.items():
         row = {"prompt": name, "prompt_tokens": mine["prompt_tokens"],
@@ -264,6 +275,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--side-repeats", type=int, default=3,
+                    help="runs per prompt on each side of the llama.cpp comparison (median kept)")
     ap.add_argument("--quick", action="store_true", help="short prompts, few sizes (smoke run)")
     args = ap.parse_args()
     if args.threads:
