@@ -10,9 +10,10 @@ The KV cache is read, never written, inside the graph (a graph that mutates its 
 copy it): each position's key is taken from the cache below a request's start and from the
 step's own new keys from there on, and attention reduces over positions in order. The graph
 returns the new keys and values of every layer and one indexed write per cache stores them
-after it. The cache is read through the requests' slot indices inside inductor's loops, so
-nothing is gathered or copied, and the per-token cost of attention grows with the cached
-bytes (bfloat16 caches are read as such and widened in registers).
+after it. Attention reads the cache in place through the requests' slot indices, nothing
+gathered or copied: in a C++ kernel built for the CPU (scheduler/kernels; `--attention auto`
+takes it wherever it builds), else in inductor's loops over the same formula, which cost about
+5x the time of reading the cached bytes (docs/benchmarks.md).
 
 Every tensor of the graph is laid out by the step's packed rows (tokens), and every row
 attends on its own: no row is computed for padding. (The first version laid the step out as
