@@ -131,22 +131,31 @@ def step_options(config: EngineConfig, hf_model: Any) -> StepOptions:
     if compile_step:
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         enable_disk_cache(cache_dir)
-        if config.attention != "inductor":
-            from scheduler import kernels
-
-            cfg = hf_model.config
-            heads = cfg.num_attention_heads
-            kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-            if not kernels.attention_serves(head_dim, heads, kv_heads):
-                why = f"no kernel built for head_dim {head_dim} and {heads}/{kv_heads} heads"
-            elif not kernels.load(cache_dir):
-                why = f"the kernels did not build: {kernels.build_error()}"
-            else:
-                native_attention, why = True, ""
-            if config.attention == "native" and not native_attention:
-                raise RuntimeError(f"--attention native: {why}")
+        native_attention = _native_attention(config, hf_model.config, cache_dir, on_cpu)
     return StepOptions(compile=compile_step, kv_dtype=kv_dtype, native_attention=native_attention)
+
+
+def _native_attention(config: EngineConfig, cfg: Any, cache_dir: Path, on_cpu: bool) -> bool:
+    """--attention resolved: whether the compiled step attends through scheduler/kernels."""
+    if config.attention == "inductor":
+        return False
+    from scheduler import kernels
+
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    if not on_cpu:
+        why = "the kernel is built for CPUs only"
+    elif not kernels.attention_serves(head_dim, heads, kv_heads):
+        why = f"no kernel built for head_dim {head_dim} and {heads}/{kv_heads} heads"
+    elif not kernels.load(cache_dir):
+        why = f"the kernel did not build: {kernels.build_error()}"
+    else:
+        return True
+    if config.attention == "native":
+        raise RuntimeError(f"--attention native: {why}")
+    log.info("the compiled step attends through inductor's loops: %s", why)
+    return False
 
 
 def warm_up_compiled(model: TargetModel, aux_layer_ids: tuple[int, ...]) -> None:
