@@ -17,9 +17,10 @@ Reports (the last line printed is one JSON object):
     single-request tok/s vs transformers `generate` (transformers on the dense model).
 
 Usage:
-    python benchmarks/engine.py --threads 2 --llama-cpp-python /tmp/llamacpp-venv/bin/python
+    python benchmarks/engine.py --threads 2 --llama-cpp-python <venv with llama-cpp-python>/bin/python
     [--weights auto|gguf|dense] [--dtype auto] [--compile-step auto] [--kv-dtype auto]
-    [--attention auto|native|inductor]
+    [--attention auto|native|inductor]   (the two attention paths side by side:
+    benchmarks/compiled_attention.py)
     [--speculative none] [--new-tokens 64] [--quick]
 """
 
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from llama_cpp_side import median_run  # benchmarks/llama_cpp_side.py, beside this script
 
 from scheduler.build import assemble_engine
 from scheduler.config import EngineConfig
@@ -219,13 +221,6 @@ def llama_cpp(python: str | None, prompts: dict[str, list[int]], threads: int, n
     return result
 
 
-def median_run(runs: list[dict]) -> dict:
-    """The run of median decode rate, with the median TTFT of all runs (as llama_cpp_side.py)."""
-    ranked = sorted(runs, key=lambda r: r["decode_tok_s"])
-    ttfts = sorted(r["ttft_s"] for r in runs)
-    return {**ranked[len(ranked) // 2], "ttft_s": ttfts[len(ttfts) // 2], "runs": len(runs)}
-
-
 def agreeing_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -352,19 +347,6 @@ def main() -> None:
               for d, m in ((model.kv_dtype, model), (other, twin))}
         result["kv_dtype_step_ms"] = {"context": contexts[-1], **ms}
         print(f"batch-1 compiled step at context {contexts[-1]} by KV dtype: {ms}", flush=True)
-        if model.native_attention:  # the C++ attention against inductor's loops
-            looped = TargetModel(loaded.hf_model, 1, max_len,
-                                 StepOptions(compile=True, kv_dtype=model.kv_dtype))
-            result["attention_step_ms"] = []
-            for ctx in contexts:
-                for q in (1, 8):
-                    row = {"context": ctx, "new_tokens": q,
-                           "native": step_time(model, 1, q, ctx, 3 * args.repeats) * 1e3,
-                           "inductor": step_time(looped, 1, q, ctx, 3 * args.repeats) * 1e3}
-                    result["attention_step_ms"].append(row)
-                    print(f"batch-1 compiled step, context {ctx}, {q} new tokens: native attention "
-                          f"{row['native']:.2f} ms, inductor's loops {row['inductor']:.2f} ms",
-                          flush=True)
 
     prompts = chat_prompts(loaded.tokenizer, 32)
     engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0))

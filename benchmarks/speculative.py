@@ -71,6 +71,16 @@ def chat_prompts() -> list[str]:
     return [p for pair in zip(mt_bench_prompts(), gsm8k_prompts()) for p in pair]
 
 
+def chat_token_ids(tok, texts: list[str]) -> list[list[int]]:
+    """Each text as one user turn in the model's chat template, as token ids."""
+    return [
+        tok.encode(tok.apply_chat_template([{"role": "user", "content": t}],
+                                           add_generation_prompt=True, tokenize=False),
+                   add_special_tokens=False)
+        for t in texts
+    ]
+
+
 PROMPT_SETS = {
     "repeat": repeat_prompts,
     "chat": chat_prompts,  # MT-bench and GSM8K interleaved
@@ -150,14 +160,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     loaded = load_target(device="cpu", dtype=args.dtype, weights=args.weights)
     tok = loaded.tokenizer
-    sets = {}
-    for name in args.prompts.split(","):
-        sets[name] = [
-            tok.encode(tok.apply_chat_template([{"role": "user", "content": t}],
-                                               add_generation_prompt=True, tokenize=False),
-                       add_special_tokens=False)
-            for t in PROMPT_SETS[name]()
-        ]
+    sets = {name: chat_token_ids(tok, PROMPT_SETS[name]()) for name in args.prompts.split(",")}
     levels = [int(c) for c in args.concurrency.split(",")]
     specs = args.configs.split(",")
     engines = {}

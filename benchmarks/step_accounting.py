@@ -16,7 +16,7 @@ import statistics
 import time
 
 import torch
-from speculative import PROMPT_SETS  # benchmarks/speculative.py, beside this script
+from speculative import PROMPT_SETS, chat_token_ids  # benchmarks/speculative.py, beside this
 
 from scheduler.build import assemble_engine
 from scheduler.config import EngineConfig
@@ -40,11 +40,8 @@ def main() -> None:
                           verify_policy=args.verify_policy, max_model_len=2048)
     loaded = load_target(config.model, "cpu", config.dtype, None, config.weights)
     engine = assemble_engine(loaded, config)
-    tok = loaded.tokenizer
     texts = PROMPT_SETS[args.prompts]()[args.first : args.first + args.requests]
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}],
-                                                  add_generation_prompt=True, tokenize=False),
-                          add_special_tokens=False) for t in texts]
+    prompts = chat_token_ids(loaded.tokenizer, texts)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     steps = tokens = no_draft = 0
     prefill_s = decode_s = draft_s = 0.0

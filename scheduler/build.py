@@ -140,10 +140,9 @@ def _native_attention(config: EngineConfig, cfg: Any, cache_dir: Path, on_cpu: b
     if config.attention == "inductor":
         return False
     from scheduler import kernels
+    from scheduler.model import attention_shape
 
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    heads, kv_heads, head_dim = attention_shape(cfg)
     if not on_cpu:
         why = "the kernel is built for CPUs only"
     elif not kernels.attention_serves(head_dim, heads, kv_heads):

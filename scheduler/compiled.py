@@ -189,7 +189,7 @@ class CompiledStep:
         # request's start, the step's own new keys from there on. One reduction over positions
         # in order, whatever the step's shape, so a token verified among drafts gets the bits
         # it would get decoded alone.
-        attend = _native_attention(m) if m.native_attention else _looped_attention(m, rows, L)
+        attend = _native_attention(m, rows) if m.native_attention else _looped_attention(m, rows, L)
         new_k, new_v, aux = [], [], []
         for i, (layer, fused) in enumerate(zip(m.layers, m.fused)):
             q, k, v = m.project_qkv(layer, fused, layer.input_layernorm(h), cos, sin)
@@ -198,7 +198,7 @@ class CompiledStep:
             # is the same number whether it is read back from the cache or straight from here.
             k_new = _stored(k.to(m.kv_dtype))  # [N, KV, D]
             v_new = _stored(v.to(m.kv_dtype))
-            o = attend(i, qg, k_new, v_new, rows)  # [N, KV, G, D] float32
+            o = attend(i, qg, k_new, v_new)  # [N, KV, G, D] float32
             h = h + fused.o(o.reshape(N, H * D).to(h.dtype))
             h = m.mlp(layer, fused, h)
             new_k.append(k_new)
@@ -209,13 +209,15 @@ class CompiledStep:
         return logits, torch.stack(new_k, 1), torch.stack(new_v, 1), aux_hidden
 
 
-def _native_attention(m: TargetModel) -> Callable[..., torch.Tensor]:
+# attend(layer, q [N, KV, G, D], new keys, new values [N, KV, D]) -> [N, KV, G, D] float32
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _native_attention(m: TargetModel, rows: torch.Tensor) -> Attend:
     """The attention rule in C++ (scheduler/kernels/row_attention.cpp): each row reads its
     request's keys and values once for the query heads that share them."""
 
-    def attend(
-        layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, rows: torch.Tensor
-    ) -> torch.Tensor:
+    def attend(layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
         return torch.ops.dspark_kernels.row_attention(
             q, k_new, v_new, m.k_cache[layer], m.v_cache[layer], rows
         )
@@ -223,9 +225,7 @@ def _native_attention(m: TargetModel) -> Callable[..., torch.Tensor]:
     return attend
 
 
-def _looped_attention(
-    m: TargetModel, rows: torch.Tensor, L: int
-) -> Callable[..., torch.Tensor]:
+def _looped_attention(m: TargetModel, rows: torch.Tensor, L: int) -> Attend:
     """The attention rule as tensor formulas that inductor turns into loops over the cache."""
     _, positions, row_slot, row_start, row_first = rows.unbind(1)
     N = rows.shape[0]
@@ -239,9 +239,7 @@ def _looped_attention(
         rel > query_idx[:, None], float("-inf")
     )[:, None, None, :]  # [N, 1, 1, L]
 
-    def attend(
-        layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, rows: torch.Tensor
-    ) -> torch.Tensor:
+    def attend(layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
         # [N, KV, L, D]; indexing inside inductor's loops reads the cache in place.
         keys = torch.where(
             from_own, k_new[own_rows].transpose(1, 2), m.k_cache[layer][row_slot][:, :, :L]

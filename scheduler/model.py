@@ -98,6 +98,13 @@ class PackedBatch:
     requests: list[_Span]
 
 
+def attention_shape(cfg: Any) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head size) of a transformers config."""
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+
 @dataclass(frozen=True)
 class StepOptions:
     """EngineConfig's --compile-step, --kv-dtype and --attention, resolved (scheduler/build.py)."""
@@ -125,9 +132,7 @@ class TargetModel:
         self.decoder = hf_model.model
         self.layers = list(hf_model.model.layers)
         self.lm_head = hf_model.lm_head
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = attention_shape(cfg)
         self.hidden_size = cfg.hidden_size
         self.vocab_size = cfg.vocab_size
         self.num_layers = len(self.layers)
