@@ -266,6 +266,7 @@ def main() -> None:
     ap.add_argument("--compile-step", default="auto")
     ap.add_argument("--kv-dtype", default="auto")
     ap.add_argument("--attention", default="auto", help="auto | native | inductor")
+    ap.add_argument("--int4-kernel", default="aten", help="aten | native")
     ap.add_argument("--speculative", default="none", help="drafter of the served engine")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -282,19 +283,20 @@ def main() -> None:
     max_len = (256 if args.quick else 1024) + new_tokens + 32
     config = EngineConfig(
         device="cpu", dtype=args.dtype, weights=args.weights, compile_step=args.compile_step,
-        kv_dtype=args.kv_dtype, attention=args.attention, max_num_seqs=slots, max_model_len=max_len,
+        kv_dtype=args.kv_dtype, attention=args.attention, int4_kernel=args.int4_kernel,
+        max_num_seqs=slots, max_model_len=max_len,
         speculative=args.speculative, profile_on_start=args.speculative != "none",
         cache_dir=args.cache_dir,
     )
     loaded = load_target(config.model, "cpu", config.dtype, Path(args.cache_dir) if args.cache_dir else None,
-                         config.weights)
+                         config.weights, config.int4_kernel)
     t = time.perf_counter()
     engine = assemble_engine(loaded, config)
     model: TargetModel = engine.runner.model
     result: dict[str, Any] = {
         "weights": loaded.weights, "dtype": str(model.dtype).removeprefix("torch."),
         "kv_dtype": str(model.kv_dtype).removeprefix("torch."), "compiled": model.compiled is not None,
-        "native_attention": model.native_attention,
+        "native_attention": model.native_attention, "int4_kernel": config.int4_kernel,
         "threads": threads, "speculative": args.speculative, "new_tokens": new_tokens,
         "engine_build_s": time.perf_counter() - t,
     }

@@ -74,7 +74,9 @@ def build_engine(config: EngineConfig) -> LLMEngine:
     from scheduler.loader import load_target
 
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
-    loaded = load_target(config.model, config.device, config.dtype, cache_dir, config.weights)
+    loaded = load_target(
+        config.model, config.device, config.dtype, cache_dir, config.weights, config.int4_kernel
+    )
     return assemble_engine(loaded, config)
 
 

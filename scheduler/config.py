@@ -35,6 +35,13 @@ class EngineConfig:
         "or its de-quantised copy in --dtype (auto: gguf where it measures faster on CPU; "
         "never under a float32 dtype, the exactness reference)",
     )
+    int4_kernel: str = _option(
+        "aten",
+        "aten | native: the GGUF's Q4 linears through torch's int4 kernel on the activations as "
+        "they are, or times int8-rounded activations with integer dot products (llama.cpp's "
+        "scheme: 1.2x faster decode here, and further from the float model: "
+        "docs/benchmarks.md; a C++ kernel built for this CPU, needs AVX-512 VNNI and bfloat16)",
+    )
     compile_step: str = _option(
         "auto",
         "auto | on | off: short-query steps as one torch.compile graph (auto: on CPU unless "
@@ -94,6 +101,7 @@ class EngineConfig:
             raise ValueError("num_speculative_tokens must be >= 0")
         for name, allowed in (
             ("weights", ("auto", "gguf", "dense")),
+            ("int4_kernel", ("aten", "native")),
             ("compile_step", ("auto", "on", "off")),
             ("kv_dtype", ("auto", "float32", "bfloat16")),
             ("attention", ("auto", "native", "inductor")),

@@ -133,6 +133,24 @@ def pick_weights(weights: str, device: torch.device, dtype: torch.dtype, gguf: P
     return "measure" if servable and dtype != torch.float32 else "dense"
 
 
+def native_int4(int4_kernel: str, dtype: torch.dtype, cache_dir: Path) -> bool:
+    """--int4-kernel resolved: whether the GGUF's Q4 linears multiply through
+    scheduler/kernels/q4_linear.cpp (int8-rounded activations) rather than torch's kernel."""
+    if int4_kernel == "aten":
+        return False
+    from scheduler import kernels
+
+    if dtype != torch.bfloat16:
+        why = "the activations are not bfloat16 (float32 is the exactness reference)"
+    elif not kernels.has_vnni():
+        why = "this CPU has no AVX-512 VNNI"
+    elif not kernels.load(cache_dir):
+        why = f"the kernel did not build: {kernels.build_error()}"
+    else:
+        return True
+    raise ValueError(f"--int4-kernel native: {why}")
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,6 +199,7 @@ def load_target(
     dtype: str = "auto",
     cache_dir: Path | None = None,
     weights: str = "dense",
+    int4_kernel: str = "aten",
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -197,7 +216,8 @@ def load_target(
         from scheduler.quant import gguf_modules, install, int4_products_faster
 
         assert gguf is not None
-        modules = gguf_modules(hf_model, gguf, torch_dtype)
+        native = native_int4(int4_kernel, torch_dtype, cache_dir or default_cache_dir())
+        modules = gguf_modules(hf_model, gguf, torch_dtype, native=native)
         if served == "gguf" or int4_products_faster(hf_model, modules):
             install(hf_model, modules)
             served = "gguf"

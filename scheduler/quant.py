@@ -18,6 +18,10 @@ dequantised weight is exact; it reads 1 byte per weight (plus scales) instead of
 With float32 activations the scales are float32 and the products equal the de-quantised
 float32 model's up to summation order (a test holds them to it); with bfloat16 activations
 the kernel wants bfloat16 scales, which round d to 8 bits of mantissa.
+
+`native=True` (bfloat16 activations, `--int4-kernel`) multiplies through
+scheduler/kernels/q4_linear.cpp instead: llama.cpp's scheme, activations rounded to int8 per
+block of 32 and integer dot products, the file's d and m kept in float16 as the file has them.
 """
 
 from __future__ import annotations
@@ -90,16 +94,28 @@ class Int4Linear(nn.Module):
         group: int,
         bias: torch.Tensor | None,
         act_dtype: torch.dtype,
+        native: bool = False,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group = group
         self.act_dtype = act_dtype
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
-        self.register_buffer("packed", packed)
-        # The kernel's layout: [in / group, out, 2] in the activation dtype.
-        scales_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(act_dtype)
-        self.register_buffer("scales_zeros", scales_zeros)
+        self.native = native
+        if native:  # q4_linear's layout: a pair of blocks per 32 bytes, d and m per block
+            if group != 32 or self.in_features % 64:
+                raise ValueError("the native int4 kernel needs groups of 32 and in % 64 == 0")
+            pairs = q.view(self.out_features, -1, 2, group)
+            packed = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(self.out_features, -1)
+            self.register_buffer("packed", packed.contiguous())
+            scales_zeros = torch.stack([scale, zero - 8 * scale]).to(torch.float16)
+            self.kernel_rows = 1  # each row costs alike: no stairs
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+            self.register_buffer("packed", packed)
+            # The kernel's layout: [in / group, out, 2] in the activation dtype.
+            scales_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+            scales_zeros = scales_zeros.to(act_dtype)
+        self.register_buffer("scales_zeros", scales_zeros.contiguous())
         self.bias = None if bias is None else bias.to(act_dtype)
         # The same matrix dense, for prompt chunks (see prompt_chunk_products), or None.
         self.prompt_weight: torch.Tensor | None = None
@@ -109,18 +125,25 @@ class Int4Linear(nn.Module):
         """One linear whose outputs are the parts' outputs side by side (None: the packing's
         row blocks do not line up, so the parts cannot share one matrix)."""
         first = parts[0]
-        same = all(p.group == first.group and p.act_dtype == first.act_dtype for p in parts)
-        if not same or any(p.out_features % PACK_ROWS for p in parts[:-1]):
+        same = all(
+            (p.group, p.act_dtype, p.native) == (first.group, first.act_dtype, first.native)
+            for p in parts
+        )
+        aligned = first.native or not any(p.out_features % PACK_ROWS for p in parts[:-1])
+        if not same or not aligned:
             return None
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.out_features = sum(p.out_features for p in parts)
-        fused.in_features, fused.group, fused.act_dtype = (
+        fused.in_features, fused.group, fused.act_dtype, fused.native = (
             first.in_features,
             first.group,
             first.act_dtype,
+            first.native,
         )
+        fused.kernel_rows = first.kernel_rows
         fused.register_buffer("packed", torch.cat([p.packed for p in parts]))
+        # The output rows are dimension 1 of both layouts' scales.
         fused.register_buffer("scales_zeros", torch.cat([p.scales_zeros for p in parts], 1))
         has_bias = all(p.bias is not None for p in parts)
         fused.bias = torch.cat([p.bias for p in parts]) if has_bias else None  # type: ignore[misc]
@@ -145,6 +168,9 @@ class Int4Linear(nn.Module):
         in_chunk = not torch.compiler.is_compiling() and getattr(_in_prompt_chunk, "on", False)
         if self.prompt_weight is not None and in_chunk:
             y = F.linear(x2, self.prompt_weight)
+        elif self.native:
+            d, m = self.scales_zeros
+            y = torch.ops.dspark_kernels.q4_linear(x2, self.packed, d, m)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2, self.packed, self.group, self.scales_zeros
@@ -208,14 +234,19 @@ def apply_gguf_weights(
 
 
 def gguf_modules(
-    hf_model: nn.Module, path: Path, act_dtype: torch.dtype, head: str = "auto"
+    hf_model: nn.Module,
+    path: Path,
+    act_dtype: torch.dtype,
+    head: str = "auto",
+    native: bool = False,
 ) -> dict[str, nn.Module]:
     """The file's quantized matrices as modules for the model's linears, by module path.
 
     The dense weights loaded with the model are checked against the de-quantised file (a
     wrong row order or file would be caught here, not in the output). A Q8_0 LM head is
     served as `Q8Linear` (`head="q8"`), kept dense (`"dense"`), or whichever of the two a
-    start-up measurement finds faster (`"auto"`). Every int4 linear also keeps the loaded dense
+    start-up measurement finds faster (`"auto"`). `native`: the int4 linears multiply through
+    scheduler/kernels/q4_linear.cpp (which must be loaded). Every int4 linear also keeps the loaded dense
     matrix for prompt chunks (`prompt_chunk_products`): the weights' memory again in the
     activation dtype, for prefill products 2.1-2.4x faster.
     """
@@ -232,7 +263,9 @@ def gguf_modules(
             raise GGUFWeightsError(f"{key}: the file's shape {tuple(qt.q.shape)} does not match")
         if qt.bits == 4:
             assert qt.zero is not None
-            new: nn.Module = Int4Linear(qt.q, qt.scale, qt.zero, GROUP, dense.bias, act_dtype)
+            new: nn.Module = Int4Linear(
+                qt.q, qt.scale, qt.zero, GROUP, dense.bias, act_dtype, native=native
+            )
             new.prompt_weight = dense.weight.detach().to(act_dtype)
         else:
             if head == "dense":

@@ -1,7 +1,8 @@
 """C++ kernels of the compiled step, built for this CPU on first use and cached on disk.
 
 `row_attention.cpp`: a step's packed rows attending their requests' cached keys and values
-(scheduler/compiled.py). It is compiled with the machine's own instruction set (AVX-512 where
+(scheduler/compiled.py). `q4_linear.cpp`: a GGUF's Q4 linears times int8-rounded activations
+(scheduler/quant.py). They are compiled with the machine's own instruction set (AVX-512 where
 the CPU has it, portable loops elsewhere) by torch's extension builder (needs a C++ compiler
 and ninja), ~10 s the first time, then loaded from `<cache>/kernels/` in a fraction of a
 second. The folder's name carries the CPU's flags, so a cache carried to another CPU builds
@@ -19,7 +20,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("row_attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("row_attention.cpp", "q4_linear.cpp")]
 # What row_attention.cpp is instantiated for: head sizes, query heads per key/value head.
 HEAD_DIMS = (32, 64, 128, 256)
 MAX_GROUP = 8
@@ -52,6 +53,13 @@ def build_error() -> str | None:
 def attention_serves(head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
     """Whether row_attention is built for a model of this shape."""
     return head_dim in HEAD_DIMS and num_heads // num_kv_heads <= MAX_GROUP
+
+
+def has_vnni() -> bool:
+    """Whether this CPU has the integer dot products q4_linear is written for (elsewhere it
+    builds as plain loops, correct and slow)."""
+    flags = set(_cpu_flags().split())
+    return {"avx512_vnni", "avx512bw"} <= flags
 
 
 def _cpu_flags() -> str:
@@ -96,3 +104,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("dspark_kernels::row_attention")
     def _(q, k_new, v_new, k_cache, v_cache, rows):  # type: ignore[no-untyped-def]
         return q.new_empty(q.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("dspark_kernels::q4_linear")
+    def _(x, qs, d, m):  # type: ignore[no-untyped-def]
+        return x.new_empty((x.shape[0], qs.shape[0]))

@@ -1,0 +1,82 @@
+"""The native Q4 kernel (scheduler/kernels/q4_linear.cpp, `--int4-kernel native`): Q4_1 weights
+times activations rounded to int8 per block of 32, against that formula written out in torch
+in float64; a row's output alone equals the row among others, bit for bit; the fused linear
+equals its parts. On a CPU without VNNI the kernel builds as plain loops and these tests run
+those."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scheduler import kernels
+from scheduler.gguf_blocks import GROUP
+from scheduler.loader import default_cache_dir, native_int4
+from scheduler.quant import Int4Linear
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert kernels.load(default_cache_dir()), kernels.build_error()
+
+
+def random_q4(out: int, inp: int, gen: torch.Generator):
+    q = torch.randint(0, 16, (out, inp), dtype=torch.uint8, generator=gen)
+    scale = (torch.rand(out, inp // GROUP, generator=gen) * 0.02).half().float()
+    m = (-8 * scale + torch.randn(out, inp // GROUP, generator=gen) * 1e-3).half().float()
+    return q, scale, m + 8 * scale  # the int4 kernel's terms: w = (q - 8) * scale + zero
+
+
+def reference(x: torch.Tensor, q, scale, zero) -> torch.Tensor:
+    """Each activation block rounded to a * p (a = max|x| / 127, p an int8, nearest even), its
+    exact sum S kept: y = sum over blocks of d * a * sum(q * p) + m * S, with m = zero - 8d."""
+    xb = x.double().view(x.shape[0], -1, GROUP)
+    a = xb.abs().amax(-1, keepdim=True) / 127
+    p = torch.where(a > 0, torch.round(xb / a), torch.zeros_like(xb))
+    qb = q.double().view(q.shape[0], -1, GROUP)
+    dots = torch.einsum("rbj,obj->rob", p, qb)
+    d, m = scale.double(), (zero - 8 * scale).double()
+    return (dots * (d[None] * a.squeeze(-1)[:, None])).sum(-1) + xb.sum(-1) @ m.T
+
+
+@pytest.mark.parametrize("inp", [64, 576, 1536])  # 1 pair; 2 groups of 4 pairs + 1; 6 groups
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_the_formula(inp, dtype):
+    gen = torch.Generator().manual_seed(inp)
+    q, scale, zero = random_q4(96, inp, gen)
+    lin = Int4Linear(q, scale, zero, GROUP, None, dtype, native=True)
+    # a few outlier channels, as in a transformer's hidden states
+    x = torch.randn(7, inp, generator=gen) * torch.where(torch.rand(inp, generator=gen) < 0.03, 40.0, 1.0)
+    x = x.to(dtype)
+    want = reference(x.float(), q, scale, zero)
+    got = lin(x).double()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: the output is rounded
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_a_row_alone_equals_the_row_among_others():
+    gen = torch.Generator().manual_seed(1)
+    q, scale, zero = random_q4(128, 576, gen)
+    lin = Int4Linear(q, scale, zero, GROUP, None, torch.bfloat16, native=True)
+    x = torch.randn(13, 576, generator=gen).to(torch.bfloat16)
+    together = lin(x)
+    for r in (0, 3, 4, 12):
+        assert torch.equal(lin(x[r : r + 1])[0], together[r])
+
+
+def test_fused_equals_its_parts():
+    gen = torch.Generator().manual_seed(2)
+    parts = [
+        Int4Linear(*random_q4(out, 576, gen), GROUP, None, torch.bfloat16, native=True)
+        for out in (96, 48, 48)
+    ]
+    fused = Int4Linear.concat(parts)
+    assert fused is not None and fused.native and fused.kernel_rows == 1
+    x = torch.randn(5, 576, generator=gen).to(torch.bfloat16)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], -1))
+
+
+def test_native_needs_bfloat16_activations():
+    with pytest.raises(ValueError, match="not bfloat16"):
+        native_int4("native", torch.float32, default_cache_dir())
+    assert native_int4("aten", torch.bfloat16, default_cache_dir()) is False
