@@ -266,7 +266,7 @@ def main() -> None:
     ap.add_argument("--compile-step", default="auto")
     ap.add_argument("--kv-dtype", default="auto")
     ap.add_argument("--attention", default="auto", help="auto | native | inductor")
-    ap.add_argument("--int4-kernel", default="aten", help="aten | native")
+    ap.add_argument("--int4-kernel", default="auto", help="auto | native | aten")
     ap.add_argument("--speculative", default="none", help="drafter of the served engine")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--new-tokens", type=int, default=64)

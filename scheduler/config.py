@@ -36,11 +36,11 @@ class EngineConfig:
         "never under a float32 dtype, the exactness reference)",
     )
     int4_kernel: str = _option(
-        "aten",
-        "aten | native: the GGUF's Q4 linears through torch's int4 kernel on the activations as "
-        "they are, or times int8-rounded activations with integer dot products (llama.cpp's "
-        "scheme: 1.2x faster decode here, and further from the float model: "
-        "docs/benchmarks.md; a C++ kernel built for this CPU, needs AVX-512 VNNI and bfloat16)",
+        "auto",
+        "auto | native | aten: the GGUF's Q4_1 linears and Q8_0 head times activations rounded "
+        "to two int8 digits with integer dot products (a C++ kernel built for this CPU at the "
+        "first start; needs AVX-512 VNNI and bfloat16), or torch's int4 kernel on the "
+        "activations as they are and a dense head (auto: native where it builds)",
     )
     compile_step: str = _option(
         "auto",
@@ -101,7 +101,7 @@ class EngineConfig:
             raise ValueError("num_speculative_tokens must be >= 0")
         for name, allowed in (
             ("weights", ("auto", "gguf", "dense")),
-            ("int4_kernel", ("aten", "native")),
+            ("int4_kernel", ("auto", "native", "aten")),
             ("compile_step", ("auto", "on", "off")),
             ("kv_dtype", ("auto", "float32", "bfloat16")),
             ("attention", ("auto", "native", "inductor")),

@@ -134,8 +134,8 @@ def pick_weights(weights: str, device: torch.device, dtype: torch.dtype, gguf: P
 
 
 def native_int4(int4_kernel: str, dtype: torch.dtype, cache_dir: Path) -> bool:
-    """--int4-kernel resolved: whether the GGUF's Q4 linears multiply through
-    scheduler/kernels/q4_linear.cpp (int8-rounded activations) rather than torch's kernel."""
+    """--int4-kernel resolved: whether the GGUF's blocks multiply through
+    scheduler/kernels/q4_linear.cpp rather than torch's int4 kernel."""
     if int4_kernel == "aten":
         return False
     from scheduler import kernels
@@ -148,7 +148,10 @@ def native_int4(int4_kernel: str, dtype: torch.dtype, cache_dir: Path) -> bool:
         why = f"the kernel did not build: {kernels.build_error()}"
     else:
         return True
-    raise ValueError(f"--int4-kernel native: {why}")
+    if int4_kernel == "native":
+        raise ValueError(f"--int4-kernel native: {why}")
+    log.info("the GGUF's blocks multiply through torch's int4 kernel: %s", why)
+    return False
 
 
 def pick_device(device: str) -> torch.device:
@@ -199,7 +202,7 @@ def load_target(
     dtype: str = "auto",
     cache_dir: Path | None = None,
     weights: str = "dense",
-    int4_kernel: str = "aten",
+    int4_kernel: str = "auto",
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -77,6 +77,50 @@ def has_int4_kernel() -> bool:
     )
 
 
+NATIVE_TILE = 16  # outputs per vector of scheduler/kernels/q4_linear.cpp
+
+
+def pack_native(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qs, [d; m]) in q4_linear.cpp's layout (its header): per tile of 16 outputs and block
+    of 32, 4 runs of 64 bytes whose byte 4i + t holds output i's weight 8j + t (low nibble) and
+    8j + 4 + t (high) for run j; d and m per tile and block for the 16 outputs, float16."""
+    out, inp = q.shape
+    if group != 32 or out % NATIVE_TILE or inp % group:
+        raise ValueError("the native int4 kernel needs groups of 32 and outputs in 16s")
+    tiles, blocks = out // NATIVE_TILE, inp // group
+    # weight index within a block: 8j + 4h + t (run j, nibble h, byte t)
+    w = q.view(tiles, NATIVE_TILE, blocks, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
+    qs = (w[..., 0] | (w[..., 1] << 4)).reshape(out, inp // 2).contiguous()
+
+    def by_tile(v: torch.Tensor) -> torch.Tensor:
+        return v.view(tiles, NATIVE_TILE, blocks).transpose(1, 2).reshape(out, blocks)
+
+    d_m = torch.stack([by_tile(scale), by_tile(zero - 8 * scale)]).to(torch.float16)
+    return qs, d_m
+
+
+def pack_native_q8(
+    q: torch.Tensor, scale: torch.Tensor, group: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qs, d, c) in q4_linear.cpp's Q8_0 layout: per tile of 16 outputs and block of 32, 8 runs
+    of 64 bytes whose byte 4i + t is output i's weight 4k + t for run k; d float16 and c (each
+    block's sum of q times 128 * 128 + 128, which takes the activations' offsets back out)
+    int32 per tile and block for the 16 outputs."""
+    out, inp = q.shape
+    if group != 32 or out % NATIVE_TILE or inp % group:
+        raise ValueError("the native int8 kernel needs groups of 32 and outputs in 16s")
+    tiles, blocks = out // NATIVE_TILE, inp // group
+    qs = q.view(tiles, NATIVE_TILE, blocks, 8, 4).permute(0, 2, 3, 1, 4).reshape(out, inp)
+    sums = q.view(out, blocks, group).sum(-1, dtype=torch.int32) * (128 * 128 + 128)
+
+    def by_tile(v: torch.Tensor) -> torch.Tensor:
+        return v.view(tiles, NATIVE_TILE, blocks).transpose(1, 2).reshape(out, blocks)
+
+    return qs.contiguous(), by_tile(scale).to(torch.float16), by_tile(sums).contiguous()
+
+
 class Int4Linear(nn.Module):
     """y = x W^T + b with W in torch's CPU int4 layout, group-wise scale and zero."""
 
@@ -101,13 +145,9 @@ class Int4Linear(nn.Module):
         self.group = group
         self.act_dtype = act_dtype
         self.native = native
-        if native:  # q4_linear's layout: a pair of blocks per 32 bytes, d and m per block
-            if group != 32 or self.in_features % 64:
-                raise ValueError("the native int4 kernel needs groups of 32 and in % 64 == 0")
-            pairs = q.view(self.out_features, -1, 2, group)
-            packed = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(self.out_features, -1)
-            self.register_buffer("packed", packed.contiguous())
-            scales_zeros = torch.stack([scale, zero - 8 * scale]).to(torch.float16)
+        if native:
+            packed, scales_zeros = pack_native(q, scale, zero, group)
+            self.register_buffer("packed", packed)
             self.kernel_rows = 1  # each row costs alike: no stairs
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
@@ -129,7 +169,8 @@ class Int4Linear(nn.Module):
             (p.group, p.act_dtype, p.native) == (first.group, first.act_dtype, first.native)
             for p in parts
         )
-        aligned = first.native or not any(p.out_features % PACK_ROWS for p in parts[:-1])
+        rows = NATIVE_TILE if first.native else PACK_ROWS
+        aligned = not any(p.out_features % rows for p in parts[:-1])
         if not same or not aligned:
             return None
         fused = cls.__new__(cls)
@@ -181,7 +222,8 @@ class Int4Linear(nn.Module):
 
 
 class Q8Linear(nn.Module):
-    """A Q8_0 matrix (w = d * q per group of 32) as two int4 planes in one int4 product.
+    """A Q8_0 matrix (w = d * q per group of 32) as two int4 planes in one int4 product, or
+    (`native`) through scheduler/kernels/q4_linear.cpp's q8_linear on its own int8 blocks.
 
     `weight` (optional) is a dense copy of the same matrix kept for readers that need a plain
     tensor (a drafter sharing the target's LM head); the product never reads it.
@@ -194,8 +236,19 @@ class Q8Linear(nn.Module):
         group: int,
         act_dtype: torch.dtype,
         weight: torch.Tensor | None = None,
+        native: bool = False,
     ) -> None:
         super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.weight = weight
+        self.bias = None
+        self.native = native
+        if native:  # scheduler/kernels/q4_linear.cpp's q8_linear, on the file's own blocks
+            qs, d, c = pack_native_q8(q, scale, group)
+            self.register_buffer("qs", qs)
+            self.register_buffer("d", d)
+            self.register_buffer("c", c)
+            return
         q16 = q.to(torch.int16)
         hi, lo = q16 >> 4, q16 & 15  # q = 16 * hi + lo
         planes = torch.cat([hi + 8, lo], 1).to(torch.uint8)
@@ -208,11 +261,14 @@ class Q8Linear(nn.Module):
             None,
             act_dtype,
         )
-        self.out_features, self.in_features = q.shape
-        self.weight = weight
-        self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            shape = x.shape
+            y = torch.ops.dspark_kernels.q8_linear(
+                x.reshape(-1, self.in_features), self.qs, self.d, self.c
+            )
+            return y.view(*shape[:-1], self.out_features)
         return self.plane(torch.cat([x, x], -1))
 
 
@@ -270,7 +326,7 @@ def gguf_modules(
         else:
             if head == "dense":
                 continue
-            new = Q8Linear(qt.q, qt.scale, GROUP, act_dtype, weight=dense.weight)
+            new = Q8Linear(qt.q, qt.scale, GROUP, act_dtype, weight=dense.weight, native=native)
             if head == "auto" and not _faster_than_dense(new, dense):
                 log.info("%s: the dense product measured faster than the Q8_0 one", key)
                 continue

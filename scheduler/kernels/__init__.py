@@ -1,8 +1,8 @@
 """C++ kernels of the compiled step, built for this CPU on first use and cached on disk.
 
 `row_attention.cpp`: a step's packed rows attending their requests' cached keys and values
-(scheduler/compiled.py). `q4_linear.cpp`: a GGUF's Q4 linears times int8-rounded activations
-(scheduler/quant.py). They are compiled with the machine's own instruction set (AVX-512 where
+(scheduler/compiled.py). `q4_linear.cpp`: a GGUF's Q4_1 and Q8_0 matrices times activations
+rounded to two int8 digits, with integer dot products (scheduler/quant.py). They are compiled with the machine's own instruction set (AVX-512 where
 the CPU has it, portable loops elsewhere) by torch's extension builder (needs a C++ compiler
 and ninja), ~10 s the first time, then loaded from `<cache>/kernels/` in a fraction of a
 second. The folder's name carries the CPU's flags, so a cache carried to another CPU builds
@@ -107,4 +107,8 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("dspark_kernels::q4_linear")
     def _(x, qs, d, m):  # type: ignore[no-untyped-def]
+        return x.new_empty((x.shape[0], qs.shape[0]))
+
+    @torch.library.register_fake("dspark_kernels::q8_linear")
+    def _(x, qs, d, c):  # type: ignore[no-untyped-def]
         return x.new_empty((x.shape[0], qs.shape[0]))

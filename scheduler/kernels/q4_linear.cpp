@@ -1,31 +1,43 @@
-// Q4_1 weights times int8-quantised activations, llama.cpp's scheme for its Q4 matrices, with
-// AVX-512 VNNI integer dot products (scheduler/quant.py's `Q4Linear`).
+// Q4_1 weights times activations rounded to two int8 digits per block of 32, with AVX-512 VNNI
+// integer dot products (scheduler/quant.py's `Int4Linear(native=True)`, `--int4-kernel native`).
 //
-// A weight block of 32 is w = d * q + m, q in 0..15. An activation block of 32 is rounded to
-// x ~ a * p, p an int8 (a = max|x| / 127), and keeps its exact float sum S. Then
+// A weight block of 32 is w = d * q + m, q in 0..15. An activation block of 32, with
+// a = max|x| / 127, is rounded to x ~ a * (p + p2 / 128): p = round(x / a), the int8 llama.cpp
+// rounds its activations to, and a second digit p2 = round(128 (x / a - p)), |p2| <= 64, for
+// the rest (one digit alone moved the embedded model's argmax from the float model's at 16 % of
+// positions; two resolve a block to 1/16,000 of its largest value). The block keeps its exact
+// float sum S. Then
 //
-//     sum over the block of w * x  ~  d * a * sum(q * p) + m * S
+//     sum over the block of w * x  ~  d * (a / 128) * (128 sum(q p) + sum(q p2)) + m * S
 //
-// where sum(q * p) is exact in int32 (`vpdpbusd`: unsigned 8-bit q times signed 8-bit p). aten's
-// int4 kernel instead turns every weight into a float and pays two float operations per weight
-// and row; here a 64-weight pair of blocks costs one integer instruction per row, plus one
-// conversion and one multiply-add for its scales.
+// with both integer sums exact in int32 (`vpdpbusd`: unsigned 8-bit q times signed 8-bit p).
 //
-// Layout, prepared once at load: `qs` [out, in / 2] bytes, each 32 bytes holding a pair of
-// blocks (byte j: block 2k's weight j in the low nibble, block 2k+1's weight j in the high),
-// so one 32-byte load and one shift give 64 weights in the activations' own order; `d` and `m`
-// [out, in / 32] float32.
+// The 16 lanes of a vector are 16 outputs, not 16 stretches of one input row: for a block, each
+// `vpdpbusd` multiplies 4 consecutive weights of 16 outputs by the same 4 activations (broadcast)
+// and adds them up in place, so a block is 8 + 8 integer instructions per row for 16 outputs,
+// its scales are applied once per block with no horizontal sums, and the weights are unpacked
+// once for all rows of the call. aten's int4 kernel turns every weight into a float and pays two
+// float operations per weight and row.
 //
-// Each output is summed in the same order whatever the number of rows in the call, so a token
-// verified among drafts gets the bits it would get decoded alone.
+// Layout, prepared once at load (quant.pack_native): 16 outputs form a tile; `qs` holds, per
+// tile and block, 4 runs of 64 bytes: byte 4i + t of run j is output i's weight 8j + t of the
+// block in the low nibble and 8j + 4 + t in the high. `d` and `m` hold per tile and block the
+// 16 outputs' float16 scales (the file's own values). As 2-D tensors they are [out, in / 2] and
+// [out, in / 32], so tiles concatenate and slice like rows.
+//
+// Each output is summed over blocks in order whatever the number of rows in the call, so a
+// token verified among drafts gets the bits it would get decoded alone.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -36,217 +48,291 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
+constexpr int64_t kTile = 16;      // outputs per vector
 constexpr int64_t kRowTile = 4;    // rows sharing one unpacking of the weights
-constexpr int64_t kPrefetchRows = 2;  // output rows ahead whose weights are prefetched
-constexpr int64_t kGroupPairs = 4;  // pairs of blocks whose products are summed in integers
+constexpr int32_t kDigit = 128;    // the second digit counts 1/128 of the first
+constexpr int64_t kPrefetch = 32;   // blocks ahead whose weights are fetched before use
 
-// The weights are walked in segments: groups of 4 pairs of blocks (256 weights), then single
-// pairs. A segment's integer products are folded into 16 lanes and scaled once: in a group
-// each block owns 2 lanes, in a single pair 8. block_of(lane) says which block of the segment.
-inline int64_t block_of(int64_t lane, bool group) {
-  return group ? lane / 4 + 4 * ((lane % 4) / 2) : lane / 8;
-}
-
-struct Segments {
-  int64_t groups, tail, count;  // groups of 4 pairs, single pairs after them, both
-  explicit Segments(int64_t in)
-      : groups(in / 64 / kGroupPairs), tail(in / 64 % kGroupPairs), count(groups + tail) {}
-  int64_t first_block(int64_t s) const {
-    return s < groups ? 8 * s : 8 * groups + 2 * (s - groups);
-  }
-};
-
-// Activation rows rounded to int8 per block of 32, and per segment 32 floats: each lane's
-// block scale, then the block's exact sum over its lane count (exact: a power of two), so that
-// 16 lanes of m times them add up to m * S over the segment's blocks.
+// Activation rows: per block of 32 the two int8 digits, the step a / 128 and the exact sum.
 struct QuantRows {
-  std::vector<int8_t> p;     // [rows, in]
-  std::vector<float> lanes;  // [rows, segments, 32]
+  std::vector<int8_t> p, p2;       // [rows, in]
+  std::vector<float> step, sum;    // [rows, in / 32]
 };
 
 template <typename T>
 QuantRows quantise_rows(const T* x, int64_t rows, int64_t in) {
   const int64_t blocks = in / kBlock;
-  const Segments seg(in);
-  QuantRows q{std::vector<int8_t>(rows * in), std::vector<float>(rows * seg.count * 32)};
-  std::vector<float> scale(blocks), sum(blocks);
+  QuantRows q{std::vector<int8_t>(rows * in), std::vector<int8_t>(rows * in),
+              std::vector<float>(rows * blocks), std::vector<float>(rows * blocks)};
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
-      const T* xb = x + r * in + b * kBlock;
+      const int64_t at = r * in + b * kBlock;
       float amax = 0.f, total = 0.f;
       for (int64_t j = 0; j < kBlock; ++j) {
-        const float v = static_cast<float>(xb[j]);
+        const float v = static_cast<float>(x[at + j]);
         amax = std::max(amax, std::fabs(v));
         total += v;
       }
       const float a = amax / 127.f, inv = a > 0.f ? 1.f / a : 0.f;
-      int8_t* pb = q.p.data() + r * in + b * kBlock;
-      for (int64_t j = 0; j < kBlock; ++j)
-        pb[j] = static_cast<int8_t>(std::nearbyint(static_cast<float>(xb[j]) * inv));
-      scale[b] = a;
-      sum[b] = total;
-    }
-    for (int64_t s = 0; s < seg.count; ++s) {
-      const bool group = s < seg.groups;
-      float* lanes = q.lanes.data() + (r * seg.count + s) * 32;
-      for (int64_t lane = 0; lane < 16; ++lane) {
-        const int64_t b = seg.first_block(s) + block_of(lane, group);
-        lanes[lane] = scale[b];
-        lanes[16 + lane] = sum[b] / (group ? 2.f : 8.f);
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const float t = static_cast<float>(x[at + j]) * inv, first = std::nearbyint(t);
+        q.p[at + j] = static_cast<int8_t>(first);
+        q.p2[at + j] = static_cast<int8_t>(std::nearbyint((t - first) * kDigit));
       }
+      q.step[r * blocks + b] = a / kDigit;
+      q.sum[r * blocks + b] = total;
     }
   }
   return q;
 }
 
-#if defined(DSPARK_VNNI)
-// 64 weights of a pair of blocks, in the activations' order: low nibbles then high nibbles.
-inline __m512i unpack_pair(const uint8_t* packed) {
-  const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed));
-  return _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(bytes), shifts),
-                          _mm512_set1_epi8(0x0F));
+// 16 outputs stored in the activations' dtype (bfloat16: rounded to nearest even, as aten's
+// conversion rounds).
+inline void store16(float* y, const float* v) { std::memcpy(y, v, 16 * sizeof(float)); }
+inline void store16(c10::BFloat16* y, const float* v) {
+  for (int i = 0; i < 16; ++i) y[i] = c10::BFloat16(v[i]);
 }
 
-// A segment's per-block scales (d or m of its blocks, float16) spread over the lanes.
-inline __m512 spread(const at::Half* v, bool group) {
-  if (group) {
-    const __m512i idx = _mm512_setr_epi32(0, 0, 4, 4, 1, 1, 5, 5, 2, 2, 6, 6, 3, 3, 7, 7);
-    const __m256 eight = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
-    return _mm512_permutexvar_ps(idx, _mm512_castps256_ps512(eight));
-  }
-  const float first = static_cast<float>(v[0]), second = static_cast<float>(v[1]);
-  return _mm512_insertf32x8(_mm512_set1_ps(first), _mm256_set1_ps(second), 1);
-}
-
-// Four pairs' integer products folded so that each of the 8 blocks owns 2 lanes (block_of).
-inline __m512i fold_group(__m512i d0, __m512i d1, __m512i d2, __m512i d3) {
-  // 128-bit chunks: a pair's product is [first block: c0 c1 | second block: c2 c3]
-  const __m512i s01 = _mm512_add_epi32(_mm512_shuffle_i32x4(d0, d1, 0x88),   // c0 c2 of both
-                                       _mm512_shuffle_i32x4(d0, d1, 0xDD));  // c1 c3 of both
-  const __m512i s23 = _mm512_add_epi32(_mm512_shuffle_i32x4(d2, d3, 0x88),
-                                       _mm512_shuffle_i32x4(d2, d3, 0xDD));
-  // s01 holds blocks 0-3, s23 blocks 4-7, 4 lanes each; halve the lanes per block
-  return _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
-}
-#endif
-
-// Rows [r0, r0 + R) of the output for weight rows [o0, o1).
-template <int R>
-void tile(const QuantRows& xq, int64_t r0, int64_t in, const uint8_t* qs, const at::Half* d,
-          const at::Half* m, int64_t o0, int64_t o1, float* y, int64_t out) {
+// Rows [r0, r0 + R) of the outputs of tiles [t0, t1).
+template <int R, typename Out>
+void tiles(const QuantRows& xq, int64_t r0, int64_t in, const uint8_t* qs, const c10::Half* d,
+           const c10::Half* m, int64_t t0, int64_t t1, Out* y, int64_t out) {
   const int64_t blocks = in / kBlock;
-  const Segments seg(in);
-  for (int64_t o = o0; o < o1; ++o) {
-    const uint8_t* qo = qs + o * (in / 2);
-    const at::Half* dO = d + o * blocks;
-    const at::Half* mO = m + o * blocks;
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* qt = qs + t * blocks * (kTile * kBlock / 2);
+    const c10::Half* dt = d + t * blocks * kTile;
+    const c10::Half* mt = m + t * blocks * kTile;
 #if defined(DSPARK_VNNI)
-    // The weights stream from memory once per call: ask for a later output's ahead of use.
-    if (o + kPrefetchRows < o1) {
-      const char* ahead = reinterpret_cast<const char*>(qs + (o + kPrefetchRows) * (in / 2));
-      for (int64_t line = 0; line < in / 2; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(d + (o + kPrefetchRows) * blocks), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(m + (o + kPrefetchRows) * blocks), _MM_HINT_T0);
-    }
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < seg.count; ++s) {
-      const bool group = s < seg.groups;
-      const int64_t b0 = seg.first_block(s);
-      const __m512 dw = spread(dO + b0, group), mw = spread(mO + b0, group);
-      const uint8_t* qseg = qo + 16 * b0;
-      if (group) {
-        const __m512i w0 = unpack_pair(qseg), w1 = unpack_pair(qseg + 32),
-                      w2 = unpack_pair(qseg + 64), w3 = unpack_pair(qseg + 96);
-        for (int r = 0; r < R; ++r) {
-          const int8_t* p = xq.p.data() + (r0 + r) * in + kBlock * b0;
-          const __m512i z = _mm512_setzero_si512();
-          const __m512i dot = fold_group(
-              _mm512_dpbusd_epi32(z, w0, _mm512_loadu_si512(p)),
-              _mm512_dpbusd_epi32(z, w1, _mm512_loadu_si512(p + 64)),
-              _mm512_dpbusd_epi32(z, w2, _mm512_loadu_si512(p + 128)),
-              _mm512_dpbusd_epi32(z, w3, _mm512_loadu_si512(p + 192)));
-          const float* lanes = xq.lanes.data() + ((r0 + r) * seg.count + s) * 32;
-          acc[r] = _mm512_fmadd_ps(mw, _mm512_loadu_ps(lanes + 16), acc[r]);
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                                   _mm512_mul_ps(_mm512_loadu_ps(lanes), dw), acc[r]);
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* qb = qt + b * (kTile * kBlock / 2);
+      // The weights stream from memory once per call (the next tile's follow this one's).
+      const char* ahead = reinterpret_cast<const char*>(qb + kPrefetch * (kTile * kBlock / 2));
+      for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(dt + (b + kPrefetch) * kTile), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(mt + (b + kPrefetch) * kTile), _MM_HINT_T0);
+      __m512i w[8];  // w[k]: weights 4k..4k+3 of the block for the 16 outputs
+      for (int j = 0; j < 4; ++j) {
+        const __m512i bytes = _mm512_loadu_si512(qb + 64 * j);
+        w[2 * j] = _mm512_and_si512(bytes, low4);
+        w[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
+      }
+      const __m512 dw = _mm512_cvtph_ps(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dt + b * kTile)));
+      const __m512 mw = _mm512_cvtph_ps(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mt + b * kTile)));
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = r0 + r, at = row * in + b * kBlock;
+        const int8_t *p = xq.p.data() + at, *p2 = xq.p2.data() + at;
+        __m512i high = _mm512_setzero_si512(), low = _mm512_setzero_si512();
+        for (int k = 0; k < 8; ++k) {
+          int32_t four, four2;
+          std::memcpy(&four, p + 4 * k, 4);
+          std::memcpy(&four2, p2 + 4 * k, 4);
+          high = _mm512_dpbusd_epi32(high, w[k], _mm512_set1_epi32(four));
+          low = _mm512_dpbusd_epi32(low, w[k], _mm512_set1_epi32(four2));
         }
-      } else {
-        const __m512i w = unpack_pair(qseg);
-        for (int r = 0; r < R; ++r) {
-          const int8_t* p = xq.p.data() + (r0 + r) * in + kBlock * b0;
-          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(p));
-          const float* lanes = xq.lanes.data() + ((r0 + r) * seg.count + s) * 32;
-          acc[r] = _mm512_fmadd_ps(mw, _mm512_loadu_ps(lanes + 16), acc[r]);
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                                   _mm512_mul_ps(_mm512_loadu_ps(lanes), dw), acc[r]);
-        }
+        const __m512i digits = _mm512_add_epi32(_mm512_slli_epi32(high, 7), low);
+        const float step = xq.step[row * blocks + b], sum = xq.sum[row * blocks + b];
+        acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sum), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(digits),
+                                 _mm512_mul_ps(dw, _mm512_set1_ps(step)), acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) y[(r0 + r) * out + o] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < R; ++r) {
+      alignas(64) float v[16];
+      _mm512_store_ps(v, acc[r]);
+      store16(y + (r0 + r) * out + t * kTile, v);
+    }
 #else
     for (int r = 0; r < R; ++r) {
-      const int8_t* p = xq.p.data() + (r0 + r) * in;
-      float total = 0.f;
-      for (int64_t s = 0; s < seg.count; ++s) {
-        const bool group = s < seg.groups;
-        const int64_t b0 = seg.first_block(s), nblocks = group ? 8 : 2;
-        const float* lanes = xq.lanes.data() + ((r0 + r) * seg.count + s) * 32;
-        for (int64_t i = 0; i < nblocks; ++i) {
-          const int64_t b = b0 + i, lane = group ? (i % 4) * 4 + 2 * (i / 4) : 8 * i;
-          int32_t dot = 0;
-          for (int64_t j = 0; j < kBlock; ++j) {
-            const int64_t k = b / 2, shift = 4 * (b % 2);
-            dot += ((qo[32 * k + j] >> shift) & 0x0F) * p[b * kBlock + j];
+      const int64_t row = r0 + r;
+      float v[16];
+      for (int64_t i = 0; i < kTile; ++i) {
+        float total = 0.f;
+        for (int64_t b = 0; b < blocks; ++b) {
+          const uint8_t* qb = qt + b * (kTile * kBlock / 2);
+          int32_t digits = 0;
+          for (int64_t k = 0; k < 8; ++k) {
+            for (int64_t u = 0; u < 4; ++u) {
+              const uint8_t byte = qb[64 * (k / 2) + 4 * i + u];
+              const int32_t q = k % 2 ? byte >> 4 : byte & 0x0F;
+              const int64_t at = row * in + b * kBlock + 4 * k + u;
+              digits += q * (kDigit * xq.p[at] + xq.p2[at]);
+            }
           }
-          const float per_lane = group ? 2.f : 8.f;
-          total += static_cast<float>(dot) * (lanes[lane] * static_cast<float>(dO[b])) +
-                   per_lane * (static_cast<float>(mO[b]) * lanes[16 + lane]);
+          const float step = xq.step[row * blocks + b], sum = xq.sum[row * blocks + b];
+          total += static_cast<float>(m[(t * blocks + b) * kTile + i]) * sum;
+          total += static_cast<float>(digits) *
+                   (static_cast<float>(d[(t * blocks + b) * kTile + i]) * step);
         }
+        v[i] = total;
       }
-      y[(r0 + r) * out + o] = total;
+      store16(y + row * out + t * kTile, v);
     }
 #endif
   }
+}
+
+// Rows [r0, r0 + R) of the outputs of tile t of a Q8_0 matrix (w = d * q, q an int8; the
+// embedded model's LM head). vpdpbusd wants one unsigned side: the activations' digits go in
+// offset by 128 (p + 128 is p with its sign bit flipped), and each block's
+// sum(q) * (128 * 128 + 128), prepared at load (`c`), takes the offsets back out, exactly.
+template <int R, typename Out>
+void tile8(const QuantRows& xq, int64_t r0, int64_t in, const int8_t* qs, const c10::Half* d,
+           const int32_t* c, int64_t t, Out* y, int64_t out) {
+  const int64_t blocks = in / kBlock;
+  const int8_t* qt = qs + t * blocks * (kTile * kBlock);
+  const c10::Half* dt = d + t * blocks * kTile;
+  const int32_t* ct = c + t * blocks * kTile;
+#if defined(DSPARK_VNNI)
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int8_t* qb = qt + b * (kTile * kBlock);
+    const char* ahead = reinterpret_cast<const char*>(qb + kPrefetch * (kTile * kBlock));
+    for (int line = 0; line < 8; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+    __m512i w[8];  // w[k]: weights 4k..4k+3 of the block for the 16 outputs
+    for (int k = 0; k < 8; ++k) w[k] = _mm512_loadu_si512(qb + 64 * k);
+    const __m512 dw = _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dt + b * kTile)));
+    const __m512i offsets = _mm512_loadu_si512(ct + b * kTile);
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = r0 + r, at = row * in + b * kBlock;
+      const int8_t *p = xq.p.data() + at, *p2 = xq.p2.data() + at;
+      __m512i high = _mm512_setzero_si512(), low = _mm512_setzero_si512();
+      for (int k = 0; k < 8; ++k) {
+        int32_t four, four2;
+        std::memcpy(&four, p + 4 * k, 4);
+        std::memcpy(&four2, p2 + 4 * k, 4);
+        const int32_t flip = static_cast<int32_t>(0x80808080u);
+        high = _mm512_dpbusd_epi32(high, _mm512_set1_epi32(four ^ flip), w[k]);
+        low = _mm512_dpbusd_epi32(low, _mm512_set1_epi32(four2 ^ flip), w[k]);
+      }
+      const __m512i digits =
+          _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(high, 7), low), offsets);
+      const float step = xq.step[row * blocks + b];
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(digits),
+                               _mm512_mul_ps(dw, _mm512_set1_ps(step)), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float v[16];
+    _mm512_store_ps(v, acc[r]);
+    store16(y + (r0 + r) * out + t * kTile, v);
+  }
+#else
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = r0 + r;
+    float v[16];
+    for (int64_t i = 0; i < kTile; ++i) {
+      float total = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int8_t* qb = qt + b * (kTile * kBlock);
+        int32_t digits = 0;
+        for (int64_t j = 0; j < kBlock; ++j) {
+          const int64_t at = row * in + b * kBlock + j;
+          digits += qb[64 * (j / 4) + 4 * i + j % 4] * (kDigit * xq.p[at] + xq.p2[at]);
+        }
+        total += static_cast<float>(digits) *
+                 (static_cast<float>(dt[b * kTile + i]) * xq.step[row * blocks + b]);
+      }
+      v[i] = total;
+    }
+    store16(y + row * out + t * kTile, v);
+  }
+#endif
+}
+
+QuantRows quantise(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "x must be bfloat16 or float32");
+  return x.scalar_type() == at::kBFloat16
+             ? quantise_rows(x.data_ptr<c10::BFloat16>(), x.size(0), x.size(1))
+             : quantise_rows(x.data_ptr<float>(), x.size(0), x.size(1));
+}
+
+// Every tile of the output, each for all rows (its weights stay in cache meanwhile), over the
+// threads; `tile(R, r0, t, y)` computes R rows of tile t.
+template <typename Tile>
+at::Tensor by_tiles(const at::Tensor& x, int64_t out, Tile tile) {
+  const int64_t rows = x.size(0);
+  at::Tensor y = at::empty({rows, out}, x.options());
+  auto run = [&](auto* yp) {
+    at::parallel_for(0, out / kTile, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t r0 = 0;
+        for (; r0 + kRowTile <= rows; r0 += kRowTile) tile(std::integral_constant<int, 4>{}, r0, t, yp);
+        switch (rows - r0) {
+          case 3: tile(std::integral_constant<int, 3>{}, r0, t, yp); break;
+          case 2: tile(std::integral_constant<int, 2>{}, r0, t, yp); break;
+          case 1: tile(std::integral_constant<int, 1>{}, r0, t, yp); break;
+          default: break;
+        }
+      }
+    });
+  };
+  if (x.scalar_type() == at::kBFloat16)
+    run(y.data_ptr<c10::BFloat16>());
+  else
+    run(y.data_ptr<float>());
+  return y;
 }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
                      const at::Tensor& m) {
   TORCH_CHECK(x.dim() == 2 && qs.dim() == 2 && d.dim() == 2 && m.dim() == 2,
               "q4_linear: x [rows, in], qs [out, in/2], d and m [out, in/32]");
-  const int64_t rows = x.size(0), in = x.size(1), out = qs.size(0);
-  TORCH_CHECK(in % (2 * kBlock) == 0, "q4_linear: in must be a multiple of 64");
-  TORCH_CHECK(qs.size(1) == in / 2 && qs.scalar_type() == at::kByte, "q4_linear: qs [out, in/2] uint8");
+  const int64_t in = x.size(1), out = qs.size(0);
+  TORCH_CHECK(in % kBlock == 0 && out % kTile == 0,
+              "q4_linear: in must be a multiple of 32 and out of 16");
+  TORCH_CHECK(qs.size(1) == in / 2 && qs.scalar_type() == at::kByte,
+              "q4_linear: qs [out, in/2] uint8");
   TORCH_CHECK(d.sizes() == m.sizes() && d.size(0) == out && d.size(1) == in / kBlock &&
                   d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf,
               "q4_linear: d and m [out, in/32] float16");
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor qc = qs.contiguous(), dc = d.contiguous(), mc = m.contiguous();
-  const QuantRows xq = x.scalar_type() == at::kBFloat16
-                           ? quantise_rows(xc.data_ptr<c10::BFloat16>(), rows, in)
-                           : quantise_rows(xc.to(at::kFloat).data_ptr<float>(), rows, in);
-  at::Tensor y = at::empty({rows, out}, x.options().dtype(at::kFloat));
+  const at::Tensor xc = x.contiguous(), qc = qs.contiguous(), dc = d.contiguous(),
+                   mc = m.contiguous();
+  const QuantRows xq = quantise(xc);
   const uint8_t* qp = qc.data_ptr<uint8_t>();
-  const at::Half *dp = dc.data_ptr<at::Half>(), *mp = mc.data_ptr<at::Half>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) {
-    int64_t r0 = 0;
-    for (; r0 + kRowTile <= rows; r0 += kRowTile) tile<4>(xq, r0, in, qp, dp, mp, o0, o1, yp, out);
-    switch (rows - r0) {
-      case 3: tile<3>(xq, r0, in, qp, dp, mp, o0, o1, yp, out); break;
-      case 2: tile<2>(xq, r0, in, qp, dp, mp, o0, o1, yp, out); break;
-      case 1: tile<1>(xq, r0, in, qp, dp, mp, o0, o1, yp, out); break;
-      default: break;
-    }
+  const c10::Half *dp = dc.data_ptr<c10::Half>(), *mp = mc.data_ptr<c10::Half>();
+  return by_tiles(xc, out, [&](auto rows, int64_t r0, int64_t t, auto* yp) {
+    tiles<decltype(rows)::value>(xq, r0, in, qp, dp, mp, t, t + 1, yp, out);
   });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
+                     const at::Tensor& c) {
+  TORCH_CHECK(x.dim() == 2 && qs.dim() == 2 && d.dim() == 2 && c.dim() == 2,
+              "q8_linear: x [rows, in], qs [out, in], d and c [out, in/32]");
+  const int64_t in = x.size(1), out = qs.size(0);
+  TORCH_CHECK(in % kBlock == 0 && out % kTile == 0,
+              "q8_linear: in must be a multiple of 32 and out of 16");
+  TORCH_CHECK(qs.size(1) == in && qs.scalar_type() == at::kChar, "q8_linear: qs [out, in] int8");
+  TORCH_CHECK(d.sizes() == c.sizes() && d.size(0) == out && d.size(1) == in / kBlock &&
+                  d.scalar_type() == at::kHalf && c.scalar_type() == at::kInt,
+              "q8_linear: d [out, in/32] float16, c [out, in/32] int32");
+  const at::Tensor xc = x.contiguous(), qc = qs.contiguous(), dc = d.contiguous(),
+                   cc = c.contiguous();
+  const QuantRows xq = quantise(xc);
+  const int8_t* qp = qc.data_ptr<int8_t>();
+  const c10::Half* dp = dc.data_ptr<c10::Half>();
+  const int32_t* cp = cc.data_ptr<int32_t>();
+  return by_tiles(xc, out, [&](auto rows, int64_t r0, int64_t t, auto* yp) {
+    tile8<decltype(rows)::value>(xq, r0, in, qp, dp, cp, t, yp, out);
+  });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dspark_kernels, lib) {
   lib.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
+  lib.def("q8_linear(Tensor x, Tensor qs, Tensor d, Tensor c) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dspark_kernels, CPU, lib) { lib.impl("q4_linear", &q4_linear); }
+TORCH_LIBRARY_IMPL(dspark_kernels, CPU, lib) {
+  lib.impl("q4_linear", &q4_linear);
+  lib.impl("q8_linear", &q8_linear);
+}

@@ -1,6 +1,6 @@
 """The native Q4 kernel (scheduler/kernels/q4_linear.cpp, `--int4-kernel native`): Q4_1 weights
-times activations rounded to int8 per block of 32, against that formula written out in torch
-in float64; a row's output alone equals the row among others, bit for bit; the fused linear
+times activations rounded to two int8 digits per block of 32, against that formula written out
+in torch; a row's output alone equals the row among others, bit for bit; the fused linear
 equals its parts. On a CPU without VNNI the kernel builds as plain loops and these tests run
 those."""
 
@@ -12,7 +12,7 @@ import torch
 from scheduler import kernels
 from scheduler.gguf_blocks import GROUP
 from scheduler.loader import default_cache_dir, native_int4
-from scheduler.quant import Int4Linear
+from scheduler.quant import Int4Linear, Q8Linear
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,15 +28,19 @@ def random_q4(out: int, inp: int, gen: torch.Generator):
 
 
 def reference(x: torch.Tensor, q, scale, zero) -> torch.Tensor:
-    """Each activation block rounded to a * p (a = max|x| / 127, p an int8, nearest even), its
-    exact sum S kept: y = sum over blocks of d * a * sum(q * p) + m * S, with m = zero - 8d."""
-    xb = x.double().view(x.shape[0], -1, GROUP)
+    """Each activation block rounded to two int8 digits, a * (p + p2 / 128) with a = max|x| / 127
+    (in float32, as the kernel rounds), its exact sum S kept: y = sum over blocks of
+    d * (a / 128) * sum(q * (128 p + p2)) + m * S, with m = zero - 8d, in float64."""
+    xb = x.float().view(x.shape[0], -1, GROUP)
     a = xb.abs().amax(-1, keepdim=True) / 127
-    p = torch.where(a > 0, torch.round(xb / a), torch.zeros_like(xb))
+    t = xb * torch.where(a > 0, 1 / a, torch.zeros_like(a))
+    p = torch.round(t)
+    digits = 128 * p + torch.round((t - p) * 128)
     qb = q.double().view(q.shape[0], -1, GROUP)
-    dots = torch.einsum("rbj,obj->rob", p, qb)
+    dots = torch.einsum("rbj,obj->rob", digits.double(), qb)
     d, m = scale.double(), (zero - 8 * scale).double()
-    return (dots * (d[None] * a.squeeze(-1)[:, None])).sum(-1) + xb.sum(-1) @ m.T
+    step = a.squeeze(-1).double()[:, None] / 128
+    return (dots * (d[None] * step)).sum(-1) + xb.double().sum(-1) @ m.T
 
 
 @pytest.mark.parametrize("inp", [64, 576, 1536])  # 1 pair; 2 groups of 4 pairs + 1; 6 groups
@@ -46,7 +50,9 @@ def test_matches_the_formula(inp, dtype):
     q, scale, zero = random_q4(96, inp, gen)
     lin = Int4Linear(q, scale, zero, GROUP, None, dtype, native=True)
     # a few outlier channels, as in a transformer's hidden states
-    x = torch.randn(7, inp, generator=gen) * torch.where(torch.rand(inp, generator=gen) < 0.03, 40.0, 1.0)
+    x = torch.randn(7, inp, generator=gen) * torch.where(
+        torch.rand(inp, generator=gen) < 0.03, 40.0, 1.0
+    )
     x = x.to(dtype)
     want = reference(x.float(), q, scale, zero)
     got = lin(x).double()
@@ -79,4 +85,28 @@ def test_fused_equals_its_parts():
 def test_native_needs_bfloat16_activations():
     with pytest.raises(ValueError, match="not bfloat16"):
         native_int4("native", torch.float32, default_cache_dir())
+    assert native_int4("auto", torch.float32, default_cache_dir()) is False  # falls back
     assert native_int4("aten", torch.bfloat16, default_cache_dir()) is False
+    assert native_int4("auto", torch.bfloat16, default_cache_dir()) is kernels.has_vnni()
+
+
+def test_q8_matches_the_formula():
+    """Q8_0 (w = d * q, q an int8, the embedded model's LM head): the same two-digit rounding."""
+    gen = torch.Generator().manual_seed(3)
+    out, inp = 64, 576
+    q = torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=gen)
+    scale = (torch.rand(out, inp // GROUP, generator=gen) * 0.01).half().float()
+    head = Q8Linear(q, scale, GROUP, torch.float32, native=True)
+    x = torch.randn(5, inp, generator=gen) * torch.where(
+        torch.rand(inp, generator=gen) < 0.03, 40.0, 1.0
+    )
+    xb = x.view(5, -1, GROUP)
+    a = xb.abs().amax(-1, keepdim=True) / 127
+    t = xb * torch.where(a > 0, 1 / a, torch.zeros_like(a))
+    p = torch.round(t)
+    digits = (128 * p + torch.round((t - p) * 128)).double()
+    dots = torch.einsum("rbj,obj->rob", digits, q.double().view(out, -1, GROUP))
+    want = (dots * (scale.double()[None] * a.squeeze(-1).double()[:, None] / 128)).sum(-1)
+    got = head(x).double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert torch.equal(head(x[2:3])[0], head(x)[2])
