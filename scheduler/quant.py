@@ -80,6 +80,12 @@ def has_int4_kernel() -> bool:
 NATIVE_TILE = 16  # outputs per vector of scheduler/kernels/q4_linear.cpp
 
 
+def _by_tile(v: torch.Tensor, blocks: int) -> torch.Tensor:
+    """[out, blocks] per-block values reordered tile by tile: each block's 16 outputs together."""
+    out = v.shape[0]
+    return v.view(out // NATIVE_TILE, NATIVE_TILE, blocks).transpose(1, 2).reshape(out, blocks)
+
+
 def pack_native(
     q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,12 +99,8 @@ def pack_native(
     # weight index within a block: 8j + 4h + t (run j, nibble h, byte t)
     w = q.view(tiles, NATIVE_TILE, blocks, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
     qs = (w[..., 0] | (w[..., 1] << 4)).reshape(out, inp // 2).contiguous()
-
-    def by_tile(v: torch.Tensor) -> torch.Tensor:
-        return v.view(tiles, NATIVE_TILE, blocks).transpose(1, 2).reshape(out, blocks)
-
-    d_m = torch.stack([by_tile(scale), by_tile(zero - 8 * scale)]).to(torch.float16)
-    return qs, d_m
+    d_m = torch.stack([_by_tile(scale, blocks), _by_tile(zero - 8 * scale, blocks)])
+    return qs, d_m.to(torch.float16)
 
 
 def pack_native_q8(
@@ -114,15 +116,13 @@ def pack_native_q8(
     tiles, blocks = out // NATIVE_TILE, inp // group
     qs = q.view(tiles, NATIVE_TILE, blocks, 8, 4).permute(0, 2, 3, 1, 4).reshape(out, inp)
     sums = q.view(out, blocks, group).sum(-1, dtype=torch.int32) * (128 * 128 + 128)
-
-    def by_tile(v: torch.Tensor) -> torch.Tensor:
-        return v.view(tiles, NATIVE_TILE, blocks).transpose(1, 2).reshape(out, blocks)
-
-    return qs.contiguous(), by_tile(scale).to(torch.float16), by_tile(sums).contiguous()
+    d = _by_tile(scale, blocks).to(torch.float16)
+    return qs.contiguous(), d, _by_tile(sums, blocks).contiguous()
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T + b with W in torch's CPU int4 layout, group-wise scale and zero."""
+    """y = x W^T + b with W in torch's CPU int4 layout, group-wise scale and zero; or
+    (`native`) in scheduler/kernels/q4_linear.cpp's layout (`pack_native`), multiplied there."""
 
     packed: torch.Tensor  # buffers, declared so type checkers see tensors
     scales_zeros: torch.Tensor
@@ -169,8 +169,8 @@ class Int4Linear(nn.Module):
             (p.group, p.act_dtype, p.native) == (first.group, first.act_dtype, first.native)
             for p in parts
         )
-        rows = NATIVE_TILE if first.native else PACK_ROWS
-        aligned = not any(p.out_features % rows for p in parts[:-1])
+        quantum = NATIVE_TILE if first.native else PACK_ROWS
+        aligned = not any(p.out_features % quantum for p in parts[:-1])
         if not same or not aligned:
             return None
         fused = cls.__new__(cls)
