@@ -71,7 +71,7 @@ def copy_bandwidth_gbs() -> float:
 
 def product_bytes(product: Any) -> int:
     """Bytes one call of a served product reads: its weights in the format they are kept."""
-    if getattr(product, "native", False) and hasattr(product, "qs"):  # Q8Linear, native
+    if hasattr(product, "qs"):  # Q8Linear, native: its int8 blocks, scales and offsets
         return sum(t.numel() * t.element_size() for t in (product.qs, product.d, product.c))
     if hasattr(product, "plane"):  # Q8Linear: two int4 planes
         return product_bytes(product.plane)

@@ -1,6 +1,6 @@
 """The compiled step of the embedded model as served, through each Q4 products kernel:
-torch's int4 kernel (`--int4-kernel aten`, the default) against scheduler/kernels/q4_linear.cpp
-(`native`), by rows per step (one request's decode and verifications, and batches of decodes);
+torch's int4 kernel with a dense head (`--int4-kernel aten`) against
+scheduler/kernels/q4_linear.cpp (`native`, what `auto` serves on a CPU with VNNI), by rows per step (one request's decode and verifications, and batches of decodes);
 the two alternate round by round, median of the rounds. The last line printed is one JSON
 object.
 
@@ -23,16 +23,8 @@ from scheduler.loader import load_target
 from scheduler.model import TargetModel, build_packed_batch
 
 CONTEXT = 128
-SHAPES = [
-    (1, 1),
-    (1, 2),
-    (1, 4),
-    (1, 8),
-    (1, 16),
-    (4, 1),
-    (16, 1),
-    (4, 8),
-]  # (requests, new tokens)
+# (requests, new tokens): one request's decode and verifications, batches of decodes
+SHAPES = [(1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (4, 1), (16, 1), (4, 8)]
 
 
 def main() -> None:
@@ -43,10 +35,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = {}
+    slots = max(requests for requests, _ in SHAPES)
     for kernel in ("aten", "native"):
         config = EngineConfig(device="cpu", weights="gguf", int4_kernel=kernel)
         loaded = load_target(config.model, "cpu", config.dtype, None, "gguf", kernel)
-        slots = max(requests for requests, _ in SHAPES)
         models[kernel] = TargetModel(
             loaded.hf_model, slots, 512, step_options(config, loaded.hf_model)
         )

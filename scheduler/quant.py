@@ -19,9 +19,9 @@ With float32 activations the scales are float32 and the products equal the de-qu
 float32 model's up to summation order (a test holds them to it); with bfloat16 activations
 the kernel wants bfloat16 scales, which round d to 8 bits of mantissa.
 
-`native=True` (bfloat16 activations, `--int4-kernel`) multiplies through
-scheduler/kernels/q4_linear.cpp instead: llama.cpp's scheme, activations rounded to int8 per
-block of 32 and integer dot products, the file's d and m kept in float16 as the file has them.
+`native=True` (bfloat16 activations, `--int4-kernel`) multiplies both formats through
+scheduler/kernels/q4_linear.cpp instead: activations rounded to two int8 digits per block of
+32 and integer dot products, the file's d and m kept in float16 as the file has them.
 """
 
 from __future__ import annotations
@@ -147,14 +147,12 @@ class Int4Linear(nn.Module):
         self.native = native
         if native:
             packed, scales_zeros = pack_native(q, scale, zero, group)
-            self.register_buffer("packed", packed)
             self.kernel_rows = 1  # each row costs alike: no stairs
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
-            self.register_buffer("packed", packed)
             # The kernel's layout: [in / group, out, 2] in the activation dtype.
-            scales_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
-            scales_zeros = scales_zeros.to(act_dtype)
+            scales_zeros = torch.stack([scale, zero], -1).transpose(0, 1).to(act_dtype)
+        self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros.contiguous())
         self.bias = None if bias is None else bias.to(act_dtype)
         # The same matrix dense, for prompt chunks (see prompt_chunk_products), or None.
@@ -301,9 +299,9 @@ def gguf_modules(
     The dense weights loaded with the model are checked against the de-quantised file (a
     wrong row order or file would be caught here, not in the output). A Q8_0 LM head is
     served as `Q8Linear` (`head="q8"`), kept dense (`"dense"`), or whichever of the two a
-    start-up measurement finds faster (`"auto"`). `native`: the int4 linears multiply through
-    scheduler/kernels/q4_linear.cpp (which must be loaded). Every int4 linear also keeps the loaded dense
-    matrix for prompt chunks (`prompt_chunk_products`): the weights' memory again in the
+    start-up measurement finds faster (`"auto"`). `native`: the int4 linears and the Q8_0 head
+    multiply through scheduler/kernels/q4_linear.cpp (which must be loaded). Every int4 linear
+    also keeps the loaded dense matrix for prompt chunks (`prompt_chunk_products`): the weights' memory again in the
     activation dtype, for prefill products 2.1-2.4x faster.
     """
     if not has_int4_kernel():

@@ -51,7 +51,7 @@ constexpr int64_t kBlock = 32;
 constexpr int64_t kTile = 16;      // outputs per vector
 constexpr int64_t kRowTile = 4;    // rows sharing one unpacking of the weights
 constexpr int32_t kDigit = 128;    // the second digit counts 1/128 of the first
-constexpr int64_t kPrefetch = 32;   // blocks ahead whose weights are fetched before use
+constexpr int64_t kPrefetch = 32;  // blocks ahead whose weights are fetched before use
 
 // Activation rows: per block of 32 the two int8 digits, the step a / 128 and the exact sum.
 struct QuantRows {
@@ -93,93 +93,108 @@ inline void store16(c10::BFloat16* y, const float* v) {
   for (int i = 0; i < 16; ++i) y[i] = c10::BFloat16(v[i]);
 }
 
-// Rows [r0, r0 + R) of the outputs of tiles [t0, t1).
-template <int R, typename Out>
-void tiles(const QuantRows& xq, int64_t r0, int64_t in, const uint8_t* qs, const c10::Half* d,
-           const c10::Half* m, int64_t t0, int64_t t1, Out* y, int64_t out) {
-  const int64_t blocks = in / kBlock;
-  for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* qt = qs + t * blocks * (kTile * kBlock / 2);
-    const c10::Half* dt = d + t * blocks * kTile;
-    const c10::Half* mt = m + t * blocks * kTile;
 #if defined(DSPARK_VNNI)
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    for (int64_t b = 0; b < blocks; ++b) {
-      const uint8_t* qb = qt + b * (kTile * kBlock / 2);
-      // The weights stream from memory once per call (the next tile's follow this one's).
-      const char* ahead = reinterpret_cast<const char*>(qb + kPrefetch * (kTile * kBlock / 2));
-      for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(dt + (b + kPrefetch) * kTile), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(mt + (b + kPrefetch) * kTile), _MM_HINT_T0);
-      __m512i w[8];  // w[k]: weights 4k..4k+3 of the block for the 16 outputs
-      for (int j = 0; j < 4; ++j) {
-        const __m512i bytes = _mm512_loadu_si512(qb + 64 * j);
-        w[2 * j] = _mm512_and_si512(bytes, low4);
-        w[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
-      }
-      const __m512 dw = _mm512_cvtph_ps(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dt + b * kTile)));
-      const __m512 mw = _mm512_cvtph_ps(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mt + b * kTile)));
-      for (int r = 0; r < R; ++r) {
-        const int64_t row = r0 + r, at = row * in + b * kBlock;
-        const int8_t *p = xq.p.data() + at, *p2 = xq.p2.data() + at;
-        __m512i high = _mm512_setzero_si512(), low = _mm512_setzero_si512();
-        for (int k = 0; k < 8; ++k) {
-          int32_t four, four2;
-          std::memcpy(&four, p + 4 * k, 4);
-          std::memcpy(&four2, p2 + 4 * k, 4);
-          high = _mm512_dpbusd_epi32(high, w[k], _mm512_set1_epi32(four));
-          low = _mm512_dpbusd_epi32(low, w[k], _mm512_set1_epi32(four2));
-        }
-        const __m512i digits = _mm512_add_epi32(_mm512_slli_epi32(high, 7), low);
-        const float step = xq.step[row * blocks + b], sum = xq.sum[row * blocks + b];
-        acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sum), acc[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(digits),
-                                 _mm512_mul_ps(dw, _mm512_set1_ps(step)), acc[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      alignas(64) float v[16];
-      _mm512_store_ps(v, acc[r]);
-      store16(y + (r0 + r) * out + t * kTile, v);
-    }
-#else
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = r0 + r;
-      float v[16];
-      for (int64_t i = 0; i < kTile; ++i) {
-        float total = 0.f;
-        for (int64_t b = 0; b < blocks; ++b) {
-          const uint8_t* qb = qt + b * (kTile * kBlock / 2);
-          int32_t digits = 0;
-          for (int64_t k = 0; k < 8; ++k) {
-            for (int64_t u = 0; u < 4; ++u) {
-              const uint8_t byte = qb[64 * (k / 2) + 4 * i + u];
-              const int32_t q = k % 2 ? byte >> 4 : byte & 0x0F;
-              const int64_t at = row * in + b * kBlock + 4 * k + u;
-              digits += q * (kDigit * xq.p[at] + xq.p2[at]);
-            }
-          }
-          const float step = xq.step[row * blocks + b], sum = xq.sum[row * blocks + b];
-          total += static_cast<float>(m[(t * blocks + b) * kTile + i]) * sum;
-          total += static_cast<float>(digits) *
-                   (static_cast<float>(d[(t * blocks + b) * kTile + i]) * step);
-        }
-        v[i] = total;
-      }
-      store16(y + row * out + t * kTile, v);
-    }
-#endif
+// R rows' 16 outputs of tile t, from their accumulators.
+template <int R, typename Out>
+inline void store_rows(const __m512* acc, int64_t r0, int64_t t, Out* y, int64_t out) {
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float v[16];
+    _mm512_store_ps(v, acc[r]);
+    store16(y + (r0 + r) * out + t * kTile, v);
   }
 }
 
+// 128 sum(q p) + sum(q p2) for one block and 16 outputs, w[k] holding weights 4k..4k+3 of each.
+// vpdpbusd multiplies unsigned by signed bytes: Q4 weights (0..15) are the unsigned side; for
+// signed Q8 weights the activations' digits go in offset by 128 (the sign bit flipped), which
+// the caller takes back out.
+template <bool kSignedWeights>
+inline __m512i digit_sums(const __m512i* w, const int8_t* p, const int8_t* p2) {
+  const int32_t flip = kSignedWeights ? static_cast<int32_t>(0x80808080u) : 0;
+  __m512i high = _mm512_setzero_si512(), low = _mm512_setzero_si512();
+  for (int k = 0; k < 8; ++k) {
+    int32_t four, four2;  // 4 activations' digits, broadcast to the 16 outputs
+    std::memcpy(&four, p + 4 * k, 4);
+    std::memcpy(&four2, p2 + 4 * k, 4);
+    const __m512i a = _mm512_set1_epi32(four ^ flip), a2 = _mm512_set1_epi32(four2 ^ flip);
+    high = kSignedWeights ? _mm512_dpbusd_epi32(high, a, w[k]) : _mm512_dpbusd_epi32(high, w[k], a);
+    low = kSignedWeights ? _mm512_dpbusd_epi32(low, a2, w[k]) : _mm512_dpbusd_epi32(low, w[k], a2);
+  }
+  return _mm512_add_epi32(_mm512_slli_epi32(high, 7), low);
+}
+#endif
+
+// Rows [r0, r0 + R) of the outputs of tile t of a Q4_1 matrix.
+template <int R, typename Out>
+void tile4(const QuantRows& xq, int64_t r0, int64_t in, const uint8_t* qs, const c10::Half* d,
+           const c10::Half* m, int64_t t, Out* y, int64_t out) {
+  const int64_t blocks = in / kBlock;
+  const uint8_t* qt = qs + t * blocks * (kTile * kBlock / 2);
+  const c10::Half* dt = d + t * blocks * kTile;
+  const c10::Half* mt = m + t * blocks * kTile;
+#if defined(DSPARK_VNNI)
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* qb = qt + b * (kTile * kBlock / 2);
+    // The weights stream from memory once per call (the next tile's follow this one's).
+    const char* ahead = reinterpret_cast<const char*>(qb + kPrefetch * (kTile * kBlock / 2));
+    for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(dt + (b + kPrefetch) * kTile), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(mt + (b + kPrefetch) * kTile), _MM_HINT_T0);
+    __m512i w[8];  // w[k]: weights 4k..4k+3 of the block for the 16 outputs
+    for (int j = 0; j < 4; ++j) {
+      const __m512i bytes = _mm512_loadu_si512(qb + 64 * j);
+      w[2 * j] = _mm512_and_si512(bytes, low4);
+      w[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
+    }
+    const __m512 dw = _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dt + b * kTile)));
+    const __m512 mw = _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mt + b * kTile)));
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = r0 + r, at = row * in + b * kBlock;
+      const __m512i digits = digit_sums<false>(w, xq.p.data() + at, xq.p2.data() + at);
+      const float step = xq.step[row * blocks + b], sum = xq.sum[row * blocks + b];
+      acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sum), acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(digits),
+                               _mm512_mul_ps(dw, _mm512_set1_ps(step)), acc[r]);
+    }
+  }
+  store_rows<R>(acc, r0, t, y, out);
+#else
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = r0 + r;
+    float v[16];
+    for (int64_t i = 0; i < kTile; ++i) {
+      float total = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* qb = qt + b * (kTile * kBlock / 2);
+        int32_t digits = 0;
+        for (int64_t k = 0; k < 8; ++k) {
+          for (int64_t u = 0; u < 4; ++u) {
+            const uint8_t byte = qb[64 * (k / 2) + 4 * i + u];
+            const int32_t q = k % 2 ? byte >> 4 : byte & 0x0F;
+            const int64_t at = row * in + b * kBlock + 4 * k + u;
+            digits += q * (kDigit * xq.p[at] + xq.p2[at]);
+          }
+        }
+        const float step = xq.step[row * blocks + b], sum = xq.sum[row * blocks + b];
+        total += static_cast<float>(mt[b * kTile + i]) * sum;
+        total += static_cast<float>(digits) * (static_cast<float>(dt[b * kTile + i]) * step);
+      }
+      v[i] = total;
+    }
+    store16(y + row * out + t * kTile, v);
+  }
+#endif
+}
+
 // Rows [r0, r0 + R) of the outputs of tile t of a Q8_0 matrix (w = d * q, q an int8; the
-// embedded model's LM head). vpdpbusd wants one unsigned side: the activations' digits go in
-// offset by 128 (p + 128 is p with its sign bit flipped), and each block's
-// sum(q) * (128 * 128 + 128), prepared at load (`c`), takes the offsets back out, exactly.
+// embedded model's LM head). The activations' digits go in offset by 128 (digit_sums), and
+// each block's sum(q) * (128 * 128 + 128), prepared at load (`c`), takes the offsets back out,
+// exactly.
 template <int R, typename Out>
 void tile8(const QuantRows& xq, int64_t r0, int64_t in, const int8_t* qs, const c10::Half* d,
            const int32_t* c, int64_t t, Out* y, int64_t out) {
@@ -201,28 +216,14 @@ void tile8(const QuantRows& xq, int64_t r0, int64_t in, const int8_t* qs, const 
     const __m512i offsets = _mm512_loadu_si512(ct + b * kTile);
     for (int r = 0; r < R; ++r) {
       const int64_t row = r0 + r, at = row * in + b * kBlock;
-      const int8_t *p = xq.p.data() + at, *p2 = xq.p2.data() + at;
-      __m512i high = _mm512_setzero_si512(), low = _mm512_setzero_si512();
-      for (int k = 0; k < 8; ++k) {
-        int32_t four, four2;
-        std::memcpy(&four, p + 4 * k, 4);
-        std::memcpy(&four2, p2 + 4 * k, 4);
-        const int32_t flip = static_cast<int32_t>(0x80808080u);
-        high = _mm512_dpbusd_epi32(high, _mm512_set1_epi32(four ^ flip), w[k]);
-        low = _mm512_dpbusd_epi32(low, _mm512_set1_epi32(four2 ^ flip), w[k]);
-      }
-      const __m512i digits =
-          _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(high, 7), low), offsets);
+      const __m512i digits = _mm512_sub_epi32(
+          digit_sums<true>(w, xq.p.data() + at, xq.p2.data() + at), offsets);
       const float step = xq.step[row * blocks + b];
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(digits),
                                _mm512_mul_ps(dw, _mm512_set1_ps(step)), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    alignas(64) float v[16];
-    _mm512_store_ps(v, acc[r]);
-    store16(y + (r0 + r) * out + t * kTile, v);
-  }
+  store_rows<R>(acc, r0, t, y, out);
 #else
   for (int r = 0; r < R; ++r) {
     const int64_t row = r0 + r;
@@ -299,7 +300,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   const uint8_t* qp = qc.data_ptr<uint8_t>();
   const c10::Half *dp = dc.data_ptr<c10::Half>(), *mp = mc.data_ptr<c10::Half>();
   return by_tiles(xc, out, [&](auto rows, int64_t r0, int64_t t, auto* yp) {
-    tiles<decltype(rows)::value>(xq, r0, in, qp, dp, mp, t, t + 1, yp, out);
+    tile4<decltype(rows)::value>(xq, r0, in, qp, dp, mp, t, yp, out);
   });
 }
 

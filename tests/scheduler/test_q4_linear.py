@@ -27,20 +27,25 @@ def random_q4(out: int, inp: int, gen: torch.Generator):
     return q, scale, m + 8 * scale  # the int4 kernel's terms: w = (q - 8) * scale + zero
 
 
-def reference(x: torch.Tensor, q, scale, zero) -> torch.Tensor:
-    """Each activation block rounded to two int8 digits, a * (p + p2 / 128) with a = max|x| / 127
-    (in float32, as the kernel rounds), its exact sum S kept: y = sum over blocks of
-    d * (a / 128) * sum(q * (128 p + p2)) + m * S, with m = zero - 8d, in float64."""
+def two_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each activation block of 32 rounded to two int8 digits as the kernel rounds (in float32):
+    a * (p + p2 / 128) with a = max|x| / 127. Returns (128 p + p2, a / 128, the blocks of x),
+    the first two in float64, shapes [rows, blocks, 32], [rows, blocks], [rows, blocks, 32]."""
     xb = x.float().view(x.shape[0], -1, GROUP)
     a = xb.abs().amax(-1, keepdim=True) / 127
     t = xb * torch.where(a > 0, 1 / a, torch.zeros_like(a))
     p = torch.round(t)
     digits = 128 * p + torch.round((t - p) * 128)
-    qb = q.double().view(q.shape[0], -1, GROUP)
-    dots = torch.einsum("rbj,obj->rob", digits.double(), qb)
+    return digits.double(), a.squeeze(-1).double() / 128, xb
+
+
+def reference(x: torch.Tensor, q, scale, zero) -> torch.Tensor:
+    """y = sum over blocks of d * (a / 128) * sum(q * (128 p + p2)) + m * S, with m = zero - 8d
+    and S the block's exact sum, in float64."""
+    digits, step, xb = two_digits(x)
+    dots = torch.einsum("rbj,obj->rob", digits, q.double().view(q.shape[0], -1, GROUP))
     d, m = scale.double(), (zero - 8 * scale).double()
-    step = a.squeeze(-1).double()[:, None] / 128
-    return (dots * (d[None] * step)).sum(-1) + xb.double().sum(-1) @ m.T
+    return (dots * (d[None] * step[:, None])).sum(-1) + xb.double().sum(-1) @ m.T
 
 
 @pytest.mark.parametrize("inp", [64, 576, 1536])  # 1 pair; 2 groups of 4 pairs + 1; 6 groups
@@ -100,13 +105,9 @@ def test_q8_matches_the_formula():
     x = torch.randn(5, inp, generator=gen) * torch.where(
         torch.rand(inp, generator=gen) < 0.03, 40.0, 1.0
     )
-    xb = x.view(5, -1, GROUP)
-    a = xb.abs().amax(-1, keepdim=True) / 127
-    t = xb * torch.where(a > 0, 1 / a, torch.zeros_like(a))
-    p = torch.round(t)
-    digits = (128 * p + torch.round((t - p) * 128)).double()
+    digits, step, _ = two_digits(x)
     dots = torch.einsum("rbj,obj->rob", digits, q.double().view(out, -1, GROUP))
-    want = (dots * (scale.double()[None] * a.squeeze(-1).double()[:, None] / 128)).sum(-1)
+    want = (dots * (scale.double()[None] * step[:, None])).sum(-1)
     got = head(x).double()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     assert torch.equal(head(x[2:3])[0], head(x)[2])

@@ -133,7 +133,8 @@ def gguf_float32():
 
 @pytest.fixture(scope="module")
 def gguf_bfloat16():
-    return load_target(device="cpu", dtype="bfloat16", weights="gguf")
+    """torch's int4 kernel on bfloat16 activations (the native kernels have their own test)."""
+    return load_target(device="cpu", dtype="bfloat16", weights="gguf", int4_kernel="aten")
 
 
 def _prompt_logits(hf_model, prompts):
@@ -146,6 +147,18 @@ def _prompt_logits(hf_model, prompts):
             logits, _ = model.forward(build_packed_batch([(0, 0, p)], list(range(len(p))), cpu))
             out.append(logits)
     return out
+
+
+def _greedy_agreements(loaded, reference, prompts, tokens=16):
+    """Per prompt, the greedy tokens two models' engines agree on before their first
+    difference (of `tokens`)."""
+    greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    ours = make_engine(loaded).generate(prompts, greedy)
+    theirs = make_engine(reference).generate(prompts, greedy)
+    return [
+        next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), tokens)
+        for a, b in zip(ours, theirs)
+    ]
 
 
 def test_int4_path_matches_the_dequantized_float32_model(target, gguf_float32, chat_prompts):
@@ -170,13 +183,7 @@ def test_bfloat16_int4_logits_and_greedy_agreement(target, gguf_bfloat16, chat_p
     want_all = _prompt_logits(target.hf_model, chat_prompts)
     worst = max(float((g - w).abs().max()) for g, w in zip(got_all, want_all))
     assert worst < BFLOAT16_ATOL
-    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    ours = make_engine(gguf_bfloat16).generate(chat_prompts, greedy)
-    reference = make_engine(target).generate(chat_prompts, greedy)
-    agreements = [
-        next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), 16)
-        for a, b in zip(ours, reference)
-    ]
+    agreements = _greedy_agreements(gguf_bfloat16, target, chat_prompts)
     print(
         f"max |logit diff| {worst:.3f}; greedy tokens agreeing before the first difference "
         f"(of 16) per prompt: {agreements}"
@@ -205,13 +212,7 @@ def test_native_kernels_against_the_float32_model(target, chat_prompts):
     mean = sum(float((g - w).abs().mean()) for g, w in zip(got_all, want_all)) / len(got_all)
     agree = sum(int((g.argmax(-1) == w.argmax(-1)).sum()) for g, w in zip(got_all, want_all))
     share = agree / sum(len(w) for w in want_all)
-    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    ours = make_engine(native).generate(chat_prompts, greedy)
-    reference = make_engine(target).generate(chat_prompts, greedy)
-    agreements = [
-        next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), 16)
-        for a, b in zip(ours, reference)
-    ]
+    agreements = _greedy_agreements(native, target, chat_prompts)
     print(f"native kernels: mean |logit diff| {mean:.3f}, argmax agreement {share:.3f}, "
           f"greedy tokens agreeing before the first difference (of 16): {agreements}")
     assert mean < 0.5 and share > 0.93
