@@ -74,6 +74,11 @@ class LLMEngine:
         return self.batcher.kv.num_slots
 
     @property
+    def structured_output(self) -> bool:
+        """Whether the runner applies grammar masks (else constrained requests are refused)."""
+        return self.batcher.grammars is not None
+
+    @property
     def fault_hook(self) -> FaultHook | None:
         return self.batcher.fault_hook
 

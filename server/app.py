@@ -107,6 +107,7 @@ async def _load_and_watch(state: AppState) -> None:
         state.tokenizer = ChatTokenizer(engine.tokenizer)
         state.model_name = s.served_model_name or engine.model_name
         state.max_model_len = int(engine.max_model_len)
+        state.structured_output = bool(engine.structured_output)
         state.metrics.model_name = state.model_name
         client = AsyncEngineClient(
             engine,

@@ -59,6 +59,7 @@ class EngineInfo:
     max_model_len: int
     num_kv_slots: int
     torch_threads: int | None  # None: the engine never loaded torch (the fake model)
+    structured_output: bool  # the engine can constrain its output (grammar masks)
 
 
 def set_torch_threads(threads: int) -> None:
@@ -155,7 +156,7 @@ def _serve(spec: EngineCoreSpec, inbox: SocketInbox, out: zmq.Socket[bytes]) -> 
     threads = torch_threads_in_use()
     log.info("engine built: %s, torch threads: %s", engine.model_name, threads)
     info = EngineInfo(engine.model_name, engine.tokenizer, engine.max_model_len,
-                      engine.num_kv_slots, threads)
+                      engine.num_kv_slots, threads, engine.structured_output)
     out.send(encode(("ready", info)))
 
     def send_step(step_outputs: list[RequestOutput], stats: StepStats) -> None:

@@ -111,6 +111,10 @@ class EngineProcess:
         return self._ready.num_kv_slots
 
     @property
+    def structured_output(self) -> bool:
+        return self._ready.structured_output
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid
 

@@ -149,14 +149,21 @@ def _template_message(m: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def _constraint(body: ChatCompletionRequest | CompletionRequest) -> StructuredOutput | None:
-    """The request's output constraint, checked (a 400 naming the field if it cannot compile)."""
+def _constraint(
+    st: AppState, body: ChatCompletionRequest | CompletionRequest
+) -> StructuredOutput | None:
+    """The request's output constraint, checked: a 400 naming the field if it cannot compile,
+    or if this engine cannot constrain its output at all (the fake model)."""
     constraint = body.constraint()
-    if constraint is not None:
-        error = check_structured(constraint)
-        if error is not None:
-            raise bad_request(f"the output constraint cannot be compiled: {error}",
-                              param=body.constraint_param())
+    if constraint is None:
+        return None
+    error = check_structured(constraint)
+    if error is not None:
+        raise bad_request(f"the output constraint cannot be compiled: {error}",
+                          param=body.constraint_param())
+    if not st.structured_output:
+        raise bad_request("this server's engine cannot constrain its output",
+                          param=body.constraint_param())
     return constraint
 
 
@@ -201,7 +208,7 @@ async def _submit(
     n = body.n
     num_prompts = 1 if chat else len(body.prompts())  # type: ignore[union-attr]
     total = n * num_prompts
-    constraint = _constraint(body)
+    constraint = _constraint(st, body)
     if not client.try_reserve(total):
         raise overloaded(f"the server is at capacity ({client.capacity} requests); retry later")
     try:

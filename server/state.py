@@ -28,6 +28,7 @@ class AppState:
     tokenizer: ChatTokenizer | None = None
     model_name: str = ""
     max_model_len: int = 0
+    structured_output: bool = False  # the engine can constrain its output
     ready: bool = False
     fatal: str | None = None  # why the server can no longer serve (load failure, engine death)
     created: int = field(default_factory=lambda: int(time.time()))

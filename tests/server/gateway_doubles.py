@@ -41,6 +41,7 @@ class ScriptedEngine:
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset({tokenizer.eos_token_id})
         self.num_kv_slots = num_slots
+        self.structured_output = True  # the script stands in for a model that follows constraints
         self.script = script
         self.step_s = step_s
         self.tokens_per_step = tokens_per_step

@@ -96,6 +96,17 @@ def test_constraints_that_cannot_work_are_400(fake_server: Running, body: dict, 
     assert (r.json()["error"]["param"] or "").startswith(param)
 
 
+def test_an_engine_without_grammar_masks_refuses_constraints_with_400(fake_server: Running) -> None:
+    """The fake model's runner applies no grammar masks: a valid constraint is a client error
+    naming the field (the schema fuzzer once drew this and got a 500), and the server serves on."""
+    r = chat(fake_server, structured_outputs={"choice": ["yes", "no"]})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "structured_outputs" and "cannot constrain" in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert chat(fake_server).status_code == 200
+
+
 # --- structured output and tools on the embedded model ---------------------------------------
 
 PERSON = {
