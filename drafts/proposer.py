@@ -18,6 +18,7 @@ from drafts.checkpoint import draft_config, load_draft
 from drafts.common import DraftConfig, FrozenTargetParts, sample_from, target_parts
 from drafts.dspark import DSparkModel
 from drafts.eagle3 import Eagle3Model
+from drafts.fused_backbone import FusedBackbone
 from drafts.registry import get, resolve
 from drafts.vocab import DraftHead
 from scheduler.drafter import DraftProposal, DraftRequest, Proposer
@@ -66,7 +67,7 @@ class _FeatureProposer:
         head: DraftHead,
         num_speculative_tokens: int,
     ) -> None:
-        self.model = model
+        self.model = frozen_copy(model)  # the drafter only runs forward: fastest weight layout
         self.parts = parts
         self.head = head
         self.cfg = cast(DraftConfig, model.cfg)
@@ -235,6 +236,10 @@ class DSparkProposer(_FeatureProposer):
         num_speculative_tokens: int,
     ) -> None:
         super().__init__(model, parts, head, num_speculative_tokens)
+        self.backbone = FusedBackbone(model.decoder_layers(), self.model.norm, self.cfg)
+        # The fused products replace the layers' own: the frozen copies of those would hold
+        # the layers' weights a second time.
+        self.model.layers = nn.ModuleList()
         self.last_conf_logits: dict[str, list[float]] = {}  # raw head outputs, for calibration
 
     def _absorb(self, req: DraftRequest, st: _State) -> bool:
@@ -242,7 +247,7 @@ class DSparkProposer(_FeatureProposer):
         start, feats = self._take_pending(st, anchor_pos)
         if feats is not None:
             pos = torch.arange(start, start + feats.shape[0], device=self.device)[None]
-            st.kv = _append(st.kv, self.model.ctx_kv(self.model.context(feats[None]), pos))
+            st.kv = _append(st.kv, self.backbone.ctx_kv(self.model.context(feats[None]), pos))
             st.ctx_len = start + feats.shape[0]
         return st.ctx_len == anchor_pos and st.kv is not None
 
@@ -260,7 +265,7 @@ class DSparkProposer(_FeatureProposer):
         block[:, 0] = torch.tensor([int(req.token_ids[-1]) for _, req, _, _ in ready], device=dev)
         pos = anchors[:, None] + torch.arange(g, device=dev)
         kv, ctx_ok = self._padded_context([st for _, _, st, _ in ready])
-        h = m.backbone(self.parts.embed(block), pos, kv, _attend_mask(ctx_ok, g, g))  # [b, g, d]
+        h = self.backbone(self.parts.embed(block), pos, kv, _attend_mask(ctx_ok, g, g))  # [b, g, d]
         k_max = max(k for *_, k in ready)
         base = self.head.logits(h[:, :k_max])  # [b, k_max, V_draft]
         prev = block[:, 0]
@@ -358,7 +363,6 @@ def make_proposer(model: nn.Module, target: Any, num_speculative_tokens: int) ->
     emb = target.get_input_embeddings().weight
     model = model.to(device=emb.device, dtype=emb.dtype).eval()
     head = DraftHead(model, target)
-    model = frozen_copy(model)  # the drafter only runs forward: fastest weight layout
     proposer: _FeatureProposer = resolve(proposer_class)(
         model, target_parts(target), head, num_speculative_tokens
     )

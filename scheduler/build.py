@@ -160,13 +160,18 @@ def _native_attention(config: EngineConfig, cfg: Any, cache_dir: Path, on_cpu: b
 
 
 def warm_up_compiled(model: TargetModel, aux_layer_ids: tuple[int, ...]) -> None:
-    """Compile the step's graph (or load it from the disk cache): one serves every shape."""
+    """Compile the step's graph (or load it from the disk cache): one serves every shape. Then
+    one prompt chunk (eager), which lays out the dense copies its products read (quant.py's
+    `_prompt_product`) before the first request waits for it."""
     from scheduler.compiled import SPAN_QUANTUM
     from scheduler.model import build_packed_batch
 
     t = time.perf_counter()
     context = max(0, min(SPAN_QUANTUM, model.k_cache.shape[3] - 1))
     model.forward(build_packed_batch([(0, context, [0])], [0], model.device), aux_layer_ids)
+    assert model.compiled is not None
+    chunk = min(model.compiled.max_query + 1, model.k_cache.shape[3])
+    model.forward(build_packed_batch([(0, 0, [0] * chunk)], [chunk - 1], model.device))
     log.info("compiled step ready in %.1f s", time.perf_counter() - t)
 
 

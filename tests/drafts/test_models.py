@@ -251,3 +251,34 @@ def test_proposers_serve_next_to_a_bf16_target(tiny_target, method) -> None:  # 
         {2},
     )
     assert res.output_ids == ref
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_the_fused_backbone_computes_what_the_modules_do(tiny_target, qk_norm) -> None:  # type: ignore[no-untyped-def]
+    """The serving backbone (fused projections, one RoPE table, grouped-query SDPA) against
+    the model's own: the context K/V, and the block's hidden states over a padded batch."""
+    from drafts.fused_backbone import FusedBackbone
+
+    torch.manual_seed(3)
+    model = _dspark(tiny_target, qk_norm=qk_norm).eval()
+    for layer in model.layers:  # non-trivial norms, so a skipped or misplaced one shows
+        for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm, layer.input_layernorm):
+            if norm is not None:
+                torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    fused = FusedBackbone(model.decoder_layers(), model.norm, model.cfg)
+    d, g = model.cfg.hidden_size, 5
+    ctx = torch.randn(2, 9, d)
+    ctx_pos = torch.arange(9).expand(2, 9)
+    with torch.no_grad():
+        want_kv, got_kv = model.ctx_kv(ctx, ctx_pos), fused.ctx_kv(ctx, ctx_pos)
+        for (wk, wv), (gk, gv) in zip(want_kv, got_kv, strict=True):
+            torch.testing.assert_close(gk, wk)
+            torch.testing.assert_close(gv, wv)
+        x = torch.randn(2, g, d)
+        pos = torch.tensor([[9], [6]]) + torch.arange(g)
+        ctx_ok = torch.arange(9)[None] < torch.tensor([[9], [6]])  # the second row is padded
+        mask = torch.cat([ctx_ok, torch.ones(2, g, dtype=torch.bool)], 1)[:, None, None]
+        mask = mask.expand(-1, -1, g, -1)
+        want = model.backbone(x, pos, want_kv, mask)
+        torch.testing.assert_close(fused(x, pos, got_kv, mask), want)
+        torch.testing.assert_close(fused(x[:1], pos[:1], [(k[:1], v[:1]) for k, v in got_kv], None), want[:1])

@@ -86,14 +86,15 @@ def test_concatenated_int4_linears_compute_the_parts_side_by_side():
 def test_prompt_chunks_multiply_through_the_dense_copy_and_nothing_else_does():
     """Inside `prompt_chunk_products` an int4 linear with a dense copy multiplies through it
     (the copy is made visibly different here to tell the paths apart); outside, and for a
-    linear without a copy, the int4 kernel runs. A fused linear keeps its parts' copies side
-    by side."""
+    linear without a copy, the int4 kernel runs. A fused linear holds its parts' copies side
+    by side, and only it: the parts multiply int4 from then on."""
     gen = torch.Generator().manual_seed(4)
-    parts = []
+    parts, copies = [], []
     for out_features in (128, 64):
         qt = quantize_q4_1(torch.randn(out_features, 128, generator=gen))
         lin = Int4Linear(qt.q, qt.scale, qt.zero, GROUP, None, torch.float32)
         lin.prompt_weight = qt.dequantize() + 1.0
+        copies.append(lin.prompt_weight)
         parts.append(lin)
     x = torch.randn(24, 128, generator=gen)
     int4 = torch.cat([p(x) for p in parts], -1)
@@ -101,11 +102,26 @@ def test_prompt_chunks_multiply_through_the_dense_copy_and_nothing_else_does():
     assert fused is not None and fused.prompt_weight is not None
     with prompt_chunk_products():
         dense = fused(x)
-        torch.testing.assert_close(dense, x @ torch.cat([p.prompt_weight for p in parts]).T)
-        torch.testing.assert_close(parts[1](x), dense[:, 128:])
-        fused.prompt_weight = None
-        assert torch.equal(fused(x), int4)
-    assert torch.equal(torch.cat([p(x) for p in parts], -1), int4)
+        torch.testing.assert_close(dense, x @ torch.cat(copies).T)
+        assert torch.equal(fused(x), dense)  # the copy, now in its product's layout, stays
+        assert torch.equal(torch.cat([p(x) for p in parts], -1), int4)
+    assert torch.equal(fused(x), int4)
+
+
+@pytest.mark.parametrize("rows", [1, 32, 127])
+def test_the_blocked_dense_copy_multiplies_like_the_plain_one(rows):
+    """In bfloat16 the dense copy moves into oneDNN's blocked layout at the first prompt chunk;
+    the products agree with the plain weight's to bfloat16 rounding."""
+    gen = torch.Generator().manual_seed(5)
+    qt = quantize_q4_1(torch.randn(192, 256, generator=gen))
+    lin = Int4Linear(qt.q, qt.scale, qt.zero, GROUP, None, torch.bfloat16)
+    plain = qt.dequantize().to(torch.bfloat16)
+    lin.prompt_weight = plain
+    x = torch.randn(rows, 256, generator=gen).to(torch.bfloat16)
+    with prompt_chunk_products():
+        got = lin(x)
+    assert lin.prompt_weight is None  # let go: the blocked copy replaces it
+    torch.testing.assert_close(got.float(), (x.float() @ plain.float().T), atol=0.1, rtol=0.02)
 
 
 def _q4(out_features: int, in_features: int, gen: torch.Generator):
