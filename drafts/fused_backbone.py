@@ -6,27 +6,21 @@ time goes to the number of calls rather than to the bytes of weights: per layer 
 modules make five projections (q, k, v, gate, up) where two fused ones do, compute the RoPE
 tables twice (for q and for k) where one table per call does, and copy the context keys and
 values three-fold (`repeat_interleave` to the query heads) where grouped-query SDPA reads them
-as they are. A DSpark draft of 7 tokens took 3.75 ms through the modules and takes 2.9 ms
-here on the embedded model (docs/benchmarks.md).
+as they are. A DSpark draft of 7 tokens took 3.95 ms through the modules and takes 3.23 ms
+here on the embedded model; a `propose` call in the engine 5.96 ms and 4.69 ms
+(docs/benchmarks.md).
 
 Training keeps the modules (autograd, checkpoints); this class only reads their weights.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drafts.common import DecoderLayer, DraftConfig, rope_cos_sin
+from drafts.common import DecoderLayer, DraftConfig, apply_rope, rope_cos_sin
 from scheduler.linear import FrozenLinear
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 class _Layer:
@@ -60,27 +54,23 @@ class FusedBackbone:
         self.theta = cfg.rope_theta
 
     def _rope(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, T] positions -> cos, sin [B, T, 1, hd] in the activations' dtype (as
-        `apply_rope` casts them)."""
+        """One RoPE table [B, T, hd] per call, in the activations' dtype (`apply_rope` then
+        casts nothing)."""
         cos, sin = rope_cos_sin(pos, self.head_dim, self.theta)
-        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)
-
-    def _roped(self, x: torch.Tensor, norm: Any, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if norm is not None:
-            x = norm(x)
-        return x * cos + _rotate_half(x) * sin
+        return cos.to(dtype), sin.to(dtype)
 
     def ctx_kv(self, ctx: torch.Tensor, pos: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Roped context keys and values per layer, [B, kv, T, hd], from fused features ctx
         [B, T, d] at positions pos [B, T]."""
         b, t, _ = ctx.shape
-        kv_heads, hd = self.kv_heads, self.head_dim
         cos, sin = self._rope(pos, ctx.dtype)
         out = []
         for layer in self.layers:
-            k, v = layer.kv(ctx).view(b, t, 2 * kv_heads, hd).split(kv_heads, 2)
-            k = self._roped(k, layer.k_norm, cos, sin)
-            out.append((k.transpose(1, 2), v.transpose(1, 2)))
+            kv = layer.kv(ctx).view(b, t, 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+            k, v = kv.split(self.kv_heads, 1)
+            if layer.k_norm is not None:
+                k = layer.k_norm(k)
+            out.append((apply_rope(k, cos, sin), v))
         return out
 
     def __call__(
@@ -98,13 +88,15 @@ class FusedBackbone:
         h = x
         for layer, (k_ctx, v_ctx) in zip(self.layers, ctx_kv, strict=True):
             qkv = layer.qkv(layer.input_norm(h)).view(b, q_len, heads + 2 * kv_heads, hd)
-            q, k, v = qkv.split([heads, kv_heads, kv_heads], 2)
-            q = self._roped(q, layer.q_norm, cos, sin)
-            k = self._roped(k, layer.k_norm, cos, sin)
-            keys = torch.cat([k_ctx, k.transpose(1, 2)], 2)
-            values = torch.cat([v_ctx, v.transpose(1, 2)], 2)
+            q, k, v = qkv.transpose(1, 2).split([heads, kv_heads, kv_heads], 1)  # [B, n, Q, hd]
+            if layer.q_norm is not None:
+                q = layer.q_norm(q)
+            if layer.k_norm is not None:
+                k = layer.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True
+                q, torch.cat([k_ctx, k], 2), torch.cat([v_ctx, v], 2), attn_mask=mask,
+                enable_gqa=True,
             )
             h = h + layer.o(out.transpose(1, 2).reshape(b, q_len, heads * hd))
             gate, up = layer.gate_up(layer.post_norm(h)).split(self.intermediate, -1)

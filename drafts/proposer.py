@@ -66,8 +66,10 @@ class _FeatureProposer:
         parts: FrozenTargetParts,
         head: DraftHead,
         num_speculative_tokens: int,
+        leave_out: Sequence[nn.ModuleList] = (),
     ) -> None:
-        self.model = frozen_copy(model)  # the drafter only runs forward: fastest weight layout
+        # The drafter only runs forward: fastest weight layout (leave_out: served otherwise).
+        self.model = frozen_copy(model, leave_out)
         self.parts = parts
         self.head = head
         self.cfg = cast(DraftConfig, model.cfg)
@@ -235,11 +237,10 @@ class DSparkProposer(_FeatureProposer):
         head: DraftHead,
         num_speculative_tokens: int,
     ) -> None:
-        super().__init__(model, parts, head, num_speculative_tokens)
+        # The fused backbone serves the layers: a frozen copy of them would hold their weights
+        # a second time.
+        super().__init__(model, parts, head, num_speculative_tokens, leave_out=[model.layers])
         self.backbone = FusedBackbone(model.decoder_layers(), self.model.norm, self.cfg)
-        # The fused products replace the layers' own: the frozen copies of those would hold
-        # the layers' weights a second time.
-        self.model.layers = nn.ModuleList()
         self.last_conf_logits: dict[str, list[float]] = {}  # raw head outputs, for calibration
 
     def _absorb(self, req: DraftRequest, st: _State) -> bool:

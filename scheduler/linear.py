@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -83,10 +83,11 @@ class FrozenLinearModule(nn.Module):
         return self.linear(x)
 
 
-def frozen_copy(module: nn.Module) -> nn.Module:
+def frozen_copy(module: nn.Module, leave_out: Sequence[nn.ModuleList] = ()) -> nn.Module:
     """A copy of `module` for inference with every nn.Linear frozen (the original is left as
-    it is, so it can still be trained or saved)."""
-    out = copy.deepcopy(module)
+    it is, so it can still be trained or saved). Lists in `leave_out` are copied empty: parts
+    that the caller serves some other way, whose weights need not be copied and laid out."""
+    out = copy.deepcopy(module, {id(m): nn.ModuleList() for m in leave_out})
     _freeze_children(out)
     return out
 

@@ -93,6 +93,24 @@ inline void store16(c10::BFloat16* y, const float* v) {
   for (int i = 0; i < 16; ++i) y[i] = c10::BFloat16(v[i]);
 }
 
+#if !defined(DSPARK_VNNI)
+// The portable loops: rows [r0, r0 + R) of tile t, output i of a row summed over the blocks
+// in order, `block(row, i, b, total)` adding one block's terms.
+template <int R, typename Out, typename Block>
+void portable_rows(int64_t r0, int64_t t, int64_t blocks, Out* y, int64_t out, Block block) {
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = r0 + r;
+    float v[16];
+    for (int64_t i = 0; i < kTile; ++i) {
+      float total = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) block(row, i, b, total);
+      v[i] = total;
+    }
+    store16(y + row * out + t * kTile, v);
+  }
+}
+#endif
+
 #if defined(DSPARK_VNNI)
 // R rows' 16 outputs of tile t, from their accumulators.
 template <int R, typename Out>
@@ -164,30 +182,21 @@ void tile4(const QuantRows& xq, int64_t r0, int64_t in, const uint8_t* qs, const
   }
   store_rows<R>(acc, r0, t, y, out);
 #else
-  for (int r = 0; r < R; ++r) {
-    const int64_t row = r0 + r;
-    float v[16];
-    for (int64_t i = 0; i < kTile; ++i) {
-      float total = 0.f;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* qb = qt + b * (kTile * kBlock / 2);
-        int32_t digits = 0;
-        for (int64_t k = 0; k < 8; ++k) {
-          for (int64_t u = 0; u < 4; ++u) {
-            const uint8_t byte = qb[64 * (k / 2) + 4 * i + u];
-            const int32_t q = k % 2 ? byte >> 4 : byte & 0x0F;
-            const int64_t at = row * in + b * kBlock + 4 * k + u;
-            digits += q * (kDigit * xq.p[at] + xq.p2[at]);
-          }
-        }
-        const float step = xq.step[row * blocks + b], sum = xq.sum[row * blocks + b];
-        total += static_cast<float>(mt[b * kTile + i]) * sum;
-        total += static_cast<float>(digits) * (static_cast<float>(dt[b * kTile + i]) * step);
+  portable_rows<R>(r0, t, blocks, y, out, [&](int64_t row, int64_t i, int64_t b, float& total) {
+    const uint8_t* qb = qt + b * (kTile * kBlock / 2);
+    int32_t digits = 0;
+    for (int64_t k = 0; k < 8; ++k) {
+      for (int64_t u = 0; u < 4; ++u) {
+        const uint8_t byte = qb[64 * (k / 2) + 4 * i + u];
+        const int32_t q = k % 2 ? byte >> 4 : byte & 0x0F;
+        const int64_t at = row * in + b * kBlock + 4 * k + u;
+        digits += q * (kDigit * xq.p[at] + xq.p2[at]);
       }
-      v[i] = total;
     }
-    store16(y + row * out + t * kTile, v);
-  }
+    const float step = xq.step[row * blocks + b], sum = xq.sum[row * blocks + b];
+    total += static_cast<float>(mt[b * kTile + i]) * sum;
+    total += static_cast<float>(digits) * (static_cast<float>(dt[b * kTile + i]) * step);
+  });
 #endif
 }
 
@@ -225,25 +234,16 @@ void tile8(const QuantRows& xq, int64_t r0, int64_t in, const int8_t* qs, const 
   }
   store_rows<R>(acc, r0, t, y, out);
 #else
-  for (int r = 0; r < R; ++r) {
-    const int64_t row = r0 + r;
-    float v[16];
-    for (int64_t i = 0; i < kTile; ++i) {
-      float total = 0.f;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int8_t* qb = qt + b * (kTile * kBlock);
-        int32_t digits = 0;
-        for (int64_t j = 0; j < kBlock; ++j) {
-          const int64_t at = row * in + b * kBlock + j;
-          digits += qb[64 * (j / 4) + 4 * i + j % 4] * (kDigit * xq.p[at] + xq.p2[at]);
-        }
-        total += static_cast<float>(digits) *
-                 (static_cast<float>(dt[b * kTile + i]) * xq.step[row * blocks + b]);
-      }
-      v[i] = total;
+  portable_rows<R>(r0, t, blocks, y, out, [&](int64_t row, int64_t i, int64_t b, float& total) {
+    const int8_t* qb = qt + b * (kTile * kBlock);
+    int32_t digits = 0;
+    for (int64_t j = 0; j < kBlock; ++j) {
+      const int64_t at = row * in + b * kBlock + j;
+      digits += qb[64 * (j / 4) + 4 * i + j % 4] * (kDigit * xq.p[at] + xq.p2[at]);
     }
-    store16(y + row * out + t * kTile, v);
-  }
+    total += static_cast<float>(digits) *
+             (static_cast<float>(dt[b * kTile + i]) * xq.step[row * blocks + b]);
+  });
 #endif
 }
 
