@@ -59,26 +59,55 @@ struct QuantRows {
   std::vector<float> step, sum;    // [rows, in / 32]
 };
 
+// One block's 32 activations as floats.
+inline void load_block(const float* x, float* v) { std::memcpy(v, x, kBlock * sizeof(float)); }
+inline void load_block(const c10::BFloat16* x, float* v) {
+  for (int64_t j = 0; j < kBlock; ++j) v[j] = static_cast<float>(x[j]);
+}
+
+// Activation rows rounded block by block; `offset` 0x80 stores each digit plus 128 (an
+// unsigned byte's bits), the form vpdpbusd takes against signed weights.
 template <typename T>
-QuantRows quantise_rows(const T* x, int64_t rows, int64_t in) {
+QuantRows quantise_rows(const T* x, int64_t rows, int64_t in, uint8_t offset) {
   const int64_t blocks = in / kBlock;
   QuantRows q{std::vector<int8_t>(rows * in), std::vector<int8_t>(rows * in),
               std::vector<float>(rows * blocks), std::vector<float>(rows * blocks)};
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t at = r * in + b * kBlock;
+      alignas(64) float v[kBlock];
+      load_block(x + at, v);
+#if defined(DSPARK_VNNI)
+      const __m512 lo = _mm512_load_ps(v), hi = _mm512_load_ps(v + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+      const float total = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+      const float a = amax / 127.f, inv = a > 0.f ? 1.f / a : 0.f;
+      const __m512i flip = _mm512_set1_epi32(offset);
+      for (int h = 0; h < 2; ++h) {
+        const __m512 t = _mm512_mul_ps(h ? hi : lo, _mm512_set1_ps(inv));
+        const __m512 first = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 second = _mm512_roundscale_ps(
+            _mm512_mul_ps(_mm512_sub_ps(t, first), _mm512_set1_ps(kDigit)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q.p.data() + at + 16 * h),
+                         _mm512_cvtepi32_epi8(_mm512_xor_si512(_mm512_cvtps_epi32(first), flip)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q.p2.data() + at + 16 * h),
+                         _mm512_cvtepi32_epi8(_mm512_xor_si512(_mm512_cvtps_epi32(second), flip)));
+      }
+#else
       float amax = 0.f, total = 0.f;
       for (int64_t j = 0; j < kBlock; ++j) {
-        const float v = static_cast<float>(x[at + j]);
-        amax = std::max(amax, std::fabs(v));
-        total += v;
+        amax = std::max(amax, std::fabs(v[j]));
+        total += v[j];
       }
       const float a = amax / 127.f, inv = a > 0.f ? 1.f / a : 0.f;
       for (int64_t j = 0; j < kBlock; ++j) {
-        const float t = static_cast<float>(x[at + j]) * inv, first = std::nearbyint(t);
-        q.p[at + j] = static_cast<int8_t>(first);
-        q.p2[at + j] = static_cast<int8_t>(std::nearbyint((t - first) * kDigit));
+        const float t = v[j] * inv, first = std::nearbyint(t);
+        q.p[at + j] = static_cast<int8_t>(static_cast<int8_t>(first) ^ offset);
+        q.p2[at + j] =
+            static_cast<int8_t>(static_cast<int8_t>(std::nearbyint((t - first) * kDigit)) ^ offset);
       }
+#endif
       q.step[r * blocks + b] = a / kDigit;
       q.sum[r * blocks + b] = total;
     }
@@ -124,17 +153,16 @@ inline void store_rows(const __m512* acc, int64_t r0, int64_t t, Out* y, int64_t
 
 // 128 sum(q p) + sum(q p2) for one block and 16 outputs, w[k] holding weights 4k..4k+3 of each.
 // vpdpbusd multiplies unsigned by signed bytes: Q4 weights (0..15) are the unsigned side; for
-// signed Q8 weights the activations' digits go in offset by 128 (the sign bit flipped), which
+// signed Q8 weights the activations' digits come offset by 128 (quantise's `offset`), which
 // the caller takes back out.
 template <bool kSignedWeights>
 inline __m512i digit_sums(const __m512i* w, const int8_t* p, const int8_t* p2) {
-  const int32_t flip = kSignedWeights ? static_cast<int32_t>(0x80808080u) : 0;
   __m512i high = _mm512_setzero_si512(), low = _mm512_setzero_si512();
   for (int k = 0; k < 8; ++k) {
     int32_t four, four2;  // 4 activations' digits, broadcast to the 16 outputs
     std::memcpy(&four, p + 4 * k, 4);
     std::memcpy(&four2, p2 + 4 * k, 4);
-    const __m512i a = _mm512_set1_epi32(four ^ flip), a2 = _mm512_set1_epi32(four2 ^ flip);
+    const __m512i a = _mm512_set1_epi32(four), a2 = _mm512_set1_epi32(four2);
     high = kSignedWeights ? _mm512_dpbusd_epi32(high, a, w[k]) : _mm512_dpbusd_epi32(high, w[k], a);
     low = kSignedWeights ? _mm512_dpbusd_epi32(low, a2, w[k]) : _mm512_dpbusd_epi32(low, w[k], a2);
   }
@@ -247,12 +275,12 @@ void tile8(const QuantRows& xq, int64_t r0, int64_t in, const int8_t* qs, const 
 #endif
 }
 
-QuantRows quantise(const at::Tensor& x) {
+QuantRows quantise(const at::Tensor& x, uint8_t offset = 0) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
               "x must be bfloat16 or float32");
   return x.scalar_type() == at::kBFloat16
-             ? quantise_rows(x.data_ptr<c10::BFloat16>(), x.size(0), x.size(1))
-             : quantise_rows(x.data_ptr<float>(), x.size(0), x.size(1));
+             ? quantise_rows(x.data_ptr<c10::BFloat16>(), x.size(0), x.size(1), offset)
+             : quantise_rows(x.data_ptr<float>(), x.size(0), x.size(1), offset);
 }
 
 // Every tile of the output, each for all rows (its weights stay in cache meanwhile), over the
@@ -317,7 +345,11 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
               "q8_linear: d [out, in/32] float16, c [out, in/32] int32");
   const at::Tensor xc = x.contiguous(), qc = qs.contiguous(), dc = d.contiguous(),
                    cc = c.contiguous();
+#if defined(DSPARK_VNNI)
+  const QuantRows xq = quantise(xc, 0x80);  // digit_sums takes signed weights' digits offset
+#else
   const QuantRows xq = quantise(xc);
+#endif
   const int8_t* qp = qc.data_ptr<int8_t>();
   const c10::Half* dp = dc.data_ptr<c10::Half>();
   const int32_t* cp = cc.data_ptr<int32_t>();
