@@ -243,3 +243,37 @@ class ThroughputProfile:
     def table(self) -> list[tuple[int, float]]:
         """(num_tokens, steps_per_second) at every bucket, for /metrics."""
         return [(n, 1.0 / t) for n, t in zip(self._sizes, self._view_t)]
+
+
+class RunningRate:
+    """Tokens per second the engine made over its recent decode steps: the lambda of the verify
+    policies' step value (verify_policy.step_value).
+
+    A ratio of forgotten sums, sum(tokens) / sum(seconds), each multiplied by `decay` per step,
+    so a step counts by its length in time (a long step moves the rate more than a short one)
+    and the memory is ~1 / (1 - decay) steps. Only steps whose every request decodes are folded
+    in: a prompt chunk's time is work the engine owes whatever it verifies, not time a draft
+    could have been made in. None until `min_seconds` of such steps were seen.
+    """
+
+    def __init__(self, decay: float = 0.98, min_seconds: float = 0.05) -> None:
+        if not 0 < decay <= 1 or min_seconds < 0:
+            raise ValueError("need 0 < decay <= 1 and min_seconds >= 0")
+        self.decay = decay
+        self.min_seconds = min_seconds
+        self._tokens = 0.0
+        self._seconds = 0.0
+        self._seen = 0.0  # unforgotten seconds, for the warm-up threshold
+
+    def observe(self, num_tokens: int, step_time_s: float) -> None:
+        if num_tokens < 0 or not step_time_s > 0 or not math.isfinite(step_time_s):
+            return
+        self._tokens = self.decay * self._tokens + num_tokens
+        self._seconds = self.decay * self._seconds + step_time_s
+        self._seen += step_time_s
+
+    @property
+    def value(self) -> float | None:
+        if self._seen < self.min_seconds or self._seconds <= 0:
+            return None
+        return self._tokens / self._seconds

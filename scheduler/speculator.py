@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from scheduler.drafter import DraftProposal, DraftRequest, Proposer
 from scheduler.plan import ScheduledRequest, StepPlan, StepResult
+from scheduler.profiler import RunningRate
 from scheduler.stats import DrafterStepStats
 from scheduler.verify_policy import choose_candidates
 
@@ -125,6 +126,8 @@ class Speculator:
         self._aux_layer_ids = needs_features.pop() if needs_features else ()
         self.policy = policy
         self.profile = profile
+        # Tokens per second over recent decode steps: what a verified draft must beat.
+        self.rate = RunningRate()
         self.clock = clock
         self.own_pass_above = own_pass_above
 
@@ -173,9 +176,10 @@ class Speculator:
         if not any(st.num_asked for st in step.per_drafter):
             step.skipped = any(st.skipped for st in step.per_drafter)
             return step
+        rate = self.rate.value if self.policy.uses_profile else None
         picks = choose_candidates(
             [[c.selection_survival for c in cands] for cands in per_request],
-            self._token_cost(base, num_sampling),
+            self._token_cost(base, num_sampling, rate),
         )
         chosen = [None if k is None else cands[k] for cands, k in zip(per_request, picks)]
         offered = [c for c in chosen if c is not None]
@@ -186,7 +190,7 @@ class Speculator:
             c.probs is None or s.req.params.is_greedy
             for s, c in zip(requests, chosen) if c is not None
         )
-        lengths = iter(self.policy.choose(confidences, base, num_sampling, lookahead))
+        lengths = iter(self.policy.choose(confidences, base, num_sampling, lookahead, rate=rate))
         lengths_all = [next(lengths) if c is not None else 0 for c in chosen]
         lengths_all = _fit_budget(lengths_all, batcher.max_num_batched_tokens - plan.num_tokens)
         for s, c, length in zip(requests, chosen, lengths_all):
@@ -297,12 +301,15 @@ class Speculator:
         short = (s.num_query_tokens for s in plan.scheduled)
         return sum(n for n in short if n <= self.own_pass_above)
 
-    def _token_cost(self, num_base_tokens: int, num_sampling: int) -> float:
-        """What one more verified token costs, in emitted tokens: R x (T(B+1)/T(B) - 1)."""
+    def _token_cost(self, num_base_tokens: int, num_sampling: int, rate: float | None) -> float:
+        """What one more verified token costs, in emitted tokens: the running rate times its
+        time, lambda x (T(B+1) - T(B)) (verify_policy.step_value); before there is a rate,
+        at the plain step's rate, R x (T(B+1)/T(B) - 1)."""
         if self.profile is None or not self.policy.uses_profile:
             return 0.0
         t = self.profile.step_time
-        return num_sampling * (t(num_base_tokens + 1) / t(num_base_tokens) - 1.0)
+        extra = t(num_base_tokens + 1) - t(num_base_tokens)
+        return (rate if rate is not None else num_sampling / t(num_base_tokens)) * extra
 
     # -- after update() -------------------------------------------------------------------
     def record(
@@ -320,6 +327,8 @@ class Speculator:
             # current with co-located load and context growth. A step whose prompt chunks
             # ran a pass of their own is two passes, not a point of the curve: skipped.
             self.profile.observe(plan.num_tokens, step_time_s - step.draft_time_s)
+        if all(s.is_decoding for s in plan.scheduled):
+            self.rate.observe(sum(len(r.token_ids) for r in result.results), step_time_s)
         self._feed_proposers(plan, result)
 
     def release(self, req_id: str) -> None:

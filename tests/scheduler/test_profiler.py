@@ -8,6 +8,7 @@ from itertools import pairwise
 import pytest
 
 from scheduler.profiler import (
+    RunningRate,
     ThroughputProfile,
     bucket_sizes,
     default_profile_sizes,
@@ -168,3 +169,18 @@ def test_constructor_validates() -> None:
         ThroughputProfile(max_tokens=0)
     with pytest.raises(ValueError):
         ThroughputProfile(max_tokens=8, ema=0.0)
+
+
+def test_running_rate_is_a_ratio_of_forgotten_sums() -> None:
+    rate = RunningRate(decay=0.5, min_seconds=0.1)
+    assert rate.value is None
+    rate.observe(1, 0.05)
+    assert rate.value is None  # under min_seconds of steps seen
+    rate.observe(3, 0.05)  # (0.5 x 1 + 3) / (0.5 x 0.05 + 0.05)
+    assert rate.value == pytest.approx(3.5 / 0.075)
+    rate.observe(5, 0.0)  # no time: ignored
+    rate.observe(5, float("nan"))
+    assert rate.value == pytest.approx(3.5 / 0.075)
+    for _ in range(60):  # the old steps fade: the rate follows the new one
+        rate.observe(2, 0.1)
+    assert rate.value == pytest.approx(20.0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
+
 from scheduler.batching import ContinuousBatcher
 from scheduler.drafter import DraftProposal, DraftRequest
 from scheduler.engine import LLMEngine, ServedModel
@@ -175,7 +177,9 @@ class RecordingPolicy(FixedLength):
         super().__init__(k)
         self.bases: list[int] = []
 
-    def choose(self, confidences, num_base_tokens, num_sampling_requests=None, lookahead=False):
+    def choose(
+        self, confidences, num_base_tokens, num_sampling_requests=None, lookahead=False, rate=None
+    ):
         self.bases.append(num_base_tokens)
         return super().choose(confidences, num_base_tokens, num_sampling_requests, lookahead)
 
@@ -199,3 +203,47 @@ def test_drafts_are_priced_against_the_tokens_of_their_own_pass() -> None:
         engine.step()
         bases[own_pass_above] = policy.bases[0]
     assert bases == {None: 41, 16: 1}  # the anchor beside the 40-token chunk, or it alone
+
+
+class RateRecordingPolicy(FixedLength):
+    """Verifies everything, reads the profile (so the Speculator hands it the running rate),
+    and logs the rate of every call."""
+
+    uses_profile = True
+
+    def __init__(self, k: int) -> None:
+        super().__init__(k)
+        self.rates: list[float | None] = []
+
+    def choose(
+        self, confidences, num_base_tokens, num_sampling_requests=None, lookahead=False, rate=None
+    ):
+        self.rates.append(rate)
+        return super().choose(confidences, num_base_tokens, num_sampling_requests, lookahead)
+
+
+def test_the_running_rate_counts_decode_steps_only() -> None:
+    """The policy's lambda is tokens per second over steps where every request decodes: a
+    prompt chunk's step (work owed whatever is verified) leaves it as it was."""
+    greedy = SamplingParams(max_tokens=30, temperature=0.0)
+    policy = RateRecordingPolicy(3)
+    ticks = iter(range(100_000))
+    speculator = Speculator(RepeatProposer(3), policy)
+    engine = LLMEngine(
+        FakeRunner(FAKE_IDS, EOS), ContinuousBatcher(2, 128, 64),
+        ServedModel("fake", None, frozenset({EOS})), speculator,
+        clock=lambda: 0.01 * next(ticks),  # 10 ms per reading
+    )
+    engine.add_request(Request("a", [1, 2, 3], greedy))
+    engine.step()  # the prefill: not a decode step
+    assert speculator.rate.value is None
+    tokens = seconds = 0.0
+    while engine.has_work:
+        stepped = engine.step()
+        assert stepped is not None
+        outputs, stats = stepped
+        tokens = 0.98 * tokens + sum(len(o.new_token_ids) for o in outputs)
+        seconds = 0.98 * seconds + stats.step_time_s
+    assert policy.rates[0] is None  # the first decode step had no rate yet
+    assert policy.rates[-1] is not None
+    assert speculator.rate.value == pytest.approx(tokens / seconds)

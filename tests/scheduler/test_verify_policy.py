@@ -321,12 +321,41 @@ def test_early_stop_is_exact_while_verifying_and_global_argmax_is_not() -> None:
     assert first_token_share(counts) == pytest.approx(0.775, abs=0.01)  # (0.85 + 0.7) / 2
 
 
+def test_early_stop_against_a_running_rate_is_exact() -> None:
+    # T(1) = 1 s, T(2) = 1.5 s, T(3) = 1.6 s; at lambda = 1 token/s draft 1 pays when its
+    # survival beats 0.5: c1 = 0.8 is verified, c1 = 0.3 is not.
+    curve = table({1: 1.0, 2: 1 / 1.5, 3: 1 / 1.6})
+    policy = DSparkPolicy(curve)
+    choose = lambda conf: policy.choose(conf, 1, rate=1.0)[0]
+    counts, lengths = simulate(choose, [0.8, 0.3], seed=4)
+    assert min(lengths) > TRIALS // 10
+    assert joint_chi2(counts) < CHI2_CRIT[3]
+
+
 def test_production_variant_with_a_stale_budget_is_exact() -> None:
     curve = table({1: 1.0, 2: 0.6, 3: 0.55})
     policy = DSparkProductionPolicy(curve, lag=1)
     counts, lengths = simulate(lambda conf: policy.choose(conf, 1)[0], [0.8, 0.5], seed=3)
     assert min(lengths) > TRIALS // 10
     assert joint_chi2(counts) < CHI2_CRIT[3]
+
+
+def test_a_running_rate_verifies_a_sure_draft_further_than_the_steps_own_ratio() -> None:
+    """Theta = tau x SPS(B) makes a sure first draft raise the bar for the next one; against the
+    engine's running rate each draft pays for its own time (verify_policy.step_value)."""
+    curve = linear_device(fixed_ms=10.0, per_token_ms=2.0)  # T(B) = 10 + 2B ms
+    conf = [[0.95, 0.95, 0.6, 0.6, 0.6, 0.6, 0.6]]  # survival .95 .90 .54 .32 .19 .12 .07
+    # The step's own ratio: after 3 drafts it makes 3.39 tokens in 18 ms, so draft 4 must
+    # bring 0.38 tokens for its 2 ms; 0.32 does not.
+    assert DSparkPolicy(curve).choose(conf, 1) == [3]
+    # Against a running rate lambda, a draft pays above survival lambda x 2 ms: 0.17 at the
+    # plain step's 83 tokens/s, 0.3 at 150 tokens/s, 0.6 at 300 (the engine already does
+    # better than these drafts would).
+    assert DSparkPolicy(curve).choose(conf, 1, rate=1 / 0.012) == [5]
+    assert DSparkPolicy(curve).choose(conf, 1, rate=150.0) == [4]
+    assert DSparkPolicy(curve).choose(conf, 1, rate=300.0) == [2]
+    production = DSparkProductionPolicy(curve)
+    assert production.choose(conf, 1, lookahead=True, rate=150.0) == [4]
 
 
 def test_choose_candidates_keeps_the_draft_worth_most_net_of_its_cost() -> None:
