@@ -122,6 +122,8 @@ class _Index:
 class _Request:
     index: _Index
     num_prompt_tokens: int
+    last_draft: list[int] = field(default_factory=list)  # the previous call's proposal
+    last_draft_at: int = 0  # the number of tokens it continued
 
 
 class SuffixProposer:
@@ -200,6 +202,9 @@ class SuffixProposer:
         index.extend(tokens[index.end :])
         if r.num_draft_tokens < 1:
             return [], []
+        followed = _followed(state.last_draft, tokens[state.last_draft_at :])
+        drafts: list[int] = []
+        features: list[Hashable] = []
         for n in range(min(self.max_match, len(tokens) - 1), self.min_match - 1, -1):
             pattern = tuple(tokens[len(tokens) - n :])
             # The request's own occurrences (the last one, ending at the end, has no
@@ -207,12 +212,26 @@ class SuffixProposer:
             found = [(index, e) for e in index.occurrences(pattern)]
             found += [(self._global, e) for e in self._global.occurrences(pattern)]
             if found:
-                return _follow(found, n, r.num_draft_tokens)
-        return [], []
+                drafts, features = _follow(found, n, r.num_draft_tokens, followed)
+                break
+        state.last_draft, state.last_draft_at = drafts, len(tokens)
+        return drafts, features
+
+
+def _followed(last_draft: Sequence[int], since: Sequence[int]) -> str:
+    """How the text went on after the request's previous draft: "none" (there was none), "all"
+    (every token committed since repeats it), "left" (the first did not), or "partly". A copy
+    that ran on tends to run on, one the text just left tends to stay left: the lookup's
+    drafts are accepted all or nothing more often than not (docs/scheduling.md)."""
+    n = min(len(last_draft), len(since))
+    if n == 0:
+        return "none"
+    same = next((i for i in range(n) if last_draft[i] != since[i]), n)
+    return "all" if same == n else "left" if same == 0 else "partly"
 
 
 def _follow(
-    found: list[tuple[_Index, int]], match_len: int, k: int
+    found: list[tuple[_Index, int]], match_len: int, k: int, followed: str
 ) -> tuple[list[int], list[Hashable]]:
     """Greedy most-frequent path through the continuations of the matched occurrences."""
     drafts: list[int] = []
@@ -228,16 +247,19 @@ def _follow(
         total = sum(counts.values())
         token = max(counts, key=counts.__getitem__)  # first maximum: the most recent
         drafts.append(token)
-        features.append(suffix_feature(match_len, counts[token], total))
+        features.append(suffix_feature(match_len, counts[token], total, followed))
         found = [(s, e) for s, e in found if s.token_at(e + j) == token]
     return drafts, features
 
 
-def suffix_feature(match_len: int, support: int, total: int) -> tuple[str, int, int, int]:
+def suffix_feature(
+    match_len: int, support: int, total: int, followed: str = "none"
+) -> tuple[str, int, int, int, str]:
     """The estimator's cell for one suffix draft: match length, support and agreement, bucketed
-    so that a few hundred outcomes teach every cell that occurs (scheduler/acceptance.py)."""
+    so that a few hundred outcomes teach every cell that occurs (scheduler/acceptance.py), and
+    how the text followed the request's previous draft (`_followed`)."""
     length_bucket = min(match_len, 6)  # 1..5 tokens apart, 6 for 6 and longer
     support_bucket = 0 if support == 1 else 1 if support < 4 else 2
     share = support / total
     share_bucket = 3 if share == 1.0 else 2 if share >= 0.75 else 1 if share >= 0.5 else 0
-    return ("suffix", length_bucket, support_bucket, share_bucket)
+    return ("suffix", length_bucket, support_bucket, share_bucket, followed)

@@ -37,7 +37,20 @@ def test_no_match_no_draft_and_requests_are_independent() -> None:
     p = SuffixProposer(3, global_tokens=0)
     assert propose(p, "a", [1, 2, 3, 4]) == ([], [])
     propose(p, "b", [1, 2, 3, 1, 2])
-    assert propose(p, "a", [1, 2, 3, 4, 1, 2], k=3) == ([3, 4, 1], [("suffix", 2, 0, 3)] * 3)
+    assert propose(p, "a", [1, 2, 3, 4, 1, 2], k=3) == ([3, 4, 1], [("suffix", 2, 0, 3, "none")] * 3)
+
+
+def test_each_draft_says_how_the_text_followed_the_previous_one() -> None:
+    p = SuffixProposer(3, global_tokens=0)
+    text = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2]
+    ids, feats = propose(p, "r", text, k=3)
+    assert ids == [3, 4, 5] and feats[0][-1] == "none"  # no draft before this one
+    ids, feats = propose(p, "r", [*text, 3, 4], k=3)  # both committed tokens repeat it
+    assert ids == [5, 6, 7] and feats[0][-1] == "all"
+    ids, feats = propose(p, "r", [*text, 3, 4, 5, 9, 1, 2], k=3)  # 5, then 9 where it said 6
+    assert feats[0][-1] == "partly"
+    _, feats = propose(p, "r", [*text, 3, 4, 5, 9, 1, 2, 7, 1, 2], k=3)  # 7 where it said 3
+    assert feats[0][-1] == "left"
 
 
 def test_finished_outputs_feed_the_global_index() -> None:
