@@ -62,7 +62,14 @@ struct QuantRows {
 // One block's 32 activations as floats.
 inline void load_block(const float* x, float* v) { std::memcpy(v, x, kBlock * sizeof(float)); }
 inline void load_block(const c10::BFloat16* x, float* v) {
+#if defined(DSPARK_VNNI)
+  for (int h = 0; h < 2; ++h) {  // a bfloat16 is a float's upper 16 bits
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * h));
+    _mm512_store_ps(v + 16 * h, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)));
+  }
+#else
   for (int64_t j = 0; j < kBlock; ++j) v[j] = static_cast<float>(x[j]);
+#endif
 }
 
 // Activation rows rounded block by block; `offset` 0x80 stores each digit plus 128 (an
@@ -119,7 +126,14 @@ QuantRows quantise_rows(const T* x, int64_t rows, int64_t in, uint8_t offset) {
 // conversion rounds).
 inline void store16(float* y, const float* v) { std::memcpy(y, v, 16 * sizeof(float)); }
 inline void store16(c10::BFloat16* y, const float* v) {
+#if defined(__AVX512BF16__)
+  // One instruction, rounding to nearest even like the scalar conversion (a scalar loop of 16
+  // was ~0.2 ms per row a step over the model's 5,184 outputs a layer)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y),
+                      (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v)));
+#else
   for (int i = 0; i < 16; ++i) y[i] = c10::BFloat16(v[i]);
+#endif
 }
 
 #if !defined(DSPARK_VNNI)
