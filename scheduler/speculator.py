@@ -80,6 +80,16 @@ class SpeculationStep:
 
     # (request, drafter index, estimator features) per request that verifies drafts this step
     drafted: list[tuple[ScheduledRequest, int, list[Hashable]]] = field(default_factory=list)
+    # Per request whose kept draft is deterministic and longer than its verified part: (request,
+    # drafter index, features up to and including the first draft left out, that draft's
+    # token). Where every verified draft is accepted, the token the step emits after them tests
+    # the one left out, and the drafter's estimator learns from it: otherwise it learns only
+    # from what the policy verifies, and a cell (a lookup's match length, how the text followed
+    # its last draft) whose estimate fell too low to be verified would stay there. Against a
+    # deterministic draft d the target accepts with probability p(d), and the emitted token is
+    # drawn from that same p: it equals d with the same probability, an outcome of the same law.
+    # It is read after the step, so no verify length of this step depends on it.
+    beyond: list[tuple[ScheduledRequest, int, list[Hashable], int]] = field(default_factory=list)
     num_candidates: int = 0  # decoding requests that could draft this step
     skipped: bool = False  # the draft gates said no: nobody drafted
     num_proposed: int = 0
@@ -208,6 +218,8 @@ class Speculator:
                 s.draft_probs = c.probs[: valid + 1]
             elif valid:
                 s.draft_probs = c.probs[:valid] if c.probs is not None else None
+            if c.probs is None and valid == length < len(c.token_ids):
+                step.beyond.append((s, c.drafter, c.features[: length + 1], c.token_ids[length]))
             if valid == 0:
                 continue
             s.draft_ids = ids[:valid]
@@ -337,6 +349,7 @@ class Speculator:
 
     def _record_outcomes(self, plan: StepPlan, result: StepResult, step: SpeculationStep) -> None:
         outcome = {id(s): r for s, r in zip(plan.scheduled, result.results)}
+        beyond = {id(s): (features, token) for s, _, features, token in step.beyond}
         for s, di, features in step.drafted:
             r = outcome[id(s)]
             k, accepted = len(s.draft_ids), r.num_accepted_drafts
@@ -356,8 +369,17 @@ class Speculator:
                     step.accepted_per_position[j] += 1
                     step.realised_per_position[j] += 1
             estimator = self.drafters[di].estimator
-            if estimator is not None and r.error is None:
+            if estimator is None or r.error is not None:
+                continue
+            if accepted == k and id(s) in beyond:  # and the first draft left out (below)
+                more, token = beyond.pop(id(s))
+                estimator.observe(more, k + 1, k + int(r.token_ids[k] == token))
+            else:
                 estimator.observe(features, k, accepted)
+        for s, di, features, token in step.beyond:
+            r, estimator = outcome[id(s)], self.drafters[di].estimator
+            if id(s) in beyond and not s.draft_ids and estimator is not None and r.error is None:
+                estimator.observe(features, 1, int(r.token_ids[0] == token))
 
     def _feed_proposers(self, plan: StepPlan, result: StepResult) -> None:
         """Hand the proposers the target features of the positions committed this step."""

@@ -247,3 +247,38 @@ def test_the_running_rate_counts_decode_steps_only() -> None:
     assert policy.rates[0] is None  # the first decode step had no rate yet
     assert policy.rates[-1] is not None
     assert speculator.rate.value == pytest.approx(tokens / seconds)
+
+
+class OracleProposer(RepeatProposer):
+    """Proposes exactly what FakeRunner will emit: every draft is right."""
+
+    def propose(self, requests: Sequence[DraftRequest]) -> DraftProposal:
+        drafts = []
+        for r in requests:
+            n = len(r.token_ids) - (r.num_prompt_tokens or 0)  # outputs so far
+            drafts.append(FAKE_IDS[n : n + r.num_draft_tokens])
+        return DraftProposal(drafts)
+
+
+def test_the_first_draft_left_out_still_teaches_the_estimator() -> None:
+    """A deterministic draft the policy does not verify is tested by the token the step emits
+    in its place: position 2 of drafts verified 2 at a time, and position 0 of drafts never
+    verified, are learned (here: always right)."""
+    from scheduler.acceptance import OnlineAcceptanceEstimator
+
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    seen = {}
+    for k in (2, 0):
+        estimator = OnlineAcceptanceEstimator()
+        speculator = Speculator(OracleProposer(4), FixedLength(k), estimator=estimator)
+        engine = LLMEngine(
+            FakeRunner(FAKE_IDS, EOS), ContinuousBatcher(2, 128, 64),
+            ServedModel("fake", None, frozenset({EOS})), speculator,
+        )
+        engine.add_request(Request("a", [1, 2, 3], greedy))
+        while engine.has_work:
+            engine.step()
+        seen[k] = {c.position: (c.count, c.mean_realised) for c in estimator.calibration()}
+    assert set(seen[2]) == {0, 1, 2} and seen[2][2][0] > 0 and seen[2][2][1] == 1.0
+    # 11 decode steps; the last, one token from the limit, drafts nothing
+    assert set(seen[0]) == {0} and seen[0][0] == (10, 1.0)
