@@ -371,15 +371,16 @@ class Speculator:
             estimator = self.drafters[di].estimator
             if estimator is None or r.error is not None:
                 continue
-            if accepted == k and id(s) in beyond:  # and the first draft left out (below)
-                more, token = beyond.pop(id(s))
+            if accepted == k and len(r.token_ids) > k and id(s) in beyond:
+                more, token = beyond.pop(id(s))  # and the first draft left out
                 estimator.observe(more, k + 1, k + int(r.token_ids[k] == token))
             else:
                 estimator.observe(features, k, accepted)
-        for s, di, features, token in step.beyond:
+        for s, di, features, token in step.beyond:  # nothing verified: the plain step's token
             r, estimator = outcome[id(s)], self.drafters[di].estimator
-            if id(s) in beyond and not s.draft_ids and estimator is not None and r.error is None:
-                estimator.observe(features, 1, int(r.token_ids[0] == token))
+            if s.draft_ids or estimator is None or r.error is not None or not r.token_ids:
+                continue
+            estimator.observe(features, 1, int(r.token_ids[0] == token))
 
     def _feed_proposers(self, plan: StepPlan, result: StepResult) -> None:
         """Hand the proposers the target features of the positions committed this step."""
