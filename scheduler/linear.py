@@ -126,10 +126,34 @@ class LayerProjections:
         self.down, _ = fuse_linears([mlp.down_proj])
 
 
+# First module of a fused group -> (the group's module ids, what fuse_linears made of them).
+_fused: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def fuse_linears(
     modules: list[nn.Module],
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[int]]:
-    """One product computing the modules' outputs side by side, and each one's width."""
+    """One product computing the modules' outputs side by side, and each one's width.
+
+    Made once per group of modules: a second model over the same weights (benchmarks and tests
+    build several engines on one loaded model) gets the same product. Fusing again would find
+    the parts already re-pointed at the first fusion, and a quantized part has handed its dense
+    prompt copy to the fused module (scheduler/quant.py): the second fusion had none, and its
+    prompt chunks ran on int4 weights, other bits and 2x slower than the first engine's."""
+    key = tuple(id(m) for m in modules)
+    made = _fused.get(modules[0])
+    if made is not None and made[0] == key:
+        return made[1]
+    result = _fuse(modules)
+    _fused[modules[0]] = (key, result)
+    return result
+
+
+def _fuse(
+    modules: list[nn.Module],
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[int]]:
     sizes = [int(m.out_features) for m in modules]  # type: ignore[arg-type]
     if all(isinstance(m, nn.Linear) for m in modules):
         weight, bias = _fuse_dense(modules)  # type: ignore[arg-type]

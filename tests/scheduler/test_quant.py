@@ -108,6 +108,25 @@ def test_prompt_chunks_multiply_through_the_dense_copy_and_nothing_else_does():
     assert torch.equal(fused(x), int4)
 
 
+def test_a_second_model_on_the_same_weights_gets_the_same_fused_product():
+    """Two engines built on one loaded model (benchmarks, tests) fuse the same modules: the
+    second gets the first's product, dense prompt copy included. Fusing again found the parts
+    without their copies, and the second engine's prompt chunks ran on int4 weights."""
+    from scheduler.linear import fuse_linears
+
+    gen = torch.Generator().manual_seed(6)
+    parts = []
+    for out_features in (128, 64):
+        qt = quantize_q4_1(torch.randn(out_features, 128, generator=gen))
+        lin = Int4Linear(qt.q, qt.scale, qt.zero, GROUP, None, torch.float32)
+        lin.prompt_weight = qt.dequantize()
+        parts.append(lin)
+    first, sizes = fuse_linears(parts)
+    again, sizes_again = fuse_linears(parts)
+    assert again is first and sizes_again == sizes == [128, 64]
+    assert isinstance(first, Int4Linear) and first.prompt_weight is not None
+
+
 @pytest.mark.parametrize("rows", [1, 32, 127])
 def test_the_blocked_dense_copy_multiplies_like_the_plain_one(rows):
     """In bfloat16 the dense copy moves into oneDNN's blocked layout at the first prompt chunk;
