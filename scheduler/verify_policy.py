@@ -126,8 +126,8 @@ def step_value(profile: StepThroughput, rate: float | None) -> Callable[[float, 
     sum(tau) / sum(T), which a step raises by whatever it emits beyond what its time would
     make at the running rate lambda (Dinkelbach's rule for a ratio of sums): value =
     tau - lambda x T(B). One more verified draft then pays when its survival a exceeds
-    lambda x (T(B + 1) - T(B)). Measured on context-copying prompts at one stream: the
-    ratio verified 3 of 7 lookup drafts where the copy ran on (docs/scheduling.md).
+    lambda x (T(B + 1) - T(B)). On context-copying prompts at one stream the ratio cut
+    the lookup's drafts to 2 in 82 of 541 steps (docs/scheduling.md).
     """
     sps = profile.steps_per_second
     if rate is None:
