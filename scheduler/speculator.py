@@ -37,7 +37,7 @@ from operator import mul
 from typing import TYPE_CHECKING, Any
 
 from scheduler.drafter import DraftProposal, DraftRequest, Proposer
-from scheduler.plan import ScheduledRequest, StepPlan, StepResult
+from scheduler.plan import RequestResult, ScheduledRequest, StepPlan, StepResult
 from scheduler.profiler import RunningRate
 from scheduler.stats import DrafterStepStats
 from scheduler.verify_policy import choose_candidates
@@ -349,7 +349,7 @@ class Speculator:
 
     def _record_outcomes(self, plan: StepPlan, result: StepResult, step: SpeculationStep) -> None:
         outcome = {id(s): r for s, r in zip(plan.scheduled, result.results)}
-        beyond = {id(s): (features, token) for s, _, features, token in step.beyond}
+        left_out = {id(s): (s, di, features, token) for s, di, features, token in step.beyond}
         for s, di, features in step.drafted:
             r = outcome[id(s)]
             k, accepted = len(s.draft_ids), r.num_accepted_drafts
@@ -368,19 +368,32 @@ class Speculator:
                 if j < accepted:
                     step.accepted_per_position[j] += 1
                     step.realised_per_position[j] += 1
-            estimator = self.drafters[di].estimator
-            if estimator is None or r.error is not None:
-                continue
-            if accepted == k and len(r.token_ids) > k and id(s) in beyond:
-                more, token = beyond.pop(id(s))  # and the first draft left out
-                estimator.observe(more, k + 1, k + int(r.token_ids[k] == token))
-            else:
-                estimator.observe(features, k, accepted)
-        for s, di, features, token in step.beyond:  # nothing verified: the plain step's token
-            r, estimator = outcome[id(s)], self.drafters[di].estimator
-            if s.draft_ids or estimator is None or r.error is not None or not r.token_ids:
-                continue
-            estimator.observe(features, 1, int(r.token_ids[0] == token))
+            next_draft = left_out.pop(id(s), None)
+            self._teach(di, r, features, k, next_draft[2:] if next_draft else None)
+        for s, di, features, token in left_out.values():  # nothing verified
+            self._teach(di, outcome[id(s)], [], 0, (features, token))
+
+    def _teach(
+        self,
+        drafter: int,
+        r: RequestResult,
+        features: list[Hashable],
+        verified: int,
+        next_draft: tuple[list[Hashable], int] | None,
+    ) -> None:
+        """The drafter's estimator learns the verified drafts' outcomes and, where all of them
+        were accepted and the first draft left out is known (`SpeculationStep.beyond`: its
+        features with the verified ones', its token), that draft's, from the token the step
+        emitted in its place."""
+        estimator = self.drafters[drafter].estimator
+        if estimator is None or r.error is not None:
+            return
+        accepted = r.num_accepted_drafts
+        if next_draft is None or accepted < verified or len(r.token_ids) <= verified:
+            estimator.observe(features, verified, accepted)
+            return
+        more, token = next_draft
+        estimator.observe(more, verified + 1, verified + int(r.token_ids[verified] == token))
 
     def _feed_proposers(self, plan: StepPlan, result: StepResult) -> None:
         """Hand the proposers the target features of the positions committed this step."""

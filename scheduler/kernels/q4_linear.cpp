@@ -52,6 +52,11 @@ constexpr int64_t kTile = 16;      // outputs per vector
 constexpr int64_t kRowTile = 4;    // rows sharing one unpacking of the weights
 constexpr int32_t kDigit = 128;    // the second digit counts 1/128 of the first
 constexpr int64_t kPrefetch = 32;  // blocks ahead whose weights are fetched before use
+#if defined(DSPARK_VNNI)
+constexpr uint8_t kSignedWeightsOffset = 0x80;  // digit_sums takes signed weights' digits + 128
+#else
+constexpr uint8_t kSignedWeightsOffset = 0;  // the portable loops read the digits as they are
+#endif
 
 // Activation rows: per block of 32 the two int8 digits, the step a / 128 and the exact sum.
 struct QuantRows {
@@ -359,11 +364,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
               "q8_linear: d [out, in/32] float16, c [out, in/32] int32");
   const at::Tensor xc = x.contiguous(), qc = qs.contiguous(), dc = d.contiguous(),
                    cc = c.contiguous();
-#if defined(DSPARK_VNNI)
-  const QuantRows xq = quantise(xc, 0x80);  // digit_sums takes signed weights' digits offset
-#else
-  const QuantRows xq = quantise(xc);
-#endif
+  const QuantRows xq = quantise(xc, kSignedWeightsOffset);
   const int8_t* qp = qc.data_ptr<int8_t>();
   const c10::Half* dp = dc.data_ptr<c10::Half>();
   const int32_t* cp = cc.data_ptr<int32_t>();

@@ -169,18 +169,21 @@ def test_composite_keeps_the_better_draft_and_never_reads_a_sampled_drafts_later
 
 
 class RecordingPolicy(FixedLength):
-    """Verifies everything, and logs the base token count each step was priced against."""
+    """Verifies everything, and logs the base token count and the rate each step was priced
+    with. `uses_profile`: whether the Speculator treats it as reading the profile (and so
+    hands it the running rate)."""
 
-    uses_profile = False
-
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, uses_profile: bool = False) -> None:
         super().__init__(k)
+        self.uses_profile = uses_profile
         self.bases: list[int] = []
+        self.rates: list[float | None] = []
 
     def choose(
         self, confidences, num_base_tokens, num_sampling_requests=None, lookahead=False, rate=None
     ):
         self.bases.append(num_base_tokens)
+        self.rates.append(rate)
         return super().choose(confidences, num_base_tokens, num_sampling_requests, lookahead)
 
 
@@ -205,28 +208,11 @@ def test_drafts_are_priced_against_the_tokens_of_their_own_pass() -> None:
     assert bases == {None: 41, 16: 1}  # the anchor beside the 40-token chunk, or it alone
 
 
-class RateRecordingPolicy(FixedLength):
-    """Verifies everything, reads the profile (so the Speculator hands it the running rate),
-    and logs the rate of every call."""
-
-    uses_profile = True
-
-    def __init__(self, k: int) -> None:
-        super().__init__(k)
-        self.rates: list[float | None] = []
-
-    def choose(
-        self, confidences, num_base_tokens, num_sampling_requests=None, lookahead=False, rate=None
-    ):
-        self.rates.append(rate)
-        return super().choose(confidences, num_base_tokens, num_sampling_requests, lookahead)
-
-
 def test_the_running_rate_counts_decode_steps_only() -> None:
     """The policy's lambda is tokens per second over steps where every request decodes: a
     prompt chunk's step (work owed whatever is verified) leaves it as it was."""
     greedy = SamplingParams(max_tokens=30, temperature=0.0)
-    policy = RateRecordingPolicy(3)
+    policy = RecordingPolicy(3, uses_profile=True)
     ticks = iter(range(100_000))
     speculator = Speculator(RepeatProposer(3), policy)
     engine = LLMEngine(
