@@ -14,16 +14,11 @@ keeping only the occurrences that agree with it. That is the greedy path through
 tree below the matched node, computed from the occurrence lists instead of a stored tree.
 Ties go to the most recent occurrence, the request's own before the global ones.
 
-A match of one token is enough to draft (`min_match` 1): whether a draft is worth verifying is
-the verify policy's call, made from what the online acceptance estimator (scheduler/acceptance.py)
-learned of drafts like it, so a weak match costs a row only where its cell has earned one. Every
-draft carries that cell: how far back the text agrees with the occurrences the draft follows (the
-match length, followed past the index's `max_match` up to `max_feature_match`: on
-context-copying prompts a copy that has run for 20 tokens is accepted more often than one of 8),
-whether all of them chose the draft's token, and how the text followed the request's previous
-draft. The drafts are a deterministic function of the committed tokens, so features that read the
-drafted tokens cannot bias the output (the bias docs/scheduling.md describes needs a drafted token
-that was *sampled*).
+Every draft position carries what the online acceptance estimator conditions on
+(scheduler/acceptance.py): the match length, how many occurrences still support the path and
+the share of them that chose this token. The drafts are a deterministic function of the
+committed tokens, so features that read the drafted tokens cannot bias the output (the bias
+docs/scheduling.md describes needs a drafted token that was *sampled*).
 
 An index maps each pattern (a tuple of 1..max_match tokens) to the end positions of its most
 recent occurrences (at most `max_occurrences`: old occurrences of a frequent pattern are
@@ -142,19 +137,17 @@ class SuffixProposer:
     def __init__(
         self,
         num_speculative_tokens: int,
-        min_match: int = 1,
+        min_match: int = 2,
         max_match: int = 8,
         max_occurrences: int = 32,
         global_tokens: int = 65536,
-        max_feature_match: int = 32,
     ) -> None:
-        if not 1 <= min_match <= max_match <= max_feature_match:
-            raise ValueError("need 1 <= min_match <= max_match <= max_feature_match")
+        if not 1 <= min_match <= max_match:
+            raise ValueError("need 1 <= min_match <= max_match")
         if max_occurrences < 1 or global_tokens < 0:
             raise ValueError("need max_occurrences >= 1 and global_tokens >= 0")
         self.max_draft_tokens = num_speculative_tokens
         self.min_match, self.max_match = min_match, max_match
-        self.max_feature_match = max_feature_match
         self.max_occurrences = max_occurrences
         self.global_tokens = global_tokens
         self._requests: dict[str, _Request] = {}
@@ -219,10 +212,7 @@ class SuffixProposer:
             found = [(index, e) for e in index.occurrences(pattern)]
             found += [(self._global, e) for e in self._global.occurrences(pattern)]
             if found:
-                cap = self.max_feature_match if n == self.max_match else n
-                drafts, features = _follow(
-                    found, index, tokens, n, cap, r.num_draft_tokens, followed
-                )
+                drafts, features = _follow(found, n, r.num_draft_tokens, followed)
                 break
         state.last_draft, state.last_draft_at = drafts, len(tokens)
         return drafts, features
@@ -241,21 +231,11 @@ def _followed(last_draft: Sequence[int], since: Sequence[int]) -> str:
 
 
 def _follow(
-    found: list[tuple[_Index, int]],
-    own: _Index,
-    tokens: Sequence[int],
-    match_len: int,
-    max_match_len: int,
-    k: int,
-    followed: str,
+    found: list[tuple[_Index, int]], match_len: int, k: int, followed: str
 ) -> tuple[list[int], list[Hashable]]:
-    """Greedy most-frequent path through the continuations of the matched occurrences. The
-    features read the occurrences that agree with its first token: their match length, followed
-    back from match_len (where the index stopped looking) up to max_match_len, and whether one
-    of them is in the request's own text (`own`) rather than only in other responses."""
+    """Greedy most-frequent path through the continuations of the matched occurrences."""
     drafts: list[int] = []
-    unanimous: list[bool] = []  # per draft: every occurrence still on the path chose it
-    in_request = False
+    features: list[Hashable] = []
     for j in range(k):
         counts: dict[int, int] = {}  # insertion order = recency order, for ties
         for store, e in found:
@@ -264,35 +244,22 @@ def _follow(
                 counts[t] = counts.get(t, 0) + 1
         if not counts:
             break
+        total = sum(counts.values())
         token = max(counts, key=counts.__getitem__)  # first maximum: the most recent
         drafts.append(token)
-        unanimous.append(len(counts) == 1)
+        features.append(suffix_feature(match_len, counts[token], total, followed))
         found = [(s, e) for s, e in found if s.token_at(e + j) == token]
-        if j == 0:
-            match_len = max(_agree_back(s, e, tokens, match_len, max_match_len) for s, e in found)
-            in_request = any(store is own for store, _ in found)
-    return drafts, [suffix_feature(match_len, u, in_request, followed) for u in unanimous]
-
-
-def _agree_back(store: _Index, end: int, tokens: Sequence[int], known: int, cap: int) -> int:
-    """How many tokens before `end` in the store equal the request's last ones (known: at least
-    this many do), counted up to cap."""
-    n = known
-    while n < min(cap, len(tokens)) and store.token_at(end - 1 - n) == tokens[-1 - n]:
-        n += 1
-    return n
+    return drafts, features
 
 
 def suffix_feature(
-    match_len: int, unanimous: bool, in_request: bool, followed: str = "none"
-) -> tuple[str, int, bool, bool, str]:
-    """The estimator's cell for one suffix draft (scheduler/acceptance.py): the match length,
-    bucketed so that a few hundred outcomes teach every cell that occurs (1, 2, 3, then from 4,
-    6, 10, 16 and 32 tokens); whether every occurrence still on the path chose this token;
-    whether the request's own text has the match (a copy of its context) or only other
-    responses do; and how the text followed the request's previous draft (`_followed`)."""
-    length_from = max(b for b in _MATCH_BUCKETS if b <= match_len)
-    return ("suffix", length_from, unanimous, in_request, followed)
-
-
-_MATCH_BUCKETS = (1, 2, 3, 4, 6, 10, 16, 32)
+    match_len: int, support: int, total: int, followed: str = "none"
+) -> tuple[str, int, int, int, str]:
+    """The estimator's cell for one suffix draft: match length, support and agreement, bucketed
+    so that a few hundred outcomes teach every cell that occurs (scheduler/acceptance.py), and
+    how the text followed the request's previous draft (`_followed`)."""
+    length_bucket = min(match_len, 6)  # 1..5 tokens apart, 6 for 6 and longer
+    support_bucket = 0 if support == 1 else 1 if support < 4 else 2
+    share = support / total
+    share_bucket = 3 if share == 1.0 else 2 if share >= 0.75 else 1 if share >= 0.5 else 0
+    return ("suffix", length_bucket, support_bucket, share_bucket, followed)

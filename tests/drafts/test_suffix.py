@@ -28,7 +28,7 @@ def test_most_frequent_continuation_wins_and_ties_go_to_the_most_recent() -> Non
     p = SuffixProposer(2, min_match=2, max_match=2, global_tokens=0)
     ids, feats = propose(p, "a", [5, 6, 1, 0, 5, 6, 1, 0, 5, 6, 2, 0, 5, 6], k=2)
     assert ids == [1, 0]  # 1 follows "5 6" twice, 2 once (the most recent)
-    assert not feats[0][2] and feats[1][2]  # 2 of 3 agree, then all that remain
+    assert feats[0][3] == 1 and feats[1][3] == 3  # 2 of 3 agree, then all that remain
     ids, _ = propose(p, "b", [5, 6, 1, 0, 5, 6, 2, 0, 5, 6], k=2)
     assert ids == [2, 0]  # one each: the most recent occurrence
 
@@ -37,22 +37,7 @@ def test_no_match_no_draft_and_requests_are_independent() -> None:
     p = SuffixProposer(3, global_tokens=0)
     assert propose(p, "a", [1, 2, 3, 4]) == ([], [])
     propose(p, "b", [1, 2, 3, 1, 2])
-    cell = ("suffix", 2, True, True, "none")  # match length 2, unanimous, in the request
-    assert propose(p, "a", [1, 2, 3, 4, 1, 2], k=3) == ([3, 4, 1], [cell] * 3)
-
-
-def test_the_match_length_is_followed_past_the_index_and_says_where_the_match_is() -> None:
-    p = SuffixProposer(2, max_match=2)
-    copied = list(range(10, 30))
-    # The index stops at 2 tokens; the occurrence agrees with the text's last 20 (a copy that
-    # has run for 20 tokens), so the cell is the one from 16 tokens on.
-    _, feats = propose(p, "r", [*copied, 99, *copied[:-1]], k=2, prompt=21)
-    assert feats[0][1] == 16
-    _, feats = propose(p, "s", [7, 8, 5, 6, 1, 0, 7, 8, 5, 6], k=2)  # 4 tokens: the 4 bucket
-    assert feats[0][1] == 4 and feats[0][3]
-    p.release("r")  # its output, a copy of its prompt, joins the global index
-    _, feats = propose(p, "t", [50, 51, 12, 13, 14], k=2, prompt=5)
-    assert feats[0][1] == 3 and not feats[0][3]  # matched in another response only
+    assert propose(p, "a", [1, 2, 3, 4, 1, 2], k=3) == ([3, 4, 1], [("suffix", 2, 0, 3, "none")] * 3)
 
 
 def test_each_draft_says_how_the_text_followed_the_previous_one() -> None:
