@@ -63,7 +63,8 @@ class ReplayRunner:
 
 def save(args: argparse.Namespace) -> None:
     import torch
-    from speculative import PROMPT_SETS, chat_token_ids  # benchmarks/speculative.py, beside this
+    from paired import serve_one  # benchmarks/paired.py and speculative.py, beside this
+    from speculative import PROMPT_SETS, chat_token_ids
 
     from scheduler.build import assemble_engine
     from scheduler.loader import load_target
@@ -75,16 +76,11 @@ def save(args: argparse.Namespace) -> None:
     engine = assemble_engine(loaded, EngineConfig(speculative="suffix", verify_policy="dspark",
                                                   max_model_len=2048, dtype="auto"))
     texts = PROMPT_SETS[args.prompts]()[args.first : args.first + args.requests]
-    records = []
-    for i, prompt in enumerate(chat_token_ids(loaded.tokenizer, texts)):
-        engine.add_request(Request(f"save-{i}", prompt, SamplingParams(
-            max_tokens=args.max_tokens, temperature=0.0)))
-        answer: list[int] = []
-        while engine.has_work:
-            stepped = engine.step()
-            if stepped:
-                answer += [t for out in stepped[0] for t in out.new_token_ids]
-        records.append({"prompt": prompt, "answer": answer})
+    greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    records = [
+        {"prompt": prompt, "answer": serve_one(engine, f"save-{i}", prompt, greedy)["tokens"]}
+        for i, prompt in enumerate(chat_token_ids(loaded.tokenizer, texts))
+    ]
     profile = [(n, 1.0 / sps) for n, sps in engine.speculator.profile_table()]
     with open(args.out, "w") as f:
         json.dump({"prompts": args.prompts, "profile": profile, "requests": records}, f)
@@ -158,7 +154,10 @@ def main() -> None:
     r.add_argument("--configs", default="suffix:fixed,suffix:dspark")
     r.add_argument("--k", type=int, default=7)
     args = ap.parse_args()
-    save(args) if args.command == "save" else run(args)
+    if args.command == "save":
+        save(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

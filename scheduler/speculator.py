@@ -349,7 +349,7 @@ class Speculator:
 
     def _record_outcomes(self, plan: StepPlan, result: StepResult, step: SpeculationStep) -> None:
         outcome = {id(s): r for s, r in zip(plan.scheduled, result.results)}
-        left_out = {id(s): (s, di, features, token) for s, di, features, token in step.beyond}
+        next_drafts = {id(s): (features, token) for s, _, features, token in step.beyond}
         for s, di, features in step.drafted:
             r = outcome[id(s)]
             k, accepted = len(s.draft_ids), r.num_accepted_drafts
@@ -368,10 +368,11 @@ class Speculator:
                 if j < accepted:
                     step.accepted_per_position[j] += 1
                     step.realised_per_position[j] += 1
-            next_draft = left_out.pop(id(s), None)
-            self._teach(di, r, features, k, next_draft[2:] if next_draft else None)
-        for s, di, features, token in left_out.values():  # nothing verified
-            self._teach(di, outcome[id(s)], [], 0, (features, token))
+            self._teach(di, r, features, k, next_drafts.get(id(s)))
+        verified = {id(s) for s, _, _ in step.drafted}
+        for s, di, features, token in step.beyond:
+            if id(s) not in verified:  # the policy verified none of its drafts
+                self._teach(di, outcome[id(s)], [], 0, (features, token))
 
     def _teach(
         self,

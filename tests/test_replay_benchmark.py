@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from tests.scripts import load_benchmark
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "replay.py"
-_spec = importlib.util.spec_from_file_location("replay_benchmark", _PATH)
-assert _spec is not None and _spec.loader is not None
-_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_module)
-replay = _module.replay
+replay = load_benchmark("replay").replay
 
 # Step time 10 ms + 1 ms per token: a verified draft costs a tenth of a plain step.
 PROFILE = [(n, 0.010 + 0.001 * n) for n in (1, 2, 4, 8, 16, 64, 512)]

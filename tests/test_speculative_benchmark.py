@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "speculative.py"
-_spec = importlib.util.spec_from_file_location("speculative_benchmark", _PATH)
-assert _spec is not None and _spec.loader is not None
-speculative = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(speculative)
+from tests.scripts import load_benchmark
+
+speculative = load_benchmark("speculative")
 
 
 def _run(config: str, repeat: int, per_user: float, aggregate: float) -> dict:

@@ -6,7 +6,6 @@ Prometheus) is in test_live_stack.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.scripts import load_script
 
 from .support import (
     DASHBOARD_DIR,
@@ -34,13 +35,7 @@ EXPECTED = {"overview", "speculation", "scheduling"}
 
 
 def _generator() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "dashboards_generate", DOCKER / "grafana" / "generate.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(DOCKER / "grafana" / "generate.py")
 
 
 def test_committed_json_is_what_the_generator_writes() -> None:
