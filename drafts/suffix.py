@@ -133,11 +133,12 @@ class SuffixProposer:
     """
 
     aux_layer_ids: tuple[int, ...] = ()
+    free_to_ask = True  # a proposal is dictionary lookups: no draft gate (scheduler/build.py)
 
     def __init__(
         self,
         num_speculative_tokens: int,
-        min_match: int = 2,
+        min_match: int = 1,
         max_match: int = 8,
         max_occurrences: int = 32,
         global_tokens: int = 65536,

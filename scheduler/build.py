@@ -17,9 +17,11 @@ from scheduler.engine import LLMEngine, ServedModel
 from scheduler.speculator import Speculator
 
 if TYPE_CHECKING:
+    from scheduler.draft_gate import DraftGate
     from scheduler.drafter import Proposer
     from scheduler.loader import LoadedModel
     from scheduler.model import StepOptions, TargetModel
+    from scheduler.profiler import ThroughputProfile
     from scheduler.runner import TorchModelRunner
 
 log = logging.getLogger(__name__)
@@ -47,25 +49,37 @@ def build_speculator(
     config: EngineConfig, proposers: list[tuple[str, Proposer]]
 ) -> Speculator | None:
     """Drafters (each with its online acceptance estimator, and a draft gate when the policy
-    weighs cost) + the verify policy + the throughput profile."""
+    weighs cost and drafting takes time) + the verify policy + the throughput profile."""
     if not proposers:
         return None
     from scheduler.acceptance import OnlineAcceptanceEstimator
-    from scheduler.draft_gate import DraftGate
     from scheduler.profiler import ThroughputProfile
     from scheduler.speculator import Drafter
     from scheduler.verify_policy import build_policy
 
     profile = ThroughputProfile(config.max_num_batched_tokens)
     policy = build_policy(config.verify_policy, config.num_speculative_tokens, profile)
+    gated = config.draft_gate and policy.uses_profile
     drafters = [
-        Drafter(
-            name, proposer, OnlineAcceptanceEstimator(),
-            DraftGate(profile) if config.draft_gate and policy.uses_profile else None,
-        )
+        Drafter(name, proposer, OnlineAcceptanceEstimator(), gate_for(proposer, profile, gated))
         for name, proposer in proposers
     ]
     return Speculator(drafters, policy, profile=profile)
+
+
+def gate_for(proposer: Proposer, profile: ThroughputProfile, gated: bool) -> DraftGate | None:
+    """A draft gate for a drafter whose drafting costs time (a model); none for a lookup.
+
+    A lookup's drafting is free, so all a gate could weigh is the verification, which the
+    policy already prices per draft from the lookup's own estimator cells. The gate's verdict
+    is one running mean over every request: in mixed traffic, one-token matches that failed on
+    chat made it skip the lookup for the requests that were copying too
+    (docs/scheduling.md)."""
+    from scheduler.draft_gate import DraftGate
+
+    if not gated or getattr(proposer, "free_to_ask", False):
+        return None
+    return DraftGate(profile)
 
 
 def build_engine(config: EngineConfig) -> LLMEngine:

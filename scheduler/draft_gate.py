@@ -30,11 +30,12 @@ makes what a plain step would make in t_drafted x drafted / plain, so it loses
 (The wait once used 1 - drafted / plain alone, a throughput ratio, as the loss: a probe that
 doubled a step, a DSpark draft for 16 requests on the CPU, then cost twice its budget.)
 
-A drafter that costs nothing to ask (the suffix and n-gram lookups: microseconds against a
-step of milliseconds) and whose drafts the policy does not verify in vain loses almost
-nothing by drafting and is asked every step; a drafter whose drafts are verified and
-rejected probes as rarely as that verification makes necessary; a model drafter that loses a
-third of a step under load probes every ~16 steps at the default 2 %. (The first version
+A drafter whose drafts are verified and rejected probes as rarely as that verification makes
+necessary; a model drafter that loses a third of a step under load probes every ~16 steps at
+the default 2 %. The lookups (suffix, n-gram: microseconds against a step of milliseconds) get
+no gate at all (scheduler/build.py `gate_for`): with nothing to weigh but the verification,
+which the policy prices per draft, one running mean over all requests only hid copying
+requests' drafts whenever chat requests' drafts had been failing. (The first version
 waited 16 steps and doubled the wait after every probe that left the verdict at "skip", up to
 256, for every drafter alike. An n-gram drafter that found no match in its first decode steps
 then drafted in 10 of 313 steps of a context-copying answer: 1.1x over no drafting where

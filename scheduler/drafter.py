@@ -59,6 +59,9 @@ class Proposer(Protocol):
     aux_layer_ids: tuple[int, ...]
     # Largest number of draft tokens one propose() call returns per request (gamma).
     max_draft_tokens: int
+    # Optional, False when absent: a proposer sets `free_to_ask = True` when a propose() call
+    # costs microseconds against a step of milliseconds (a lookup). It then gets no draft gate
+    # (scheduler/build.py `gate_for`): the verify policy alone decides what its drafts are worth.
 
     def propose(self, requests: Sequence[DraftRequest]) -> DraftProposal:
         """Draft up to `num_draft_tokens` tokens after each request's anchor."""

@@ -16,9 +16,11 @@ One engine step, from speculation's side:
                     grammar rejects (after the policy: the policy's choice must not depend on
                     the drafted tokens' values, see docs/scheduling.md)
     (the engine runs the target forward and update())
-    record(...)     acceptance per position for stats, each drafter's estimator and gate learn
-                    the outcomes of its own drafts, the profile learns the step time, the
-                    proposers get the target features of the positions committed this step
+    record(...)     acceptance per position for stats; each drafter's gate learns what its
+                    drafting did, and its estimator the outcomes of its drafts (a deterministic
+                    draft's from the tokens the step emitted, whether it was kept or not); the
+                    profile learns the step time; the proposers get the target features of the
+                    positions committed this step
 
 Only requests that are decoding (one new token: the anchor) draft; a request whose prompt
 finishes prefilling this step samples its first token plainly, because model-based drafters
@@ -37,7 +39,7 @@ from operator import mul
 from typing import TYPE_CHECKING, Any
 
 from scheduler.drafter import DraftProposal, DraftRequest, Proposer
-from scheduler.plan import RequestResult, ScheduledRequest, StepPlan, StepResult
+from scheduler.plan import ScheduledRequest, StepPlan, StepResult
 from scheduler.profiler import RunningRate
 from scheduler.stats import DrafterStepStats
 from scheduler.verify_policy import choose_candidates
@@ -80,16 +82,18 @@ class SpeculationStep:
 
     # (request, drafter index, estimator features) per request that verifies drafts this step
     drafted: list[tuple[ScheduledRequest, int, list[Hashable]]] = field(default_factory=list)
-    # Per request whose kept draft is deterministic and longer than its verified part: (request,
-    # drafter index, features up to and including the first draft left out, that draft's
-    # token). Where every verified draft is accepted, the token the step emits after them tests
-    # the one left out, and the drafter's estimator learns from it: otherwise it learns only
-    # from what the policy verifies, and a cell (a lookup's match length, how the text followed
-    # its last draft) whose estimate fell too low to be verified would stay there. Against a
-    # deterministic draft d the target accepts with probability p(d), and the emitted token is
-    # drawn from that same p: it equals d with the same probability, an outcome of the same law.
-    # It is read after the step, so no verify length of this step depends on it.
-    beyond: list[tuple[ScheduledRequest, int, list[Hashable], int]] = field(default_factory=list)
+    # Every deterministic candidate of this step, kept or not: (request, drafter index, its
+    # features, its drafts). Each teaches its drafter's estimator from the tokens the step
+    # emitted (`Speculator._learn_from_emitted`), not only from what was verified: against a
+    # deterministic draft d the target accepts with probability p(d), and the token it emits
+    # at that position is drawn from that same p (lossless verification, whichever drafter's
+    # draft was verified), so "emitted == d" is an outcome of the same law. A lookup whose
+    # estimate fell too low to be verified, or whose request kept another drafter's draft,
+    # would otherwise never see its cells tested again (docs/scheduling.md). It is read after
+    # the step, so no choice of this step depends on it.
+    deterministic: list[tuple[ScheduledRequest, int, list[Hashable], list[int]]] = field(
+        default_factory=list
+    )
     num_candidates: int = 0  # decoding requests that could draft this step
     skipped: bool = False  # the draft gates said no: nobody drafted
     num_proposed: int = 0
@@ -203,6 +207,10 @@ class Speculator:
         lengths = iter(self.policy.choose(confidences, base, num_sampling, lookahead, rate=rate))
         lengths_all = [next(lengths) if c is not None else 0 for c in chosen]
         lengths_all = _fit_budget(lengths_all, batcher.max_num_batched_tokens - plan.num_tokens)
+        for s, cands in zip(requests, per_request):
+            step.deterministic.extend(
+                (s, c.drafter, c.features, c.token_ids) for c in cands if c.probs is None
+            )
         for s, c, length in zip(requests, chosen, lengths_all):
             if c is None:
                 continue
@@ -218,8 +226,6 @@ class Speculator:
                 s.draft_probs = c.probs[: valid + 1]
             elif valid:
                 s.draft_probs = c.probs[:valid] if c.probs is not None else None
-            if c.probs is None and valid == length < len(c.token_ids):
-                step.beyond.append((s, c.drafter, c.features[: length + 1], c.token_ids[length]))
             if valid == 0:
                 continue
             s.draft_ids = ids[:valid]
@@ -349,7 +355,6 @@ class Speculator:
 
     def _record_outcomes(self, plan: StepPlan, result: StepResult, step: SpeculationStep) -> None:
         outcome = {id(s): r for s, r in zip(plan.scheduled, result.results)}
-        next_drafts = {id(s): (features, token) for s, _, features, token in step.beyond}
         for s, di, features in step.drafted:
             r = outcome[id(s)]
             k, accepted = len(s.draft_ids), r.num_accepted_drafts
@@ -368,33 +373,13 @@ class Speculator:
                 if j < accepted:
                     step.accepted_per_position[j] += 1
                     step.realised_per_position[j] += 1
-            self._teach(di, r, features, k, next_drafts.get(id(s)))
-        verified = {id(s) for s, _, _ in step.drafted}
-        for s, di, features, token in step.beyond:
-            if id(s) not in verified:  # the policy verified none of its drafts
-                self._teach(di, outcome[id(s)], [], 0, (features, token))
-
-    def _teach(
-        self,
-        drafter: int,
-        r: RequestResult,
-        features: list[Hashable],
-        verified: int,
-        next_draft: tuple[list[Hashable], int] | None,
-    ) -> None:
-        """The drafter's estimator learns the verified drafts' outcomes and, where all of them
-        were accepted and the first draft left out is known (`SpeculationStep.beyond`: its
-        features with the verified ones', its token), that draft's, from the token the step
-        emitted in its place."""
-        estimator = self.drafters[drafter].estimator
-        if estimator is None or r.error is not None:
-            return
-        accepted = r.num_accepted_drafts
-        if next_draft is None or accepted < verified or len(r.token_ids) <= verified:
-            estimator.observe(features, verified, accepted)
-            return
-        more, token = next_draft
-        estimator.observe(more, verified + 1, verified + int(r.token_ids[verified] == token))
+            estimator = self.drafters[di].estimator
+            if s.draft_probs is not None and estimator is not None and r.error is None:
+                estimator.observe(features, k, accepted)  # sampled drafts: what was verified
+        for s, di, features, drafts in step.deterministic:
+            estimator, r = self.drafters[di].estimator, outcome[id(s)]
+            if estimator is not None and r.error is None:
+                _learn_from_emitted(estimator, features, drafts, r.token_ids)
 
     def _feed_proposers(self, plan: StepPlan, result: StepResult) -> None:
         """Hand the proposers the target features of the positions committed this step."""
@@ -405,6 +390,20 @@ class Speculator:
             if hidden is not None and hidden.shape[0] and not s.req.is_finished:
                 for proposer in readers:
                     proposer.observe(s.req.req_id, s.start_pos, hidden)
+
+
+def _learn_from_emitted(
+    estimator: OnlineAcceptanceEstimator,
+    features: list[Hashable],
+    drafts: list[int],
+    emitted: Sequence[int],
+) -> None:
+    """A deterministic draft's outcome read off the emitted tokens: drafts before the first
+    one that differs were accepted, that one rejected, the rest untested (SpeculationStep)."""
+    n = min(len(drafts), len(emitted))
+    matched = next((j for j in range(n) if drafts[j] != emitted[j]), n)
+    tested = matched + (matched < n)
+    estimator.observe(features[:tested], tested, matched)
 
 
 def _draft_features(proposal: DraftProposal, i: int, k: int) -> list[Hashable]:

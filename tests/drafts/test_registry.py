@@ -28,10 +28,12 @@ from drafts.registry import (
     unregister,
 )
 from drafts.train.trainer import TrainBatch, TrainConfig
-from scheduler.build import build_engine
+from scheduler.build import build_engine, gate_for
 from scheduler.config import EngineConfig
+from scheduler.draft_gate import DraftGate
 from scheduler.drafter import DraftProposal, DraftRequest
 from scheduler.fake import FAKE_TEXT, build_fake_tokenizer
+from scheduler.profiler import ThroughputProfile
 from scheduler.request import SamplingParams
 
 PROMPT = [5, 6, 7, 8]
@@ -190,17 +192,24 @@ def test_reading_the_names_loads_no_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_no_draft_gate_drafts_every_step() -> None:
-    """`--no-draft-gate` builds the dspark policy's drafters without a gate; by default each has one."""
-    def gates(draft_gate: bool) -> list[object]:
-        config = EngineConfig(model="fake", speculative="ngram", verify_policy="dspark",
+def test_draft_gates_only_for_drafters_that_cost_time() -> None:
+    """Under the dspark policy a drafter that takes time to draft gets a gate; a lookup, free to
+    ask, does not, and `--no-draft-gate` builds none."""
+    from drafts.suffix import SuffixProposer
+
+    def gates(speculative: str, draft_gate: bool) -> list[object]:
+        config = EngineConfig(model="fake", speculative=speculative, verify_policy="dspark",
                               draft_gate=draft_gate, profile_on_start=False)
         speculator = build_engine(config).speculator
         assert speculator is not None
         return [d.gate for d in speculator.drafters]
 
-    assert all(g is not None for g in gates(True))
-    assert gates(False) == [None]
+    assert gates("ngram", True) == gates("ngram", False) == [None]
+    profile = ThroughputProfile(64)
+    assert gate_for(SuffixProposer(4), profile, gated=True) is None
+    model_drafter = ReferenceTextProposer([1, 2, 3], 1, 4)  # no free_to_ask: drafting costs
+    assert isinstance(gate_for(model_drafter, profile, gated=True), DraftGate)
+    assert gate_for(model_drafter, profile, gated=False) is None
 
 
 def test_auto_is_the_composite_only_for_the_target_of_the_shipped_draft() -> None:

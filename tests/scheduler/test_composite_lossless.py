@@ -9,7 +9,7 @@ import torch
 
 from scheduler.acceptance import OnlineAcceptanceEstimator
 from scheduler.batching import ContinuousBatcher
-from scheduler.draft_gate import DraftGate
+from scheduler.build import gate_for
 from scheduler.engine import LLMEngine, ServedModel
 from scheduler.profiler import ThroughputProfile
 from scheduler.request import Request, SamplingParams
@@ -31,7 +31,7 @@ def composite_engine(
     policy = build_policy(policy_name, 7, profile)
     drafters = [
         Drafter(name, proposer, OnlineAcceptanceEstimator(),
-                DraftGate(profile) if gates and policy.uses_profile else None)
+                gate_for(proposer, profile, gates and policy.uses_profile))
         for name, proposer in build_proposers(COMPOSITE, target.hf_model, None, 7)
     ]
     assert [d.name for d in drafters] == ["suffix", "dspark"]

@@ -27,7 +27,7 @@ from drafts.ngram import NgramProposer
 from drafts.suffix import SuffixProposer
 from scheduler.acceptance import OnlineAcceptanceEstimator
 from scheduler.batching import ContinuousBatcher
-from scheduler.draft_gate import DraftGate
+from scheduler.build import gate_for
 from scheduler.drafter import DraftProposal, DraftRequest, Proposer
 from scheduler.engine import LLMEngine, ServedModel
 from scheduler.fake import FakeRunner
@@ -81,6 +81,7 @@ class CostedProposer:
         self.per_call, self.per_request = per_call, per_request
         self.aux_layer_ids = inner.aux_layer_ids
         self.max_draft_tokens = inner.max_draft_tokens
+        self.free_to_ask = getattr(inner, "free_to_ask", False)
 
     def propose(self, requests: Sequence[DraftRequest]) -> DraftProposal:
         self.clock.t += self.per_call + self.per_request * len(requests)
@@ -149,7 +150,7 @@ def serve(
     if policy_name != "none":
         policy = build_policy(policy_name, GAMMA, profile)
         drafters = [
-            Drafter(n, p, OnlineAcceptanceEstimator(), DraftGate(profile) if policy.uses_profile else None)
+            Drafter(n, p, OnlineAcceptanceEstimator(), gate_for(p, profile, policy.uses_profile))
             for n, p in make_drafters(drafter, answer, clock, model_cost)
         ]
         speculator = Speculator(drafters, policy, profile=profile, clock=clock.now)

@@ -268,3 +268,37 @@ def test_the_first_draft_left_out_still_teaches_the_estimator() -> None:
     assert set(seen[2]) == {0, 1, 2} and seen[2][2][0] > 0 and seen[2][2][1] == 1.0
     # 11 decode steps; the last, one token from the limit, drafts nothing
     assert set(seen[0]) == {0} and seen[0][0] == (10, 1.0)
+
+
+def test_a_lookup_whose_draft_was_not_kept_still_learns_from_the_emitted_tokens() -> None:
+    """In a composite where another drafter's confident draft is kept every step, the lookup's
+    drafts are never verified, yet its estimator learns them from the tokens each step emits
+    (here: always right, as far as the emitted tokens reach), so its cells do not stay at the
+    prior while another drafter wins."""
+    from scheduler.acceptance import OnlineAcceptanceEstimator
+    from scheduler.speculator import Drafter
+
+    lookup = OnlineAcceptanceEstimator()
+    speculator = Speculator(
+        [
+            Drafter("lookup", OracleProposer(4), lookup),
+            Drafter("model", ScriptedProposer([0.99] * 4, sampled=False), None),
+        ],
+        FixedLength(4),
+    )
+    engine = LLMEngine(
+        FakeRunner(FAKE_IDS, EOS), ContinuousBatcher(2, 128, 64),
+        ServedModel("fake", None, frozenset({EOS})), speculator,
+    )
+    engine.add_request(Request("a", [1, 2, 3], SamplingParams(max_tokens=12, temperature=0.0)))
+    chosen = {"lookup": 0, "model": 0}
+    while engine.has_work:
+        stepped = engine.step()
+        assert stepped is not None
+        for d in stepped[1].drafters:
+            chosen[d.name] += d.num_chosen
+    assert chosen["lookup"] == 0 and chosen["model"] > 0
+    # The model's drafts repeat FAKE_IDS[1]: right once, at the first decode step, which then
+    # emits two tokens; every other step emits one. The lookup is tested as far as they reach.
+    learned = {c.position: (c.count, c.mean_realised) for c in lookup.calibration()}
+    assert learned == {0: (9, 1.0), 1: (1, 1.0)}  # the last step, at the limit, drafts nothing
