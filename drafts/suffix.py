@@ -56,9 +56,11 @@ class _Index:
     def end(self) -> int:
         return self.base + len(self.tokens)
 
-    def token_at(self, pos: int) -> int:
+    def continuation(self, pos: int, k: int) -> list[int]:
+        """Up to k tokens from absolute position pos, stopping at a separator or the end."""
         i = pos - self.base
-        return self.tokens[i] if 0 <= i < len(self.tokens) else SEPARATOR
+        run = self.tokens[i : i + k] if i >= 0 else []
+        return run[: run.index(SEPARATOR)] if SEPARATOR in run else run
 
     def extend(self, new_tokens: Sequence[int]) -> None:
         self.tokens.extend(new_tokens)
@@ -235,21 +237,23 @@ def _follow(
     found: list[tuple[_Index, int]], match_len: int, k: int, followed: str
 ) -> tuple[list[int], list[Hashable]]:
     """Greedy most-frequent path through the continuations of the matched occurrences."""
+    # Each occurrence's next k tokens, read once (slices, not a call per token: a one-token
+    # match can have 64 occurrences, and this runs for every decoding request every step).
+    runs = [store.continuation(e, k) for store, e in found]
     drafts: list[int] = []
     features: list[Hashable] = []
     for j in range(k):
         counts: dict[int, int] = {}  # insertion order = recency order, for ties
-        for store, e in found:
-            t = store.token_at(e + j)
-            if t != SEPARATOR:
-                counts[t] = counts.get(t, 0) + 1
+        for run in runs:
+            if j < len(run):
+                counts[run[j]] = counts.get(run[j], 0) + 1
         if not counts:
             break
         total = sum(counts.values())
         token = max(counts, key=counts.__getitem__)  # first maximum: the most recent
         drafts.append(token)
         features.append(suffix_feature(match_len, counts[token], total, followed))
-        found = [(s, e) for s, e in found if s.token_at(e + j) == token]
+        runs = [run for run in runs if j < len(run) and run[j] == token]
     return drafts, features
 
 
