@@ -207,10 +207,6 @@ class Speculator:
         lengths = iter(self.policy.choose(confidences, base, num_sampling, lookahead, rate=rate))
         lengths_all = [next(lengths) if c is not None else 0 for c in chosen]
         lengths_all = _fit_budget(lengths_all, batcher.max_num_batched_tokens - plan.num_tokens)
-        for s, cands in zip(requests, per_request):
-            step.deterministic.extend(
-                (s, c.drafter, c.features, c.token_ids) for c in cands if c.probs is None
-            )
         for s, c, length in zip(requests, chosen, lengths_all):
             if c is None:
                 continue
@@ -282,6 +278,8 @@ class Speculator:
                 continue
             c = self._candidate(di, d, proposal, n, ids)
             per_request[i].append(c)
+            if c.probs is None:  # learns from the emitted tokens, kept or not
+                step.deterministic.append((requests[i], di, c.features, c.token_ids))
             stats.num_proposed += len(ids)
             step.num_proposed += len(ids)
 
