@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         "--per-source", type=int, default=0, help="training prompts per source (0: all of them)"
     )
     ap.add_argument(
+        "--sources",
+        default="",
+        help="comma-separated training sources to answer (alpaca, gsm8k, mbpp; empty: all)",
+    )
+    ap.add_argument(
         "--max-rows", type=int, default=0, help="use at most this many answers (0: all)"
     )
     ap.add_argument("--gen-max-tokens", type=int, default=256)
@@ -209,8 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     tok: Any = m.tokenizer
     target.requires_grad_(False)
 
-    prompts = data.training_prompts(args.per_source or None)
-    print(f"[1/6] prompts: {len(prompts)} from alpaca, gsm8k train and mbpp train+test")
+    sources = {x.strip() for x in args.sources.split(",") if x.strip()} or None
+    prompts = data.training_prompts(args.per_source or None, sources=sources)
+    print(
+        f"[1/6] prompts: {len(prompts)} from {', '.join(sorted(sources or ('alpaca', 'gsm8k train', 'mbpp train+test')))}"
+    )
 
     answers = args.answers or run / "data" / "answers.jsonl"
     if not args.answers and not _done(run, "answers") and not args.train_while_generating:
@@ -251,7 +259,11 @@ def main(argv: list[str] | None = None) -> None:
 
     vocab_path = run / "draft_vocab.json"
     if args.draft_vocab and not vocab_path.exists():
-        ids = frequent_tokens((r["answer_ids"] for r in rows), args.draft_vocab)
+        # A continued draft keeps the vocabulary its weights were trained over; new answers
+        # would rank the tokens at the margin differently.
+        ids = checkpoint_vocab(args.init_from, methods) if args.init_from else None
+        if ids is None:
+            ids = frequent_tokens((r["answer_ids"] for r in rows), args.draft_vocab)
         vocab_path.write_text(json.dumps(ids.tolist()))
     vocab = torch.tensor(json.loads(vocab_path.read_text())) if args.draft_vocab else None
     print(f"[3/6] draft vocabulary: {'all' if vocab is None else len(vocab)} tokens")
@@ -338,6 +350,13 @@ def main(argv: list[str] | None = None) -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(rep, indent=2))
         print("[6/6] " + write_table(run))
+
+
+def checkpoint_vocab(checkpoint: Path, methods: tuple[str, ...]) -> torch.Tensor | None:
+    """The draft vocabulary stored with the first of `methods` in `checkpoint` (None: it has
+    none, i.e. it drafts over the whole vocabulary)."""
+    folder = checkpoint / methods[0] if (checkpoint / methods[0]).is_dir() else checkpoint
+    return getattr(load_draft(folder), "draft_vocab", None)
 
 
 def seed_from_checkpoint(out_dir: Path, methods: tuple[str, ...], checkpoint: Path) -> None:

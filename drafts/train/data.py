@@ -13,7 +13,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +60,16 @@ MBPP_VALIDATION = tuple(range(511, 601))
 HELD_OUT = 96
 
 
-def training_prompts(per_source: int | None = None, seed: int = 42) -> list[tuple[str, str]]:
+def training_prompts(
+    per_source: int | None = None, seed: int = 42, sources: Collection[str] | None = None
+) -> list[tuple[str, str]]:
     """(source, prompt) pairs from alpaca, gsm8k train and mbpp train+test: the first
-    `per_source` of each shuffled source (None: every prompt that is not held out)."""
+    `per_source` of each shuffled source (None: every prompt that is not held out), from the
+    named `sources` only if given (sampled answers for the chat and code prompts, say)."""
     return [
         (name, fmt(r))
         for name, records, fmt in _sources(seed, MBPP_TRAIN)
+        if sources is None or name in sources
         for r in (records[:-HELD_OUT] if name != "mbpp" else records)[:per_source]
     ]
 

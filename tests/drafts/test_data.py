@@ -53,3 +53,5 @@ def test_calibration_prompts_cover_every_source_and_stay_out_of_training() -> No
     assert not {p for _, p in train} & {p for _, p in calib}
     assert {s for s, _ in train} == {"alpaca", "gsm8k", "mbpp"}
     assert len(training_prompts(5)) == 15 and training_prompts(5)[0] == train[0]
+    chat_and_code = training_prompts(sources={"alpaca", "mbpp"})
+    assert chat_and_code == [(s, p) for s, p in train if s != "gsm8k"]

@@ -115,3 +115,18 @@ def test_init_from_target_continues_the_target(tiny_target) -> None:  # type: ig
     assert torch.equal(model.layers[-1].mlp.up_proj.weight, last.mlp.up_proj.weight)
     feats = torch.randn(5, model.fc.in_features)
     assert torch.allclose(model.fc(feats), feats[:, -32:])  # the last feature layer, passed through
+
+
+def test_a_continued_draft_keeps_its_vocabulary(tiny_target, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--init-from takes the draft vocabulary stored with the checkpoint, not one ranked
+    afresh from the new answers (the weights' rows are indexed by it)."""
+    from drafts.train.__main__ import checkpoint_vocab
+    from drafts.train.trainer import build_drafts
+
+    tc = _cfg(tmp_path, 1)
+    tc.methods = ("dspark",)
+    vocab = torch.tensor([3, 7, 11, 40, 90])
+    save_draft(build_drafts(tiny_target, tc, 3, vocab)["dspark"], tmp_path / "with" / "dspark")
+    save_draft(build_drafts(tiny_target, tc, 3)["dspark"], tmp_path / "without")
+    assert torch.equal(checkpoint_vocab(tmp_path / "with", ("dspark",)), vocab)
+    assert checkpoint_vocab(tmp_path / "without", ("dspark",)) is None
