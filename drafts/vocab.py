@@ -29,6 +29,18 @@ def frequent_tokens(token_lists: Iterable[Iterable[int]], size: int) -> torch.Te
     return torch.tensor(sorted(t for t, _ in counts.most_common(size)), dtype=torch.long)
 
 
+def extended_vocab(
+    base: torch.Tensor, token_lists: Iterable[Iterable[int]], size: int
+) -> torch.Tensor:
+    """`base` and the most frequent other tokens of `token_lists`, `size` in all (fewer if fewer
+    occur), sorted: a continued draft keeps every row it was trained over and gains the tokens
+    its new answers use most (chat answers name many rarer words than math ones)."""
+    keep = set(base.tolist())
+    counts = collections.Counter(t for tokens in token_lists for t in tokens if t not in keep)
+    extra = {t for t, _ in counts.most_common(max(0, size - len(keep)))}
+    return torch.tensor(sorted(keep | extra), dtype=torch.long)
+
+
 class DraftHead:
     """The target's LM head (and DSpark's Markov head) as the proposer multiplies them: over the
     draft's `draft_vocab` buffer when it has one, else over the whole vocabulary."""

@@ -28,7 +28,7 @@ from drafts.common import StsTable
 from drafts.registry import get, trainable
 from drafts.train import data
 from drafts.train.trainer import TrainConfig, train
-from drafts.vocab import frequent_tokens
+from drafts.vocab import extended_vocab, frequent_tokens
 
 
 def _done(run: Path, step: str) -> bool:
@@ -259,11 +259,14 @@ def main(argv: list[str] | None = None) -> None:
 
     vocab_path = run / "draft_vocab.json"
     if args.draft_vocab and not vocab_path.exists():
-        # A continued draft keeps the vocabulary its weights were trained over; new answers
-        # would rank the tokens at the margin differently.
+        # A continued draft keeps the vocabulary its weights were trained over (new answers
+        # would rank the tokens at the margin differently), extended to --draft-vocab tokens.
         ids = checkpoint_vocab(args.init_from, methods) if args.init_from else None
+        answer_ids = (r["answer_ids"] for r in rows)
         if ids is None:
-            ids = frequent_tokens((r["answer_ids"] for r in rows), args.draft_vocab)
+            ids = frequent_tokens(answer_ids, args.draft_vocab)
+        elif args.draft_vocab > ids.numel():
+            ids = extended_vocab(ids, answer_ids, args.draft_vocab)
         vocab_path.write_text(json.dumps(ids.tolist()))
     vocab = torch.tensor(json.loads(vocab_path.read_text())) if args.draft_vocab else None
     print(f"[3/6] draft vocabulary: {'all' if vocab is None else len(vocab)} tokens")
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device,
     )
     if args.init_from and not (tc.out_dir / "state.pt").exists():
-        seed_from_checkpoint(tc.out_dir, methods, args.init_from)
+        seed_from_checkpoint(tc.out_dir, methods, args.init_from, vocab)
     if not _done(run, "train"):
         source = load_rows if args.train_while_generating else rows
         summary = train(
@@ -359,13 +362,19 @@ def checkpoint_vocab(checkpoint: Path, methods: tuple[str, ...]) -> torch.Tensor
     return getattr(load_draft(folder), "draft_vocab", None)
 
 
-def seed_from_checkpoint(out_dir: Path, methods: tuple[str, ...], checkpoint: Path) -> None:
+def seed_from_checkpoint(
+    out_dir: Path, methods: tuple[str, ...], checkpoint: Path, vocab: torch.Tensor | None = None
+) -> None:
     """A new run that continues a shipped draft: its weights become step 0's state (fresh
-    optimiser). `checkpoint` is a folder per method (drafts/checkpoints) or one draft's folder."""
+    optimiser), with the run's draft vocabulary (the checkpoint's, or a superset of it).
+    `checkpoint` is a folder per method (drafts/checkpoints) or one draft's folder."""
     state: dict[str, Any] = {"models": {}, "opts": {}}
     for name in methods:
         folder = checkpoint / name if (checkpoint / name).is_dir() else checkpoint
-        state["models"][name] = load_draft(folder).state_dict()
+        weights = load_draft(folder).state_dict()
+        if vocab is not None and "draft_vocab" in weights:
+            weights["draft_vocab"] = vocab.clone()
+        state["models"][name] = weights
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save({**state, "step": 0, "elapsed": 0.0, "cpu": 0.0}, out_dir / "state.pt")
 

@@ -130,3 +130,26 @@ def test_a_continued_draft_keeps_its_vocabulary(tiny_target, tmp_path: Path) -> 
     save_draft(build_drafts(tiny_target, tc, 3)["dspark"], tmp_path / "without")
     assert torch.equal(checkpoint_vocab(tmp_path / "with", ("dspark",)), vocab)
     assert checkpoint_vocab(tmp_path / "without", ("dspark",)) is None
+
+
+def test_a_draft_continued_over_a_wider_vocabulary_starts_from_its_weights(
+    tiny_target, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """--init-from with a larger --draft-vocab: the seeded state takes the run's (wider)
+    vocabulary, training runs over it, and every trained weight starts from the checkpoint."""
+    from drafts.train.__main__ import seed_from_checkpoint
+    from drafts.train.trainer import build_drafts
+
+    tc = _cfg(tmp_path / "run", 1)
+    tc.methods, tc.lr = ("dspark",), 1e-9
+    shipped = build_drafts(tiny_target, tc, 3, torch.arange(4, 60))["dspark"]
+    save_draft(shipped, tmp_path / "shipped" / "dspark")
+    wider = torch.arange(4, 90)
+    seed_from_checkpoint(tc.out_dir, ("dspark",), tmp_path / "shipped", wider)
+    train(tiny_target, _rows(), tc, mask_token_id=3, pad_id=2, vocab=wider)
+    back = load_draft(tc.out_dir / "dspark")
+    assert torch.equal(back.draft_vocab, wider)
+    before = load_draft(tmp_path / "shipped" / "dspark").state_dict()
+    for k, v in back.state_dict().items():
+        if k != "draft_vocab":
+            assert torch.allclose(v, before[k], atol=1e-2), k

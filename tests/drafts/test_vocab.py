@@ -10,7 +10,7 @@ import torch
 from drafts.checkpoint import load_draft, save_draft, set_draft_vocab
 from drafts.offline import speculative_generate, target_generate
 from drafts.proposer import make_proposer
-from drafts.vocab import frequent_tokens
+from drafts.vocab import extended_vocab, frequent_tokens
 from scheduler.drafter import DraftRequest
 from scheduler.request import SamplingParams
 
@@ -27,6 +27,14 @@ def _proposer_with_context(model, target):  # type: ignore[no-untyped-def]
 def test_frequent_tokens_are_the_most_common_sorted() -> None:
     assert frequent_tokens([[5, 5, 9, 1], [9, 5, 7]], 2).tolist() == [5, 9]
     assert frequent_tokens([[3, 3]], 10).tolist() == [3]
+
+
+def test_an_extended_vocabulary_keeps_the_base_and_adds_the_most_frequent_others() -> None:
+    base = torch.tensor([2, 9])
+    answers = [[5, 5, 5, 9, 9, 9, 9, 7, 7, 4], [4, 5]]  # others: 5 (x4), 4 (x2), 7 (x2)
+    assert extended_vocab(base, answers, 3).tolist() == [2, 5, 9]
+    assert extended_vocab(base, answers, 10).tolist() == [2, 4, 5, 7, 9]  # fewer occur
+    assert extended_vocab(base, answers, 2).tolist() == [2, 9]  # never smaller than the base
 
 
 @pytest.mark.parametrize("method", ["dspark", "eagle3"])
