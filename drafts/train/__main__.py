@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         "--draft-vocab",
         type=int,
         default=8192,
-        help="draft vocabulary: the N most frequent answer tokens (0: the whole vocabulary)",
+        help="draft vocabulary: the N most frequent answer tokens (0: the whole vocabulary); "
+        "with --init-from, the checkpoint's, widened to N tokens if N is larger",
     )
     ap.add_argument("--calib-prompts", type=int, default=96)
     ap.add_argument("--eval-limit", type=int, default=24)
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         ce_start_frac=args.ce_start_frac,
         save_every=args.save_every,
         snapshot_every_cpu_s=60 * args.snapshot_every_min,
-        init=args.init,
+        init="checkpoint" if args.init_from else args.init,
         autocast=not args.no_autocast,
         methods=methods,
         feature_cache=None
