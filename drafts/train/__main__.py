@@ -373,7 +373,8 @@ def seed_from_checkpoint(
     for name in methods:
         folder = checkpoint / name if (checkpoint / name).is_dir() else checkpoint
         weights = load_draft(folder).state_dict()
-        if vocab is not None and "draft_vocab" in weights:
+        weights.pop("draft_vocab", None)  # the run's vocabulary decides (None: the whole one)
+        if vocab is not None:
             weights["draft_vocab"] = vocab.clone()
         state["models"][name] = weights
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import copy
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -132,23 +133,33 @@ def test_a_continued_draft_keeps_its_vocabulary(tiny_target, tmp_path: Path) -> 
     assert checkpoint_vocab(tmp_path / "without", ("dspark",)) is None
 
 
-def test_a_draft_continued_over_a_wider_vocabulary_starts_from_its_weights(
-    tiny_target, tmp_path: Path
+@pytest.mark.parametrize(
+    ("shipped_vocab", "run_vocab"),
+    [((4, 60), (4, 90)), (None, (4, 90)), ((4, 60), None)],
+    ids=["wider", "first-vocabulary", "whole-vocabulary"],
+)
+def test_a_continued_draft_takes_the_runs_vocabulary_and_starts_from_its_weights(
+    tiny_target, tmp_path: Path, shipped_vocab, run_vocab
 ) -> None:  # type: ignore[no-untyped-def]
-    """--init-from with a larger --draft-vocab: the seeded state takes the run's (wider)
-    vocabulary, training runs over it, and every trained weight starts from the checkpoint."""
+    """--init-from: the seeded state takes the run's vocabulary (a wider one, a first one, or
+    none: the whole vocabulary), training runs over it, and every trained weight starts from
+    the checkpoint."""
     from drafts.train.__main__ import seed_from_checkpoint
     from drafts.train.trainer import build_drafts
 
     tc = _cfg(tmp_path / "run", 1)
     tc.methods, tc.lr = ("dspark",), 1e-9
-    shipped = build_drafts(tiny_target, tc, 3, torch.arange(4, 60))["dspark"]
+    shipped_ids = None if shipped_vocab is None else torch.arange(*shipped_vocab)
+    vocab = None if run_vocab is None else torch.arange(*run_vocab)
+    shipped = build_drafts(tiny_target, tc, 3, shipped_ids)["dspark"]
     save_draft(shipped, tmp_path / "shipped" / "dspark")
-    wider = torch.arange(4, 90)
-    seed_from_checkpoint(tc.out_dir, ("dspark",), tmp_path / "shipped", wider)
-    train(tiny_target, _rows(), tc, mask_token_id=3, pad_id=2, vocab=wider)
+    seed_from_checkpoint(tc.out_dir, ("dspark",), tmp_path / "shipped", vocab)
+    train(tiny_target, _rows(), tc, mask_token_id=3, pad_id=2, vocab=vocab)
     back = load_draft(tc.out_dir / "dspark")
-    assert torch.equal(back.draft_vocab, wider)
+    if vocab is None:
+        assert not hasattr(back, "draft_vocab")
+    else:
+        assert torch.equal(back.draft_vocab, vocab)
     before = load_draft(tmp_path / "shipped" / "dspark").state_dict()
     for k, v in back.state_dict().items():
         if k != "draft_vocab":
