@@ -217,9 +217,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sources = {x.strip() for x in args.sources.split(",") if x.strip()} or None
     prompts = data.training_prompts(args.per_source or None, sources=sources)
-    print(
-        f"[1/6] prompts: {len(prompts)} from {', '.join(sorted(sources or ('alpaca', 'gsm8k train', 'mbpp train+test')))}"
-    )
+    print(f"[1/6] prompts: {len(prompts)} from {', '.join(dict.fromkeys(s for s, _ in prompts))}")
 
     answers = args.answers or run / "data" / "answers.jsonl"
     if not args.answers and not _done(run, "answers") and not args.train_while_generating:
@@ -356,23 +354,25 @@ def main(argv: list[str] | None = None) -> None:
         print("[6/6] " + write_table(run))
 
 
+def _draft_folder(checkpoint: Path, name: str) -> Path:
+    """`checkpoint` is a folder per method (drafts/checkpoints) or one draft's folder."""
+    return checkpoint / name if (checkpoint / name).is_dir() else checkpoint
+
+
 def checkpoint_vocab(checkpoint: Path, methods: tuple[str, ...]) -> torch.Tensor | None:
     """The draft vocabulary stored with the first of `methods` in `checkpoint` (None: it has
     none, i.e. it drafts over the whole vocabulary)."""
-    folder = checkpoint / methods[0] if (checkpoint / methods[0]).is_dir() else checkpoint
-    return getattr(load_draft(folder), "draft_vocab", None)
+    return getattr(load_draft(_draft_folder(checkpoint, methods[0])), "draft_vocab", None)
 
 
 def seed_from_checkpoint(
     out_dir: Path, methods: tuple[str, ...], checkpoint: Path, vocab: torch.Tensor | None = None
 ) -> None:
     """A new run that continues a shipped draft: its weights become step 0's state (fresh
-    optimiser), with the run's draft vocabulary (the checkpoint's, or a superset of it).
-    `checkpoint` is a folder per method (drafts/checkpoints) or one draft's folder."""
+    optimiser), with the run's draft vocabulary (the checkpoint's, or a superset of it)."""
     state: dict[str, Any] = {"models": {}, "opts": {}}
     for name in methods:
-        folder = checkpoint / name if (checkpoint / name).is_dir() else checkpoint
-        weights = load_draft(folder).state_dict()
+        weights = load_draft(_draft_folder(checkpoint, name)).state_dict()
         weights.pop("draft_vocab", None)  # the run's vocabulary decides (None: the whole one)
         if vocab is not None:
             weights["draft_vocab"] = vocab.clone()

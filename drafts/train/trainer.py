@@ -60,8 +60,8 @@ class TrainConfig:
     # curve: held-out tau against CPU-hours); 0: none
     snapshot_every_cpu_s: float = 1800.0
     methods: tuple[str, ...] = field(default_factory=lambda: tuple(trainable()))
-    # "random", "target" (draft layers start as the target's last layers) or "checkpoint" (the run was
-    # seeded from a trained draft with --init-from, whose weights replace the start)
+    # "random", "target" (draft layers start as the target's last layers) or "checkpoint"
+    # (seeded from a trained draft with --init-from, whose weights replace the start)
     init: str = "random"
     autocast: bool = True  # bf16 autocast for the draft's matmuls (fp32 weights and optimiser)
     feature_cache: Path | None = None  # None: stream the target's features every epoch
