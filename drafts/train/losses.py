@@ -203,9 +203,12 @@ def block_losses(
     ce = -logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * in_vocab
     result = {"ce": (ce * w).sum() / (w * in_vocab).sum().clamp(min=1.0)}
     if alpha_tv > 0 or out.conf_logits is not None:
-        # target distribution of label p+k+1 is the target's logit row at p+k (temperature 1)
+        # target distribution of label p+k+1 is the target's logit row at p+k (temperature 1):
+        # the softmax once per position, then a row per (anchor, slot); a position is the
+        # label of up to g pairs, so softmax-then-gather does 1/g of the exponentials
+        p_pos = torch.softmax(target_logits.float(), dim=-1)  # [B, S, V]
         t_idx = (lab_pos - 1).clamp(max=s - 1).view(b, n * g, 1).expand(b, n * g, v)
-        p_t = torch.softmax(target_logits.float().gather(1, t_idx).view(b, n, g, v), dim=-1)
+        p_t = p_pos.gather(1, t_idx).view(b, n, g, v)
         p_d = logp.exp()
         l1 = (p_d - p_t).abs().sum(-1)
         result["tv"] = (l1 * w).sum() / denom

@@ -53,6 +53,25 @@ def test_dspark_train_forward_shapes_and_losses(tiny_target) -> None:  # type: i
     assert model.fc.weight.grad is not None and model.markov_w1.weight.grad is not None  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("shift", [0, 1])
+def test_tv_reads_the_targets_distribution_of_each_slots_label(shift: int) -> None:
+    """Slot j of anchor p predicts token p + j + 1, whose target distribution is the target's
+    logit row at p + j: a draft that copies exactly those rows has no TV, one off by a
+    position has."""
+    from drafts.dspark import BlockOutput
+
+    b, s, g, v = 2, 24, 7, 50
+    ids = torch.randint(0, v, (b, s))
+    mask = torch.zeros(b, s, dtype=torch.long)
+    mask[:, 4:] = 1
+    target = torch.randn(b, s, v) * 3
+    anchors, keep = sample_anchors(mask, torch.tensor([s, s]), 6)
+    rows = (anchors[:, :, None] + torch.arange(g) + shift).clamp(max=s - 1)
+    copied = target.gather(1, rows.view(b, -1, 1).expand(-1, -1, v)).view(b, -1, g, v)
+    res = block_losses(BlockOutput(copied, None), ids, mask, target, anchors, keep, 0.1, 0.9, 0.0)
+    assert (float(res["tv"]) < 1e-5) == (shift == 0)
+
+
 def test_block_queries_do_not_see_the_future(tiny_target) -> None:  # type: ignore[no-untyped-def]
     """Changing context at or after an anchor must not change that block's logits."""
     model = _dspark(tiny_target).eval()
