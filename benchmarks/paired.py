@@ -24,7 +24,11 @@ import statistics
 import time
 
 import torch
-from speculative import PROMPT_SETS, chat_token_ids  # benchmarks/speculative.py, beside this
+from speculative import (  # benchmarks/speculative.py, beside this
+    PROMPT_SETS,
+    chat_token_ids,
+    parse_config,
+)
 
 from scheduler.build import assemble_engine
 from scheduler.config import EngineConfig
@@ -54,8 +58,8 @@ def serve_one(engine, req_id: str, prompt: list[int], params: SamplingParams) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="none,suffix+dspark:dspark",
-                    help="drafter[:policy[@k]] list, as speculative.py's (@k: this configuration's "
-                         "draft length instead of --k); the first is the baseline")
+                    help="drafter[:policy[@k]] list, as speculative.py's; the first is the "
+                         "baseline")
     ap.add_argument("--prompts", default="copy", help=", ".join(sorted(PROMPT_SETS)))
     ap.add_argument("--first", type=int, default=0, help="first prompt of the set")
     ap.add_argument("--requests", type=int, default=48)
@@ -69,12 +73,10 @@ def main() -> None:
     specs = args.configs.split(",")
     engines = {}
     for spec in specs:  # speculative.py's engine settings, so the two agree
-        drafter, _, policy = spec.partition(":")
-        policy, _, k = policy.partition("@")
-        config = EngineConfig(speculative=drafter, verify_policy=policy or "fixed",
-                              num_speculative_tokens=int(k or args.k), max_num_seqs=16,
-                              max_model_len=1024, max_num_batched_tokens=512, dtype="auto",
-                              weights="auto")
+        drafter, policy, k = parse_config(spec, args.k)
+        config = EngineConfig(speculative=drafter, verify_policy=policy, num_speculative_tokens=k,
+                              max_num_seqs=16, max_model_len=1024, max_num_batched_tokens=512,
+                              dtype="auto", weights="auto")
         engines[spec] = assemble_engine(loaded, config)
         serve_one(engines[spec], "warm-up", [1, 2, 3, 4], SamplingParams(max_tokens=8))
     texts = PROMPT_SETS[args.prompts]()[args.first : args.first + args.requests]

@@ -91,6 +91,14 @@ PROMPT_SETS = {
 }
 
 
+def parse_config(spec: str, k: int) -> tuple[str, str, int]:
+    """A configuration `drafter[:policy[@k]]` -> (drafter, verify policy, draft length); the
+    policy defaults to fixed, the draft length to `k` (the script's --k)."""
+    drafter, _, rest = spec.partition(":")
+    policy, _, length = rest.partition("@")
+    return drafter, policy or "fixed", int(length or k)
+
+
 def run(
     engine, prompts: list[list[int]], concurrency: int, num_requests: int, max_tokens: int,
     first: int = 0,
@@ -141,7 +149,8 @@ def run(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="none,ngram:fixed",
-                    help="drafter[:policy] list; a composite joins drafters with '+'")
+                    help="drafter[:policy[@k]] list (@k: this configuration's draft length "
+                         "instead of --k); a composite joins drafters with '+'")
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--prompts", default="repeat",
                     help=f"comma-separated prompt sets: {', '.join(sorted(PROMPT_SETS))}")
@@ -165,11 +174,11 @@ def main() -> None:
     specs = args.configs.split(",")
     engines = {}
     for spec in specs:  # all engines first, then runs interleaved: load drifts hit all alike
-        drafter, _, policy = spec.partition(":")
+        drafter, policy, k = parse_config(spec, args.k)
         config = EngineConfig(
-            speculative=drafter, verify_policy=policy or "fixed", num_speculative_tokens=args.k,
+            speculative=drafter, verify_policy=policy, num_speculative_tokens=k,
             max_num_seqs=max(levels), max_model_len=1024,
-            max_num_batched_tokens=max(512, max(levels) * (args.k + 1)), dtype=args.dtype,
+            max_num_batched_tokens=max(512, max(levels) * (k + 1)), dtype=args.dtype,
             weights=args.weights,
         )
         engines[spec] = assemble_engine(loaded, config)

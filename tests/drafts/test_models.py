@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from drafts.common import config_from_target, evenly_spaced_layers, target_parts
-from drafts.dspark import DSparkModel
+from drafts.dspark import BlockOutput, DSparkModel
 from drafts.eagle3 import Eagle3Model
 from drafts.offline import speculative_generate, target_generate
 from drafts.proposer import make_proposer
@@ -58,8 +58,6 @@ def test_tv_reads_the_targets_distribution_of_each_slots_label(shift: int) -> No
     """Slot j of anchor p predicts token p + j + 1, whose target distribution is the target's
     logit row at p + j: a draft that copies exactly those rows has no TV, one off by a
     position has."""
-    from drafts.dspark import BlockOutput
-
     b, s, g, v = 2, 24, 7, 50
     ids = torch.randint(0, v, (b, s))
     mask = torch.zeros(b, s, dtype=torch.long)
