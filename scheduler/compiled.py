@@ -21,8 +21,9 @@ attends on its own: no row is computed for padding. (The first version laid the 
 the weight products and attention instead of 23.)
 
 Shapes are dynamic (rows N, cached span L, logits rows M), N unbacked, so one graph serves
-every step shape: a one-token decode runs the very kernels a verification does (the weight
-kernels compute each row alike whatever the other rows). The
+every step shape: a one-token decode runs the very kernels a verification does (the int4
+kernels compute each row alike whatever the other rows; oneDNN's dense products do for 2-31
+rows, so a lone dense row gets an inert second one, `pad_lone_row`). The
 graph is compiled at start-up (scheduler/build.py warms it up) and kept in inductor's on-disk
 cache (`enable_disk_cache`): a restart reloads it.
 """
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from scheduler.linear import FrozenLinear
 
 if TYPE_CHECKING:
     from scheduler.model import PackedBatch, TargetModel
@@ -77,6 +80,12 @@ class CompiledStep:
         self.model = model
         self.max_query = max_query
         self.build_batch = build_batch  # scheduler.model.build_packed_batch
+        # oneDNN multiplies a lone row with another kernel than 2-31 rows, whose sums round
+        # differently (the down projection's 1,536 inputs: logits 0.125 apart), so a token
+        # decoded alone and the same token verified among drafts got different bits and
+        # greedy outputs parted. A one-row step of dense products runs with a second, inert
+        # row (two rows cost what one does); the int4 kernels compute each row alike.
+        self.pad_lone_row = isinstance(model.fused[0].down, FrozenLinear)
         # Without this, a dimension that is 1 in some step (one logits row, a cached span)
         # would get a graph of its own.
         fx_config.backed_size_oblivious = True
@@ -162,13 +171,15 @@ class CompiledStep:
         self, batch: PackedBatch, aux_layer_ids: tuple[int, ...]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         m = self.model
+        rows = batch.input_ids.shape[0]
+        pad = self.pad_lone_row and rows == 1
         logits, new_k, new_v, aux = self._graph(
-            *_graph_inputs(batch, m.k_cache.shape[3]), aux_layer_ids
+            *_graph_inputs(batch, m.k_cache.shape[3], pad), aux_layer_ids
         )
         # new_k: [rows, layers, KV, D] in the packed rows' order -> one write per cache.
-        m.k_cache[:, batch.slot_ids, :, batch.positions] = new_k
-        m.v_cache[:, batch.slot_ids, :, batch.positions] = new_v
-        return logits, aux
+        m.k_cache[:, batch.slot_ids, :, batch.positions] = new_k[:rows]
+        m.v_cache[:, batch.slot_ids, :, batch.positions] = new_v[:rows]
+        return logits, aux[:rows] if aux is not None else None
 
     def _step(
         self,
@@ -278,9 +289,12 @@ def _skip_guards_on_the_model(entries: list[Any]) -> list[bool]:
 # row, start position and first packed row.
 
 
-def _graph_inputs(batch: PackedBatch, max_len: int) -> tuple[torch.Tensor, ...]:
+def _graph_inputs(
+    batch: PackedBatch, max_len: int, pad: bool = False
+) -> tuple[torch.Tensor, ...]:
     """The packed step as graph inputs: per row its token, position, and its request's cache
-    row, start position and first packed row; the attended span; the logits rows."""
+    row, start position and first packed row; the attended span; the logits rows. `pad` adds
+    an inert last row (token 0 at position 0, attending only itself; no logits, not stored)."""
     reqs = batch.requests
     dev = batch.input_ids.device
     last = max(start + n for _, start, n, _ in reqs)
@@ -294,6 +308,9 @@ def _graph_inputs(batch: PackedBatch, max_len: int) -> tuple[torch.Tensor, ...]:
         [batch.input_ids[:, None], batch.positions[:, None],
          per_request.repeat_interleave(counts, 0)], 1,
     )
+    if pad:
+        n, slot = rows.shape[0], reqs[0][0]
+        rows = torch.cat([rows, torch.tensor([[0, 0, slot, 0, n]], device=dev)])
     head_rows = batch.logits_rows.clone()
     span_t = torch.empty(span, dtype=torch.int8, device=dev)
     # Rows unbacked: a size the compiler may not guard on, so a step of one token runs the
