@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--prefix-cache-tokens", type=int, default=EngineConfig.prefix_cache_tokens,
+                    help="every configuration's prefix cache (0: off)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,7 +78,8 @@ def main() -> None:
         drafter, policy, k = parse_config(spec, args.k)
         config = EngineConfig(speculative=drafter, verify_policy=policy, num_speculative_tokens=k,
                               max_num_seqs=16, max_model_len=1024, max_num_batched_tokens=512,
-                              dtype="auto", weights="auto")
+                              dtype="auto", weights="auto",
+                              prefix_cache_tokens=args.prefix_cache_tokens)
         engines[spec] = assemble_engine(loaded, config)
         serve_one(engines[spec], "warm-up", [1, 2, 3, 4], SamplingParams(max_tokens=8))
     texts = PROMPT_SETS[args.prompts]()[args.first : args.first + args.requests]

@@ -9,7 +9,8 @@ KV. `schedule()` hands out the step's token budget so requests catch up:
        each, first, so admitting new work never stalls a stream;
     2. running requests still prefilling get the next chunk of their prompt;
     3. waiting requests are admitted while a KV slot is free and budget remains, FIFO, their
-       first chunk possibly partial (chunked prefill).
+       first chunk possibly partial (chunked prefill). With a prefix cache (`prefix`), an
+       admitted prompt's stored start counts as computed: the runner copies it in.
 
 Draft tokens are added afterwards by the engine (they need the proposer and the verify policy)
 within whatever budget is left. Structured requests (`SamplingParams.structured`) also own a
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from scheduler.kv_slots import KVSlotManager
 from scheduler.plan import RequestResult, ScheduledRequest, StepPlan, StepResult
+from scheduler.prefix_cache import PrefixIndex
 from scheduler.request import FinishReason, Request, RequestOutput, TokenLogprob
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ class ContinuousBatcher:
         self.running: list[Request] = []  # resident (own a KV slot), in admission order
         self.fault_hook: FaultHook | None = None  # test hook: raising fails that request only
         self.grammars: GrammarManager | None = None  # None: structured requests are refused
+        self.prefix: PrefixIndex | None = None  # None: no prefix caching
 
     # -- intake ---------------------------------------------------------------------------
     def add(self, req: Request) -> RequestOutput | None:
@@ -127,9 +130,8 @@ class ContinuousBatcher:
         for req in prefilling:
             if budget == 0:
                 break
-            chunk = min(req.num_uncomputed_tokens, budget)
-            scheduled.append(ScheduledRequest(req, chunk))
-            budget -= chunk
+            scheduled.append(self._prefill_chunk(req, budget))
+            budget -= scheduled[-1].num_new_tokens
         while self.waiting and budget > 0:
             slot = self.kv.try_allocate()
             if slot is None:
@@ -138,10 +140,26 @@ class ContinuousBatcher:
             req.slot = slot
             req.first_scheduled_s = self.clock()
             self.running.append(req)
-            chunk = min(req.num_uncomputed_tokens, budget)
-            scheduled.append(ScheduledRequest(req, chunk))
-            budget -= chunk
+            prefix_ids = self.prefix.match(req.prompt_ids) if self.prefix is not None else []
+            scheduled.append(self._prefill_chunk(req, budget, prefix_ids))
+            budget -= scheduled[-1].num_new_tokens
         return StepPlan(scheduled)
+
+    def _prefill_chunk(
+        self, req: Request, budget: int, prefix_ids: list[int] | None = None
+    ) -> ScheduledRequest:
+        """The next chunk of a prompt (the first one after the stored blocks `prefix_ids`), and
+        the prefix cache's claims on the blocks it completes."""
+        num_prefix = 0
+        if prefix_ids:
+            assert self.prefix is not None
+            num_prefix = len(prefix_ids) * self.prefix.block_size
+            req.num_computed_tokens = req.num_cached_tokens = num_prefix
+        s = ScheduledRequest(req, min(req.num_uncomputed_tokens, budget))
+        s.prefix_block_ids, s.num_prefix_tokens = prefix_ids or [], num_prefix
+        if self.prefix is not None and s.start_pos < req.num_prompt_tokens:
+            s.save_blocks = self.prefix.claim(req.prompt_ids, s.start_pos, s.start_pos + s.num_new_tokens)
+        return s
 
     def max_draft_tokens(self, s: ScheduledRequest) -> int:
         """Most drafts worth verifying for a sampling request: room in max_tokens and the cache."""
@@ -180,6 +198,8 @@ class ContinuousBatcher:
     def update(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         now = self.clock()
+        if self.prefix is not None:
+            self.prefix.mark_ready()  # the step stored the blocks its chunks claimed
         for s, r in zip(plan.scheduled, result.results, strict=True):
             req = s.req
             if req.is_finished:  # aborted while the step ran
@@ -264,6 +284,7 @@ class ContinuousBatcher:
             logprobs=logprobs,
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_tokens,
             spec=req.spec if req.spec.num_drafts else None,
             error=req.error,
         )

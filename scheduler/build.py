@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from scheduler.batching import ContinuousBatcher
 from scheduler.config import EngineConfig
 from scheduler.engine import LLMEngine, ServedModel
+from scheduler.prefix_cache import PREFIX_BLOCK_SIZE, PrefixIndex
 from scheduler.speculator import Speculator
 
 if TYPE_CHECKING:
@@ -110,7 +111,12 @@ def assemble_engine(loaded: LoadedModel, config: EngineConfig) -> LLMEngine:
     if speculator is not None and runner.model.compiled is not None:
         speculator.own_pass_above = runner.model.compiled.max_query  # prompt chunks run eager
     model = ServedModel(loaded.name, loaded.tokenizer, _eos_ids(loaded.hf_model, loaded.tokenizer))
-    engine = LLMEngine(runner, _batcher(config), model, speculator)
+    batcher = _batcher(config)
+    num_blocks = config.prefix_cache_tokens // PREFIX_BLOCK_SIZE
+    if num_blocks:
+        runner.enable_prefix_cache(num_blocks, PREFIX_BLOCK_SIZE)
+        batcher.prefix = PrefixIndex(num_blocks, PREFIX_BLOCK_SIZE)
+    engine = LLMEngine(runner, batcher, model, speculator)
     if runner.model.compiled is not None:
         warm_up_compiled(runner.model, runner.aux_layer_ids)
     if config.profile_on_start and speculator is not None and speculator.profile is not None:

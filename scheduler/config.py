@@ -63,6 +63,12 @@ class EngineConfig:
     max_num_batched_tokens: int = _option(
         512, "token budget of one engine step (prefill chunks + decode + drafts)"
     )
+    prefix_cache_tokens: int = _option(
+        4096,
+        "prompt tokens whose KV is kept for later requests that start the same way (automatic "
+        "prefix caching: the chat template's system turn, shared instructions, earlier turns "
+        "of a conversation), in blocks, least recently used out first; 0 turns it off",
+    )
     speculative: str = _option(
         "auto",
         "drafter that proposes tokens for the target to verify; several joined by '+' "
@@ -97,6 +103,8 @@ class EngineConfig:
             raise ValueError("max_model_len must be >= 2")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one token each)")
+        if self.prefix_cache_tokens < 0:
+            raise ValueError("prefix_cache_tokens must be >= 0")
         if self.num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
         for name, allowed in (

@@ -32,6 +32,12 @@ class ScheduledRequest:
     # its place comes from the residual, as a rejection would have drawn it.
     draft_probs: torch.Tensor | None = None
     predicted_survival: list[float] = field(default_factory=list)  # per verified draft position
+    # Prefix caching (scheduler/prefix_cache.py): stored blocks the runner copies into the slot
+    # before the step (the prompt's first `num_prefix_tokens` tokens, skipped), and
+    # (block id, first position) of the blocks this chunk completes, which it stores after.
+    prefix_block_ids: list[int] = field(default_factory=list)
+    num_prefix_tokens: int = 0
+    save_blocks: list[tuple[int, int]] = field(default_factory=list)
     # Taken from the request's counters when the step is planned: update() moves those counters,
     # and whoever reads the plan after it (stats, the proposer's features) must see the step as
     # it was scheduled.
@@ -46,6 +52,12 @@ class ScheduledRequest:
     def is_decoding(self) -> bool:
         """Only the anchor is new: the request may verify drafts after it."""
         return self.samples and self.num_new_tokens == 1
+
+    @property
+    def first_feature_pos(self) -> int:
+        """Position of the first row of this step's target features: the loaded prefix's come
+        before the computed tokens'."""
+        return self.start_pos - self.num_prefix_tokens
 
     @property
     def num_query_tokens(self) -> int:
@@ -84,5 +96,5 @@ class StepResult:
     results: list[RequestResult]  # aligned with StepPlan.scheduled
     forward_time_s: float = 0.0
     # Per scheduled request: [num committed positions this step, feature dim] target features
-    # for the proposer, or None when no proposer needs them.
+    # for the proposer (from `first_feature_pos`), or None when no proposer needs them.
     aux_hidden: list[Any] | None = None

@@ -135,6 +135,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # cumulative, after this output
+    num_cached_tokens: int = 0  # prompt tokens read from the prefix cache, not computed
     spec: SpecStats | None = None  # cumulative, when the request was drafted for
     error: str | None = None  # set with FinishReason.ERROR; a message safe to show clients
     # Set on the finished output (engine clock, seconds): arrival -> first scheduled, and
@@ -159,6 +160,7 @@ class Request:
 
     all_token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     slot: int | None = None  # KV slot while resident
     finish_reason: FinishReason | None = None
     error: str | None = None

@@ -16,6 +16,7 @@ import torch
 
 from scheduler.model import StepOptions, TargetModel, build_packed_batch
 from scheduler.plan import RequestResult, ScheduledRequest, StepPlan, StepResult
+from scheduler.prefix_store import PrefixStore
 from scheduler.sampling import (
     mask_logits,
     refuse_stop_tokens,
@@ -58,6 +59,13 @@ class TorchModelRunner:
         self.aux_layer_ids = aux_layer_ids
         self._seed_source = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
+        self.prefix: PrefixStore | None = None  # set by enable_prefix_cache
+
+    def enable_prefix_cache(self, num_blocks: int, block_size: int) -> PrefixStore:
+        """Store prompt blocks for the batcher's PrefixIndex of the same shape."""
+        feature_dim = len(self.aux_layer_ids) * self.model.hidden_size
+        self.prefix = PrefixStore(self.model, num_blocks, block_size, feature_dim)
+        return self.prefix
 
     def release(self, req_id: str) -> None:
         self._generators.pop(req_id, None)
@@ -82,9 +90,13 @@ class TorchModelRunner:
         logits_rows: list[int] = []
         row_starts: list[int] = []
         row = 0
-        for s in plan.scheduled:
+        prefix_features: dict[int, torch.Tensor | None] = {}
+        for i, s in enumerate(plan.scheduled):
             ids = s.input_ids()
             assert s.req.slot is not None, "scheduled requests own a KV slot"
+            if s.prefix_block_ids:
+                assert self.prefix is not None, "prefix hits come from a runner that stores them"
+                prefix_features[i] = self.prefix.load(s.req.slot, s.prefix_block_ids)
             queries.append((s.req.slot, s.start_pos, ids))
             row_starts.append(row)
             if s.samples:
@@ -93,6 +105,8 @@ class TorchModelRunner:
             row += len(ids)
         batch = build_packed_batch(queries, logits_rows, self.device)
         logits, aux = self.model.forward(batch, self.aux_layer_ids)
+        if self.prefix is not None:
+            self._save_blocks(plan, row_starts, aux)
 
         results: list[RequestResult] = []
         aux_hidden: list[torch.Tensor | None] = []
@@ -111,9 +125,24 @@ class TorchModelRunner:
             if aux is not None:
                 # Features of the positions that now have valid KV: new tokens + accepted drafts.
                 num_committed = s.num_new_tokens + result.num_accepted_drafts
-                aux_hidden.append(aux[row0 : row0 + num_committed])
+                hidden = aux[row0 : row0 + num_committed]
+                loaded = prefix_features.get(i)
+                aux_hidden.append(hidden if loaded is None else torch.cat([loaded, hidden]))
         forward_time_s = time.perf_counter() - t0
         return StepResult(results, forward_time_s, aux_hidden if aux is not None else None)
+
+    def _save_blocks(
+        self, plan: StepPlan, row_starts: list[int], aux: torch.Tensor | None
+    ) -> None:
+        """Store the prompt blocks this step's chunks completed (PrefixIndex.claim)."""
+        assert self.prefix is not None
+        size = self.prefix.block_size
+        for s, row0 in zip(plan.scheduled, row_starts):
+            assert s.req.slot is not None
+            for block_id, pos in s.save_blocks:
+                first = row0 + pos - s.start_pos
+                features = aux[first : first + size] if aux is not None else None
+                self.prefix.save(s.req.slot, block_id, pos, features)
 
     def _verify(
         self, s: ScheduledRequest, logits: torch.Tensor, bitmask: np.ndarray | None

@@ -387,7 +387,7 @@ class Speculator:
         for s, hidden in zip(plan.scheduled, result.aux_hidden):
             if hidden is not None and hidden.shape[0] and not s.req.is_finished:
                 for proposer in readers:
-                    proposer.observe(s.req.req_id, s.start_pos, hidden)
+                    proposer.observe(s.req.req_id, s.first_feature_pos, hidden)
 
 
 def _learn_from_emitted(

@@ -58,6 +58,7 @@ class ChoiceState:
     finish_reason: str | None = None
     error: str | None = None
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # of the prompt, read from the engine's prefix cache
     num_output_tokens: int = 0
     spec: SpecStats | None = None
     hit_stop_string: bool = False
@@ -80,6 +81,7 @@ class ChoiceState:
         )
         if out.num_prompt_tokens:
             self.num_prompt_tokens = out.num_prompt_tokens
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         if out.spec is not None:
             self.spec = out.spec
         new_ids = out.new_token_ids
@@ -152,11 +154,22 @@ class ChoiceState:
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-def usage(choices: list[ChoiceState], prompt_counts: list[int]) -> dict[str, int]:
-    """OpenAI usage: each distinct prompt counted once, every choice's output counted."""
+def usage(choices: list[ChoiceState], prompt_counts: list[int]) -> dict[str, Any]:
+    """OpenAI usage: each distinct prompt counted once, every choice's output counted; and, as
+    OpenAI reports it, how many prompt tokens came from the prefix cache (per distinct prompt,
+    the fewest any of its choices read)."""
     prompt = sum(prompt_counts)
     completion = sum(c.num_output_tokens for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached: dict[tuple[int, ...], int] = {}
+    for c in choices:
+        key = tuple(c.prompt_ids)
+        cached[key] = min(cached.get(key, c.num_cached_tokens), c.num_cached_tokens)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(cached.values())},
+    }
 
 
 def spec_metrics(choices: list[ChoiceState]) -> dict[str, Any] | None:

@@ -93,7 +93,12 @@ class Metrics:
         self.running = gauge("dspark_num_requests_running", "Requests resident in the engine.")
         self.waiting = gauge("dspark_num_requests_waiting", "Requests queued for a slot.")
         self.kv_usage = gauge("dspark_kv_cache_usage_perc", "Fraction of KV slots in use (0-1).")
-        self.prompt_tokens = counter("dspark_prompt_tokens", "Prompt tokens prefilled.")
+        self.prompt_tokens = counter(
+            "dspark_prompt_tokens", "Prompt tokens (computed or read from the prefix cache)."
+        )
+        self.prefix_cache_hits = counter(
+            "dspark_prefix_cache_hits", "Prompt tokens read from the prefix cache, not computed."
+        )
         self.gen_tokens = counter("dspark_generation_tokens", "Tokens generated.")
         self.success = counter("dspark_request_success", "Finished engine requests.",
                                ["finished_reason"])
@@ -220,6 +225,7 @@ class RequestTimer:
                 m.ttft.labels(name).observe(now - self.arrival)
                 if out.num_prompt_tokens:
                     m.prompt_tokens.labels(name).inc(out.num_prompt_tokens)
+                    m.prefix_cache_hits.labels(name).inc(out.num_cached_tokens)
             else:
                 assert self.last_token is not None
                 m.itl.labels(name).observe(now - self.last_token)

@@ -105,6 +105,7 @@ def overview() -> Panel:
             "Token throughput",
             [
                 target(rate("dspark_prompt_tokens_total"), "prompt"),
+                target(rate("dspark_prefix_cache_hits_total"), "prompt, from the prefix cache"),
                 target(rate("dspark_generation_tokens_total"), "generation"),
             ],
             "short",

@@ -58,6 +58,10 @@ def test_chat_matches_transformers_greedy(real_server: Running, target: Any) -> 
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(expected_ids)
+    # The same prompt again: its whole 8-token blocks came from the prefix cache, all but the
+    # last token's, and the answer is still transformers' greedy one.
+    details = chunks[-1].usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens == (len(ids) - 1) // 8 * 8 > 0
 
 
 @pytest.mark.parametrize("prompt", ["Emoji party: 🎉🚀🔥", "東京は日本の首都です。大阪は"])

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from scheduler.build import drafter_names
 from scheduler.config import EngineConfig
 from scheduler.request import FinishReason, RequestOutput
-from server.choices import ChoiceState, _held_back
+from server.choices import ChoiceState, _held_back, usage
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.settings import ServerSettings, build_parser, parse_settings
@@ -96,6 +96,16 @@ def test_error_output_marks_choice_failed(tok: ChatTokenizer) -> None:
     choice = ChoiceState(0, "r", tok, [1])
     delta = choice.add(RequestOutput("r", [], FinishReason.ERROR, error="boom"))
     assert delta.error == "boom" and choice.finished
+
+
+def test_usage_reports_the_prompt_tokens_read_from_the_prefix_cache(tok: ChatTokenizer) -> None:
+    """OpenAI's `prompt_tokens_details.cached_tokens`: per distinct prompt, the fewest any of
+    its choices read (the prompt is counted once)."""
+    a0, a1, b = ChoiceState(0, "a0", tok, [1, 2, 3]), ChoiceState(1, "a1", tok, [1, 2, 3]), ChoiceState(2, "b", tok, [4, 5])
+    a0.num_cached_tokens, a1.num_cached_tokens, b.num_cached_tokens = 16, 8, 0
+    out = usage([a0, a1, b], [3, 2])
+    assert out["prompt_tokens"] == 5
+    assert out["prompt_tokens_details"] == {"cached_tokens": 8}
 
 
 def test_chat_request_rejects_unsupported_fields_by_name() -> None:

@@ -1,0 +1,200 @@
+"""Automatic prefix caching: the index (scheduler/prefix_cache.py) on its own, the batcher's
+admission with it, and on the real embedded model (float32) the greedy outputs of engines that
+reuse stored prompt blocks, with and without drafting, against an engine that computes every
+prompt token."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.batching import ContinuousBatcher
+from scheduler.plan import RequestResult, StepResult
+from scheduler.prefix_cache import PrefixIndex
+from scheduler.request import Request, SamplingParams
+
+B = 4  # block size in the index tests
+
+
+def stored(index: PrefixIndex, prompt: list[int]) -> list[tuple[int, int]]:
+    """Claim every whole block of `prompt` as one chunk would, and mark the step done."""
+    claimed = index.claim(prompt, 0, len(prompt))
+    index.mark_ready()
+    return claimed
+
+
+def test_a_prompt_matches_the_stored_blocks_it_starts_with():
+    index = PrefixIndex(num_blocks=8, block_size=B)
+    first = list(range(10))  # blocks [0..3] [4..7]; 8, 9 are no whole block
+    assert stored(index, first) == [(0, 0), (1, 4)]
+    assert index.match([0, 1, 2, 3, 4, 5, 6, 7, 50, 51]) == [0, 1]
+    assert index.match([0, 1, 2, 3, 4, 5, 6, 99, 50]) == [0]  # the second block differs
+    assert index.match([9, 1, 2, 3, 4, 5, 6, 7, 50]) == []  # a block is its whole prefix
+    # At least the last token is left to compute: its logits give the first output token.
+    assert index.match(list(range(8))) == [0]
+    assert index.match(list(range(9))) == [0, 1]
+
+
+def test_blocks_claimed_this_step_are_not_handed_out_before_the_step_ran():
+    index = PrefixIndex(num_blocks=8, block_size=B)
+    assert index.claim(list(range(9)), 0, 9) == [(0, 0), (1, 4)]
+    assert index.match(list(range(9))) == []  # a request admitted beside the one computing them
+    assert index.claim(list(range(9)), 0, 9) == []  # and it stores nothing a second time
+    index.mark_ready()
+    assert index.match(list(range(9))) == [0, 1]
+
+
+def test_a_chunk_claims_only_the_blocks_it_computes_whole():
+    index = PrefixIndex(num_blocks=8, block_size=B)
+    prompt = list(range(20))
+    assert index.claim(prompt, 0, 6) == [(0, 0)]  # block 1 (4..7) is not finished
+    # The next chunk starts at 6: block 1 began in the previous step, whose features are gone,
+    # so the chain stops there and nothing after it is stored.
+    assert index.claim(prompt, 6, 20) == []
+    index.mark_ready()
+    assert index.match(prompt) == [0]
+
+
+def test_the_least_recently_matched_prompt_goes_first():
+    index = PrefixIndex(num_blocks=2, block_size=B)
+    a, b = [1] * 4 + [0], [3] * 4 + [0]
+    stored(index, a)
+    stored(index, b)
+    assert index.match(a) == [0]  # a is now the more recent
+    assert stored(index, [4] * 4 + [0]) == [(1, 0)]  # b's block went
+    assert index.match(b) == []
+    assert index.match(a) == [0]
+
+
+def test_an_evicted_block_takes_the_blocks_stored_under_it():
+    index = PrefixIndex(num_blocks=2, block_size=B)
+    a = [1] * 4 + [2] * 4 + [0]
+    stored(index, a)  # block 0 (1111), block 1 (2222 under 0); block 0 the least recent
+    assert stored(index, [4] * 4 + [0]) == [(1, 0)]  # block 0 went, and block 1 with it
+    assert index.match(a) == []
+    assert index.num_used == 1
+    # Block 0's id now starts another prompt: a's second block must not match under it.
+    assert stored(index, [6] * 4 + [0]) == [(0, 0)]
+    assert index.match([6] * 4 + [2] * 4 + [0]) == [0]
+
+
+def test_blocks_claimed_this_step_are_never_evicted():
+    index = PrefixIndex(num_blocks=2, block_size=B)
+    assert index.claim(list(range(9)), 0, 9) == [(0, 0), (1, 4)]
+    # Full of blocks the step is about to write: another prompt stores nothing.
+    assert index.claim([7] * 9, 0, 9) == []
+
+
+def test_admission_starts_a_prompt_after_its_stored_blocks():
+    batcher = ContinuousBatcher(max_num_seqs=2, max_model_len=64, max_num_batched_tokens=64)
+    batcher.prefix = PrefixIndex(num_blocks=8, block_size=B)
+    params = SamplingParams(max_tokens=4)
+    batcher.add(Request("a", list(range(10)), params))
+    plan = batcher.schedule()
+    (s,) = plan.scheduled
+    assert (s.start_pos, s.num_new_tokens, s.prefix_block_ids) == (0, 10, [])
+    assert s.save_blocks == [(0, 0), (1, 4)]
+    batcher.update(plan, StepResult([RequestResult([42])]))
+    batcher.add(Request("b", [0, 1, 2, 3, 4, 5, 6, 7, 8, 20, 21], params))
+    plan = batcher.schedule()
+    s = next(s for s in plan.scheduled if s.req.req_id == "b")
+    assert (s.start_pos, s.num_new_tokens) == (8, 3)
+    assert (s.prefix_block_ids, s.num_prefix_tokens, s.first_feature_pos) == ([0, 1], 8, 0)
+    assert s.save_blocks == []  # positions 8..10: no whole block
+    batcher.update(plan, StepResult([RequestResult([5]), RequestResult([6])]))
+    out = batcher.update(batcher.schedule(), StepResult([RequestResult([5]), RequestResult([6])]))
+    assert {o.req_id: o.num_cached_tokens for o in out} == {"a": 0, "b": 8}
+
+
+# -- the real model ----------------------------------------------------------------------------
+
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def prompts(chat_prompts):
+    """Eight chat prompts: every one opens with the template's system turn (24 tokens)."""
+    return chat_prompts
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def serve(engine, prompts, params):
+    from tests.scheduler.test_spec_lossless import run_staggered
+
+    return run_staggered(engine, prompts, lambda i: params)[0]
+
+
+@pytest.fixture(scope="module")
+def uncached(target, prompts):
+    from tests.scheduler.test_engine_real import make_engine
+
+    engine = make_engine(target, num_slots=4, budget=48)
+    return serve(engine, prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+
+
+def with_prefix_cache(engine, num_blocks: int = 64, block_size: int = 8):
+    engine.runner.enable_prefix_cache(num_blocks, block_size)
+    engine.batcher.prefix = PrefixIndex(num_blocks, block_size)
+    return engine
+
+
+def test_greedy_output_with_the_prefix_cache_equals_computing_every_token(
+    target, prompts, uncached
+):
+    from tests.scheduler.test_engine_real import make_engine
+
+    engine = with_prefix_cache(make_engine(target, num_slots=4, budget=48))
+    cached_tokens: dict[str, int] = {}
+    engine_step = engine.step
+
+    def step():
+        stepped = engine_step()
+        for out in stepped[0] if stepped else []:
+            if out.finished:
+                cached_tokens[out.req_id] = out.num_cached_tokens
+        return stepped
+
+    engine.step = step
+    assert (
+        serve(engine, prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)) == uncached
+    )
+    # The first prompt computes the system turn; every later one reads the whole blocks it
+    # shares with an earlier prompt.
+    assert cached_tokens["r0"] == 0
+    for i, p in enumerate(prompts[1:], 1):
+        shared = max(common_prefix(p, q) for q in prompts[:i])
+        assert cached_tokens[f"r{i}"] == min(shared, len(p) - 1) // 8 * 8 >= 16, (i, cached_tokens)
+
+
+def test_the_composite_drafter_gets_every_positions_features_and_stays_lossless(
+    target, prompts, uncached
+):
+    """suffix+dspark with its gates: greedy output equal to the uncached engine without
+    drafting, and DSpark is handed the target's features of every prompt position, the
+    stored prefix's included, from position 0 on."""
+    from tests.scheduler.test_composite_lossless import composite_engine, run
+
+    engine = with_prefix_cache(composite_engine(target, "dspark"))
+    dspark = engine.speculator.drafters[1].proposer
+    seen: dict[str, list[tuple[int, int]]] = {}
+    observe = dspark.observe
+
+    def spy(req_id, start_pos, hidden):
+        seen.setdefault(req_id, []).append((start_pos, hidden.shape[0]))
+        observe(req_id, start_pos, hidden)
+
+    dspark.observe = spy
+    greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+    outputs, _ = run(engine, [Request(f"r{i}", p, greedy) for i, p in enumerate(prompts)])
+    assert [outputs[f"r{i}"] for i in range(len(prompts))] == uncached
+    for i, p in enumerate(prompts):
+        spans = seen[f"r{i}"]
+        assert spans[0][0] == 0
+        ends = [start + n for start, n in spans]
+        assert all(start == end for (start, _), end in zip(spans[1:], ends)), spans
+        assert ends[-1] >= len(p)
