@@ -66,19 +66,21 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--weights", default="auto", help="auto | gguf | dense (EngineConfig.weights)")
     ap.add_argument("--prefix-cache-tokens", type=int, default=EngineConfig.prefix_cache_tokens,
                     help="every configuration's prefix cache (0: off)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_target(device="cpu", dtype="auto", weights="auto")
+    loaded = load_target(device="cpu", dtype="auto", weights=args.weights)
+    print(f"target weights: {loaded.weights}", flush=True)
     specs = args.configs.split(",")
     engines = {}
     for spec in specs:  # speculative.py's engine settings, so the two agree
         drafter, policy, k = parse_config(spec, args.k)
         config = EngineConfig(speculative=drafter, verify_policy=policy, num_speculative_tokens=k,
                               max_num_seqs=16, max_model_len=1024, max_num_batched_tokens=512,
-                              dtype="auto", weights="auto",
+                              dtype="auto", weights=args.weights,
                               prefix_cache_tokens=args.prefix_cache_tokens)
         engines[spec] = assemble_engine(loaded, config)
         serve_one(engines[spec], "warm-up", [1, 2, 3, 4], SamplingParams(max_tokens=8))
@@ -115,6 +117,7 @@ def main() -> None:
               f"decode {point['decode_speedup']:.3f}x, first token {100 * point['ttft_share']:.0f} % "
               f"of latency, same outputs {point['same_outputs']}/{len(rs)}", flush=True)
     print(json.dumps({"prompts": args.prompts, "first": args.first, "requests": len(prompts),
+                      "weights": loaded.weights, "prefix_cache_tokens": args.prefix_cache_tokens,
                       "max_tokens": args.max_tokens, "results": report}))
 
 
