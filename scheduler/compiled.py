@@ -84,7 +84,8 @@ class CompiledStep:
         # differently (the down projection's 1,536 inputs: logits 0.125 apart), so a token
         # decoded alone and the same token verified among drafts got different bits and
         # greedy outputs parted. A one-row step of dense products runs with a second, inert
-        # row (two rows cost what one does); the int4 kernels compute each row alike.
+        # row (~10 % on the embedded model's dense one-row step); the int4 kernels compute
+        # each row alike, and a second row would cost them a whole row's products.
         self.pad_lone_row = isinstance(model.fused[0].down, FrozenLinear)
         # Without this, a dimension that is 1 in some step (one logits row, a cached span)
         # would get a graph of its own.
