@@ -31,21 +31,28 @@ def compiled_options(attention: str, kv_dtype: torch.dtype | None) -> StepOption
     return StepOptions(compile=True, kv_dtype=kv_dtype, native_attention=native)
 
 
-def tiny_int4_llama(
-    dtype: torch.dtype = torch.float32, dense_copies: bool = False
+def tiny_llama(
+    dtype: torch.dtype, hidden: int = 128, mlp: int = 256, heads: int = 4, kv_heads: int = 2
 ) -> LlamaForCausalLM:
+    """Two random layers, a 256-token vocabulary, seeded."""
     config = LlamaConfig(
         vocab_size=256,
-        hidden_size=128,
-        intermediate_size=256,
+        hidden_size=hidden,
+        intermediate_size=mlp,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=256,
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
+    return LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
+
+
+def tiny_int4_llama(
+    dtype: torch.dtype = torch.float32, dense_copies: bool = False
+) -> LlamaForCausalLM:
+    model = tiny_llama(dtype)
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
@@ -117,18 +124,7 @@ def tiny_dense_llama() -> LlamaForCausalLM:
     """bfloat16 dense weights (oneDNN's products) in the embedded model's widths: its down
     projection (1,536 inputs) is where oneDNN's one-row kernel rounds differently from its
     2-31-row one."""
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=2,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(torch.bfloat16).eval().requires_grad_(False)
+    return tiny_llama(torch.bfloat16, hidden=576, mlp=1536, heads=9, kv_heads=3)
 
 
 @pytest.mark.parametrize("attention", ATTENTION)
