@@ -59,6 +59,10 @@ class ContinuousBatcher:
         self.fault_hook: FaultHook | None = None  # test hook: raising fails that request only
         self.grammars: GrammarManager | None = None  # None: structured requests are refused
         self.prefix: PrefixIndex | None = None  # None: no prefix caching
+        # Requests that finished in the last update, with the blocks of their text (prompt and
+        # output) for the runner to store before their slots are reused: a conversation's
+        # next turn starts with all of it (take_finished_blocks).
+        self._finished_blocks: list[tuple[str, int, list[tuple[int, int]]]] = []
 
     # -- intake ---------------------------------------------------------------------------
     def add(self, req: Request) -> RequestOutput | None:
@@ -198,8 +202,6 @@ class ContinuousBatcher:
     def update(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         now = self.clock()
-        if self.prefix is not None:
-            self.prefix.mark_ready()  # the step stored the blocks its chunks claimed
         for s, r in zip(plan.scheduled, result.results, strict=True):
             req = s.req
             if req.is_finished:  # aborted while the step ran
@@ -249,8 +251,24 @@ class ContinuousBatcher:
             req.first_token_s = now
         logprobs = r.logprobs[: len(emitted)] if r.logprobs is not None else None
         if req.is_finished:
+            if self.prefix is not None and req.slot is not None:
+                claims = self.prefix.claim(req.all_token_ids, 0, req.num_computed_tokens)
+                self._finished_blocks.append((req.req_id, req.slot, claims))
             self._release(req)
         return self._output(req, emitted, logprobs)
+
+    def take_finished_blocks(self) -> list[tuple[str, int, list[tuple[int, int]]]]:
+        """(request id, its freed slot, (block id, first position) to store) for each request
+        the last update finished; the engine has the runner copy them out before the next
+        schedule hands the slots out again, then calls blocks_stored()."""
+        taken, self._finished_blocks = self._finished_blocks, []
+        return taken
+
+    def blocks_stored(self) -> None:
+        """The runner stored every block claimed since the last call (the step's prefill chunks
+        after its forward, finished requests' after update): match() may hand them out."""
+        if self.prefix is not None:
+            self.prefix.mark_ready()
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         # Before min_tokens the runner masks EOS and stop ids; a runner that cannot (the fake

@@ -60,6 +60,9 @@ class TorchModelRunner:
         self._seed_source = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
         self.prefix: PrefixStore | None = None  # set by enable_prefix_cache
+        # Per request, the target features of its committed positions in order, while the
+        # prefix store keeps features: a finished request's blocks are stored with theirs.
+        self._features: dict[str, list[torch.Tensor]] = {}
 
     def enable_prefix_cache(self, num_blocks: int, block_size: int) -> PrefixStore:
         """Store prompt blocks for the batcher's PrefixIndex of the same shape."""
@@ -69,6 +72,18 @@ class TorchModelRunner:
 
     def release(self, req_id: str) -> None:
         self._generators.pop(req_id, None)
+        self._features.pop(req_id, None)
+
+    def store_blocks(self, req_id: str, slot: int, blocks: list[tuple[int, int]]) -> None:
+        """Store a finished request's claimed blocks (ContinuousBatcher.take_finished_blocks)
+        from its slot, which no step has reused yet."""
+        assert self.prefix is not None
+        size = self.prefix.block_size
+        kept = self._features.get(req_id)
+        features = torch.cat(kept) if kept else None
+        for block_id, pos in blocks:
+            rows = features[pos : pos + size] if features is not None else None
+            self.prefix.save(slot, block_id, pos, rows)
 
     def _generator(self, s: ScheduledRequest) -> torch.Generator:
         g = self._generators.get(s.req.req_id)
@@ -127,7 +142,11 @@ class TorchModelRunner:
                 num_committed = s.num_new_tokens + result.num_accepted_drafts
                 hidden = aux[row0 : row0 + num_committed]
                 loaded = prefix_features.get(i)
-                aux_hidden.append(hidden if loaded is None else torch.cat([loaded, hidden]))
+                if loaded is not None:
+                    hidden = torch.cat([loaded, hidden])
+                aux_hidden.append(hidden)
+                if self.prefix is not None and self.prefix.features is not None:
+                    self._features.setdefault(s.req.req_id, []).append(hidden.clone())
         forward_time_s = time.perf_counter() - t0
         return StepResult(results, forward_time_s, aux_hidden if aux is not None else None)
 

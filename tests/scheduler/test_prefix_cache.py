@@ -5,6 +5,8 @@ prompt token."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from scheduler.batching import ContinuousBatcher
@@ -95,6 +97,13 @@ def test_admission_starts_a_prompt_after_its_stored_blocks():
     assert s.save_blocks == [(0, 0), (1, 4)]
     batcher.update(plan, StepResult([RequestResult([42])]))
     batcher.add(Request("b", [0, 1, 2, 3, 4, 5, 6, 7, 8, 20, 21], params))
+    assert batcher.schedule().scheduled[-1].prefix_block_ids == []  # not marked stored yet
+    batcher = ContinuousBatcher(max_num_seqs=2, max_model_len=64, max_num_batched_tokens=64)
+    batcher.prefix = PrefixIndex(num_blocks=8, block_size=B)
+    batcher.add(Request("a", list(range(10)), params))
+    batcher.update(batcher.schedule(), StepResult([RequestResult([42])]))
+    batcher.blocks_stored()
+    batcher.add(Request("b", [0, 1, 2, 3, 4, 5, 6, 7, 8, 20, 21], params))
     plan = batcher.schedule()
     s = next(s for s in plan.scheduled if s.req.req_id == "b")
     assert (s.start_pos, s.num_new_tokens) == (8, 3)
@@ -103,6 +112,24 @@ def test_admission_starts_a_prompt_after_its_stored_blocks():
     batcher.update(plan, StepResult([RequestResult([5]), RequestResult([6])]))
     out = batcher.update(batcher.schedule(), StepResult([RequestResult([5]), RequestResult([6])]))
     assert {o.req_id: o.num_cached_tokens for o in out} == {"a": 0, "b": 8}
+
+
+def test_a_finished_request_stores_the_blocks_of_its_prompt_and_answer():
+    """A conversation's next turn starts with the last turn's prompt and answer."""
+    batcher = ContinuousBatcher(max_num_seqs=1, max_model_len=64, max_num_batched_tokens=64)
+    batcher.prefix = PrefixIndex(num_blocks=8, block_size=B)
+    batcher.add(Request("a", list(range(6)), SamplingParams(max_tokens=4)))
+    plan = batcher.schedule()
+    assert plan.scheduled[0].save_blocks == [(0, 0)]  # positions 0..3 of the prompt
+    batcher.update(plan, StepResult([RequestResult([6, 7])]))
+    plan = batcher.schedule()  # positions 6, 7 computed; 8 and 9 emitted
+    batcher.update(plan, StepResult([RequestResult([8, 9], num_accepted_drafts=0)]))
+    # 0..5 prompt, 6..9 output; positions 0..7 have KV (9 is the anchor, never computed)
+    (finished,) = batcher.take_finished_blocks()
+    assert finished == ("a", 0, [(1, 4)])  # block 0 is stored already; block 1 is 4..7
+    assert batcher.take_finished_blocks() == []
+    batcher.blocks_stored()
+    assert batcher.prefix.match([*range(10), 50, 51]) == [0, 1]
 
 
 # -- the real model ----------------------------------------------------------------------------
@@ -198,3 +225,55 @@ def test_the_composite_drafter_gets_every_positions_features_and_stays_lossless(
         ends = [start + n for start, n in spans]
         assert all(start == end for (start, _), end in zip(spans[1:], ends)), spans
         assert ends[-1] >= len(p)
+
+
+def test_a_conversations_next_turn_reads_the_last_turns_prompt_and_answer(target, chat_prompts):
+    """Turn 2 of a conversation repeats turn 1's prompt and answer: with the composite drafter
+    (DSpark reads the target's features), it reads every whole block of them from the cache,
+    DSpark gets the features of every position, and the greedy answer is the one an engine
+    without the cache gives."""
+    from tests.scheduler.test_composite_lossless import composite_engine, run
+    from tests.scheduler.test_engine_real import make_engine
+
+    tok = target.tokenizer
+    follow_up = tok.encode(
+        "<|im_start|>user\nWhy is that?<|im_end|>\n<|im_start|>assistant\n",
+        add_special_tokens=False,
+    )
+    greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+
+    def conversation(engine):
+        first = run(engine, [Request("turn1", chat_prompts[0], greedy)])[0]["turn1"]
+        second = chat_prompts[0] + first + follow_up
+        finished: dict[str, int] = {}
+        engine_step = engine.step
+
+        def step():
+            stepped = engine_step()
+            for out in stepped[0] if stepped else []:
+                if out.finished:
+                    finished[out.req_id] = out.num_cached_tokens
+            return stepped
+
+        engine.step = step
+        answer = run(engine, [Request("turn2", second, greedy)])[0]["turn2"]
+        return first, answer, finished.get("turn2", 0)
+
+    reference = conversation(make_engine(target, num_slots=4, budget=48))
+    engine = with_prefix_cache(composite_engine(target, "dspark"))
+    dspark = engine.speculator.drafters[1].proposer
+    seen: list[tuple[int, int]] = []
+    observe = dspark.observe
+
+    def spy(req_id, start_pos, hidden):
+        if req_id == "turn2":
+            seen.append((start_pos, hidden.shape[0]))
+        observe(req_id, start_pos, hidden)
+
+    dspark.observe = spy
+    first, answer, cached = conversation(engine)
+    assert (first, answer) == reference[:2]
+    # Turn 1's last token was emitted, never computed: the blocks end before it.
+    assert cached == (len(chat_prompts[0]) + len(first) - 1) // 8 * 8
+    assert seen[0] == (0, seen[0][1]) and seen[0][1] > cached
+    assert all(start == s + n for (s, n), (start, _) in itertools.pairwise(seen)), seen
