@@ -65,9 +65,9 @@ class EngineConfig:
     )
     prefix_cache_tokens: int = _option(
         4096,
-        "prompt tokens whose KV is kept for later requests that start the same way (automatic "
-        "prefix caching: the chat template's system turn, shared instructions, earlier turns "
-        "of a conversation), in blocks, least recently used out first; 0 turns it off",
+        "tokens whose KV is kept for later requests that start the same way (automatic "
+        "prefix caching: the chat template's system turn, shared instructions, a conversation's "
+        "earlier prompts and answers), in blocks, least recently used out first; 0 turns it off",
     )
     speculative: str = _option(
         "auto",

@@ -1,4 +1,4 @@
-"""Automatic prefix caching, the index: which prompt blocks have their KV stored, and where.
+"""Automatic prefix caching, the index: which token blocks have their KV stored, and where.
 
 Pure Python (no torch); the stored tensors live in scheduler/prefix_store.py. A prompt is cut
 into blocks of `block_size` tokens; a block is stored under (its parent block's id, its tokens),
@@ -8,8 +8,9 @@ earlier turn of the same conversation) skip computing it: admission copies the s
 into the request's KV slot and starts the prompt's first chunk after them.
 
 Life of a block:
-    claim()     the batcher plans a prefill chunk that computes the block: it gets an id, and
-                the runner copies its KV (and draft features) out of the slot after the step;
+    claim()     the batcher plans a prefill chunk that computes the block, or a request that
+                ends with it (prompt and answer, for the conversation's next turn): it gets an
+                id, and the runner copies its KV (and draft features) out of the slot;
     mark_ready  after that step: match() may now hand it out (never earlier: a request
                 admitted in the same step as the one computing the block must not read it);
     match()     an admitted prompt starts with the block: the runner copies it into the slot;
