@@ -164,6 +164,22 @@ def uncached(target, prompts):
     return serve(engine, prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
 
 
+def record_cached_tokens(engine) -> dict[str, int]:
+    """Per finished request, the prompt tokens it read from the cache (filled as it steps)."""
+    cached: dict[str, int] = {}
+    engine_step = engine.step
+
+    def step():
+        stepped = engine_step()
+        for out in stepped[0] if stepped else []:
+            if out.finished:
+                cached[out.req_id] = out.num_cached_tokens
+        return stepped
+
+    engine.step = step
+    return cached
+
+
 def with_prefix_cache(engine, num_blocks: int = 64, block_size: int = 8):
     engine.runner.enable_prefix_cache(num_blocks, block_size)
     engine.batcher.prefix = PrefixIndex(num_blocks, block_size)
@@ -176,17 +192,7 @@ def test_greedy_output_with_the_prefix_cache_equals_computing_every_token(
     from tests.scheduler.test_engine_real import make_engine
 
     engine = with_prefix_cache(make_engine(target, num_slots=4, budget=48))
-    cached_tokens: dict[str, int] = {}
-    engine_step = engine.step
-
-    def step():
-        stepped = engine_step()
-        for out in stepped[0] if stepped else []:
-            if out.finished:
-                cached_tokens[out.req_id] = out.num_cached_tokens
-        return stepped
-
-    engine.step = step
+    cached_tokens = record_cached_tokens(engine)
     assert (
         serve(engine, prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)) == uncached
     )
@@ -245,17 +251,7 @@ def test_a_conversations_next_turn_reads_the_last_turns_prompt_and_answer(target
     def conversation(engine):
         first = run(engine, [Request("turn1", chat_prompts[0], greedy)])[0]["turn1"]
         second = chat_prompts[0] + first + follow_up
-        finished: dict[str, int] = {}
-        engine_step = engine.step
-
-        def step():
-            stepped = engine_step()
-            for out in stepped[0] if stepped else []:
-                if out.finished:
-                    finished[out.req_id] = out.num_cached_tokens
-            return stepped
-
-        engine.step = step
+        finished = record_cached_tokens(engine)
         answer = run(engine, [Request("turn2", second, greedy)])[0]["turn2"]
         return first, answer, finished.get("turn2", 0)
 
