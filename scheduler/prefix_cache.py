@@ -125,23 +125,18 @@ class PrefixIndex:
         return out
 
     def _evict_one(self) -> bool:
-        """Drop the least recently used ready block and its descendants; False if none can go.
-        A block with a pending descendant stays: that descendant's id is written this step."""
-        victim = next(
-            (i for i, blk in self._blocks.items()
-             if blk.ready and all(self._blocks[d].ready for d in self._subtree(i))),
-            None,
-        )
-        if victim is None:
+        """Drop the least recently used block whose subtree is all ready, with that subtree;
+        False if none can go. A pending descendant pins it: that id is written this step."""
+        for block_id in self._blocks:  # least recently used first
+            subtree = self._subtree(block_id)
+            if all(self._blocks[d].ready for d in subtree):
+                break
+        else:
             return False
-        stack = [victim]
-        while stack:
-            block_id = stack.pop()
-            blk = self._blocks.pop(block_id)
-            del self._by_key[blk.key]
-            parent = blk.key[0]
-            if parent in self._blocks:
-                self._blocks[parent].children.discard(block_id)
-            stack.extend(blk.children)
-            self._free.append(block_id)
+        parent = self._blocks[block_id].key[0]
+        if parent in self._blocks:
+            self._blocks[parent].children.discard(block_id)
+        for d in subtree:
+            del self._by_key[self._blocks.pop(d).key]
+            self._free.append(d)
         return True

@@ -75,8 +75,9 @@ class TorchModelRunner:
         self._features.pop(req_id, None)
 
     def store_blocks(self, req_id: str, slot: int, blocks: list[tuple[int, int]]) -> None:
-        """Store a finished request's claimed blocks (ContinuousBatcher.take_finished_blocks)
-        from its slot, which no step has reused yet."""
+        """Store a request's claimed blocks from its slot, with the features kept for it: those
+        a prefill chunk completed (`save_blocks`), or a finished request's
+        (ContinuousBatcher.take_finished_blocks) before any step reuses the slot."""
         assert self.prefix is not None
         size = self.prefix.block_size
         kept = self._features.get(req_id)
@@ -120,8 +121,6 @@ class TorchModelRunner:
             row += len(ids)
         batch = build_packed_batch(queries, logits_rows, self.device)
         logits, aux = self.model.forward(batch, self.aux_layer_ids)
-        if self.prefix is not None:
-            self._save_blocks(plan, row_starts, aux)
 
         results: list[RequestResult] = []
         aux_hidden: list[torch.Tensor | None] = []
@@ -147,21 +146,12 @@ class TorchModelRunner:
                 aux_hidden.append(hidden)
                 if self.prefix is not None and self.prefix.features is not None:
                     self._features.setdefault(s.req.req_id, []).append(hidden.clone())
+        for s in plan.scheduled:  # the prompt blocks this step's chunks completed
+            if s.save_blocks:
+                assert s.req.slot is not None
+                self.store_blocks(s.req.req_id, s.req.slot, s.save_blocks)
         forward_time_s = time.perf_counter() - t0
         return StepResult(results, forward_time_s, aux_hidden if aux is not None else None)
-
-    def _save_blocks(
-        self, plan: StepPlan, row_starts: list[int], aux: torch.Tensor | None
-    ) -> None:
-        """Store the prompt blocks this step's chunks completed (PrefixIndex.claim)."""
-        assert self.prefix is not None
-        size = self.prefix.block_size
-        for s, row0 in zip(plan.scheduled, row_starts):
-            assert s.req.slot is not None
-            for block_id, pos in s.save_blocks:
-                first = row0 + pos - s.start_pos
-                features = aux[first : first + size] if aux is not None else None
-                self.prefix.save(s.req.slot, block_id, pos, features)
 
     def _verify(
         self, s: ScheduledRequest, logits: torch.Tensor, bitmask: np.ndarray | None
