@@ -109,7 +109,8 @@ def assemble_engine(loaded: LoadedModel, config: EngineConfig) -> LLMEngine:
         step_options=step_options(config, loaded.hf_model),
     )
     if speculator is not None and runner.model.compiled is not None:
-        speculator.own_pass_above = runner.model.compiled.max_query  # prompt chunks run eager
+        # Prompt chunks run as a pass of their own.
+        speculator.own_pass_above = runner.model.compiled.max_query
     model = ServedModel(loaded.name, loaded.tokenizer, _eos_ids(loaded.hf_model, loaded.tokenizer))
     batcher = _batcher(config)
     num_blocks = config.prefix_cache_tokens // PREFIX_BLOCK_SIZE
@@ -181,8 +182,9 @@ def _native_attention(config: EngineConfig, cfg: Any, cache_dir: Path, on_cpu: b
 
 def warm_up_compiled(model: TargetModel, aux_layer_ids: tuple[int, ...]) -> None:
     """Compile the step's graph (or load it from the disk cache): one serves every shape. Then
-    one prompt chunk (eager), which lays out the dense copies its products read (quant.py's
-    `_prompt_product`) before the first request waits for it."""
+    one prompt chunk, which compiles the prompt graph (or, without one, lays out the dense
+    copies the eager chunk's products read, quant.py's `_prompt_product`) before the first
+    request waits for it."""
     from scheduler.compiled import SPAN_QUANTUM
     from scheduler.model import build_packed_batch
 
@@ -191,7 +193,9 @@ def warm_up_compiled(model: TargetModel, aux_layer_ids: tuple[int, ...]) -> None
     model.forward(build_packed_batch([(0, context, [0])], [0], model.device), aux_layer_ids)
     assert model.compiled is not None
     chunk = min(model.compiled.max_query + 1, model.k_cache.shape[3])
-    model.forward(build_packed_batch([(0, 0, [0] * chunk)], [chunk - 1], model.device))
+    model.forward(
+        build_packed_batch([(0, 0, [0] * chunk)], [chunk - 1], model.device), aux_layer_ids
+    )
     log.info("compiled step ready in %.1f s", time.perf_counter() - t)
 
 

@@ -4,7 +4,9 @@ Eager, a batch-1 step of the embedded model is ~1,000 small ops: norms, RoPE, ca
 and attention, each paying PyTorch's dispatch. Here every step whose requests bring at most
 SMALL_QUERY_MAX tokens (decode, draft verification, the tail of a prompt) runs as one graph
 from token ids to logits: inductor fuses the elementwise work into a few C++ loops around the
-weight products, which stay the same kernels (the int4 kernel, or the dense linear).
+weight products, which stay the same kernels (the int4 kernel, or the dense linear). Longer
+prompt chunks run as a second graph of the same code over the products prompts multiply (an
+int4 layer's dense copy), where the C++ attention serves; else eager.
 
 The KV cache is read, never written, inside the graph (a graph that mutates its input has to
 copy it): each position's key is taken from the cache below a request's start and from the
@@ -40,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from scheduler.linear import FrozenLinear
+from scheduler.linear import FrozenLinear, LayerProjections
 
 if TYPE_CHECKING:
     from scheduler.model import PackedBatch, TargetModel
@@ -98,19 +100,21 @@ class CompiledStep:
         # reads. The model is frozen while it serves, so its thousand-odd guards (~1 ms a step)
         # are dropped; in exchange each model gets a code object of its own, so that two
         # models (a test's eager twin, a benchmark's other format) never share a graph.
-        code = CompiledStep._step.__code__.replace(co_name=f"compiled_step_{next(_instances)}")
-        step = types.FunctionType(code, CompiledStep._step.__globals__)
-        self._graph = torch.compile(
-            types.MethodType(step, self),
-            fullgraph=True,
-            options={
-                # Hundreds of input size/stride checks a step (~0.5 ms); the inputs are ours.
-                "size_asserts": False,
-                # Kernels launched from generated C++ rather than Python: ~0.6 ms less a step.
-                "cpp_wrapper": True,
-                "guard_filter_fn": _skip_guards_on_the_model,
-            },
-        )
+        instance = next(_instances)
+        self._graph = _compile(self, CompiledStep._step, f"compiled_step_{instance}")
+        # Prompt chunks (more than max_query tokens) run as a second graph of the same rule
+        # over the products prompt chunks multiply (an int4 layer's dense copy): fused, a
+        # 125-token prompt's prefill took ~20 % less time than eager (docs/benchmarks.md).
+        # Only with the C++ attention: inductor's loops over every (row, position) pair are
+        # no match for SDPA on a chunk of hundreds of rows.
+        self.prompt_graph = None
+        if model.native_attention:
+            from scheduler.quant import prompt_chunk_layer
+
+            self.prompt_layers = [prompt_chunk_layer(layer) for layer in model.fused]
+            self.prompt_graph = _compile(
+                self, CompiledStep._prompt_step, f"compiled_prompt_step_{instance}"
+            )
 
     def accepts(self, batch: PackedBatch) -> bool:
         """Whether every request of the step runs in the graph."""
@@ -128,8 +132,11 @@ class CompiledStep:
     def _prompt_chunks(
         self, batch: PackedBatch, aux_layer_ids: tuple[int, ...]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Long queries (prompt chunks) eager, int4 linears through their dense copies where
-        they keep one: dequantising once per four rows costs more than reading bf16."""
+        """Long queries (prompt chunks) through the prompt graph, or eager without one; int4
+        linears through their dense copies where they keep one either way: dequantising once
+        per four rows costs more than reading bf16."""
+        if self.prompt_graph is not None:
+            return self._run(batch, aux_layer_ids, self.prompt_graph)
         from scheduler.quant import prompt_chunk_products
 
         with prompt_chunk_products():
@@ -138,8 +145,8 @@ class CompiledStep:
     def _split(
         self, batch: PackedBatch, aux_layer_ids: tuple[int, ...]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prefill chunks eager, the step's short queries through the graph. A decode next to
-        a prefill chunk then runs the kernels it runs in any other step: the same numbers, so
+        """Prefill chunks through `_prompt_chunks`, the step's short queries through the step's
+        graph. A decode next to a prefill chunk then runs the kernels it runs in any other step: the same numbers, so
         greedy output does not depend on what else was scheduled."""
         ids = batch.input_ids.tolist()
         wanted = set(batch.logits_rows.tolist())
@@ -169,12 +176,12 @@ class CompiledStep:
         return logits, aux
 
     def _run(
-        self, batch: PackedBatch, aux_layer_ids: tuple[int, ...]
+        self, batch: PackedBatch, aux_layer_ids: tuple[int, ...], graph: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         m = self.model
         rows = batch.input_ids.shape[0]
         pad = self.pad_lone_row and rows == 1
-        logits, new_k, new_v, aux = self._graph(
+        logits, new_k, new_v, aux = (graph or self._graph)(
             *_graph_inputs(batch, m.k_cache.shape[3], pad), aux_layer_ids
         )
         # new_k: [rows, layers, KV, D] in the packed rows' order -> one write per cache.
@@ -187,6 +194,25 @@ class CompiledStep:
         rows: torch.Tensor,  # [N, 5] int64 per packed row (see _graph_inputs)
         span: torch.Tensor,  # [L] positions attended (only its length is read)
         head_rows: torch.Tensor,  # [M] rows that need logits
+        aux_layer_ids: tuple[int, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self._forward(self.model.fused, rows, span, head_rows, aux_layer_ids)
+
+    def _prompt_step(
+        self,
+        rows: torch.Tensor,
+        span: torch.Tensor,
+        head_rows: torch.Tensor,
+        aux_layer_ids: tuple[int, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self._forward(self.prompt_layers, rows, span, head_rows, aux_layer_ids)
+
+    def _forward(
+        self,
+        products: list[LayerProjections],
+        rows: torch.Tensor,
+        span: torch.Tensor,
+        head_rows: torch.Tensor,
         aux_layer_ids: tuple[int, ...],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         m = self.model
@@ -203,7 +229,7 @@ class CompiledStep:
         # it would get decoded alone.
         attend = _native_attention(m, rows) if m.native_attention else _looped_attention(m, rows, L)
         new_k, new_v, aux = [], [], []
-        for i, (layer, fused) in enumerate(zip(m.layers, m.fused)):
+        for i, (layer, fused) in enumerate(zip(m.layers, products)):
             q, k, v = m.project_qkv(layer, fused, layer.input_layernorm(h), cos, sin)
             qg = _stored(q.view(N, KV, G, D) * m.scale)
             # The step's own keys as the cache will hold them (rounded to its dtype), so a key
@@ -268,6 +294,23 @@ def _looped_attention(m: TargetModel, rows: torch.Tensor, L: int) -> Attend:
 
 
 _instances = itertools.count()
+
+
+def _compile(owner: CompiledStep, method: Callable[..., Any], name: str) -> Any:
+    """`method` bound to `owner` and compiled under a code object of its own (see __init__)."""
+    code = method.__code__.replace(co_name=name)
+    bound = types.MethodType(types.FunctionType(code, method.__globals__), owner)
+    return torch.compile(
+        bound,
+        fullgraph=True,
+        options={
+            # Hundreds of input size/stride checks a step (~0.5 ms); the inputs are ours.
+            "size_asserts": False,
+            # Kernels launched from generated C++ rather than Python: ~0.6 ms less a step.
+            "cpp_wrapper": True,
+            "guard_filter_fn": _skip_guards_on_the_model,
+        },
+    )
 
 
 def _stored(x: torch.Tensor) -> torch.Tensor:

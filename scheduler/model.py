@@ -18,7 +18,8 @@ to its longest, with the cut chosen at least cost (_group_by_query_length; figur
 Long prefill chunks are attended one by one against their own cache row. Projections and the
 MLP run on the packed tokens, and the LM head only on the rows that need logits. With
 `StepOptions.compile`, short-query requests run as one compiled graph instead
-(scheduler/compiled.py), and only prefill chunks take the eager path.
+(scheduler/compiled.py), and prefill chunks a second graph of the same rule, or, where attention
+has no C++ kernel, the eager path.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ class TargetModel:
         self, batch: PackedBatch, aux_layer_ids: tuple[int, ...] = ()
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (logits [N, vocab] float32 at batch.logits_rows, aux [T, m*hidden] or None)."""
-        if self.compiled is not None:  # it hands long prefill chunks back to forward_eager
+        if self.compiled is not None:  # it runs prefill chunks too (eager or its own graph)
             return self.compiled(batch, aux_layer_ids)
         return self.forward_eager(batch, aux_layer_ids)
 

@@ -26,6 +26,7 @@ scheduler/kernels/q4_linear.cpp instead: activations rounded to two int8 digits 
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Iterator
@@ -43,7 +44,7 @@ from scheduler.gguf_blocks import (
     QuantTensor,
     read_gguf_linears,
 )
-from scheduler.linear import FrozenLinear, shared_frozen_linear
+from scheduler.linear import FrozenLinear, LayerProjections, shared_frozen_linear
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,19 @@ def prompt_chunk_products() -> Iterator[None]:
         yield
     finally:
         _in_prompt_chunk.on = before
+
+
+def prompt_chunk_layer(layer: LayerProjections) -> LayerProjections:
+    """A layer's products as prompt chunks multiply them, for the compiled prompt graph
+    (scheduler/compiled.py), where `prompt_chunk_products` cannot switch them: each
+    `Int4Linear` that keeps a dense copy replaced by that copy, every other product as it is."""
+    chunk = copy.copy(layer)
+    for name in ("qkv", "o", "gate_up", "down"):
+        product = getattr(layer, name)
+        dense = product._prompt_product() if isinstance(product, Int4Linear) else None
+        if dense is not None:
+            setattr(chunk, name, dense)
+    return chunk
 
 
 def has_int4_kernel() -> bool:

@@ -124,7 +124,7 @@ class Speculator:
         """One proposer (with its estimator and gate), or several Drafters: a composite.
 
         own_pass_above: queries longer than this many tokens run through a forward of their
-        own (the compiled CPU step sends prompt chunks down its eager path), so the drafts
+        own (the compiled CPU step runs prompt chunks as a pass of their own), so the drafts
         share their weight products only with the step's other tokens, and verifying them is
         priced against those (see `_tokens_beside_drafts`). None: every token shares one pass.
         """

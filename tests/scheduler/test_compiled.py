@@ -17,7 +17,7 @@ from scheduler.compiled import enable_disk_cache
 from scheduler.gguf_blocks import GROUP, quantize_q4_1
 from scheduler.loader import default_cache_dir
 from scheduler.model import StepOptions, TargetModel, build_packed_batch
-from scheduler.quant import Int4Linear
+from scheduler.quant import Int4Linear, prompt_chunk_products
 
 AUX = (0, 1)
 # The compiled step's two attention paths: inductor's loops and the C++ kernel.
@@ -118,6 +118,38 @@ def test_compiled_step_equals_the_eager_step(kv_dtype, attention):
                         atol=atol,
                     )
     assert taken == [False, True, True, True, True, False]
+
+
+def test_prompt_chunks_run_as_a_graph_over_the_dense_copies():
+    """With the C++ attention, prompt chunks (a first one, and one over cached positions) run
+    as the prompt graph over the int4 layers' dense copies, never the eager path, and get the
+    eager chunk's logits, features and cache."""
+    enable_disk_cache(default_cache_dir())
+    hf = tiny_int4_llama(dense_copies=True)
+    eager = TargetModel(hf, num_slots=2, max_model_len=128)
+    compiled = TargetModel(
+        hf, num_slots=2, max_model_len=128, options=compiled_options("native", None)
+    )
+
+    def no_eager(*args: object) -> None:
+        raise AssertionError("a prompt chunk took the eager path")
+
+    compiled.forward_eager = no_eager  # type: ignore[method-assign]
+    gen = torch.Generator().manual_seed(3)
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        for start, n in ((0, 40), (40, 25)):
+            ids = torch.randint(0, 256, (n,), generator=gen).tolist()
+            batch = build_packed_batch([(1, start, ids)], list(range(0, n, 3)), cpu)
+            with prompt_chunk_products():
+                want_logits, want_aux = eager.forward(batch, AUX)
+            got_logits, got_aux = compiled.forward(batch, AUX)
+            torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-4)
+            torch.testing.assert_close(got_aux, want_aux, rtol=0, atol=1e-4)
+            for got, want in ((compiled.k_cache, eager.k_cache), (compiled.v_cache, eager.v_cache)):
+                torch.testing.assert_close(
+                    got[:, 1, :, : start + n], want[:, 1, :, : start + n], rtol=0, atol=1e-4
+                )
 
 
 def tiny_dense_llama() -> LlamaForCausalLM:
