@@ -289,7 +289,3 @@ def target_parts(target: Any, act_dtype: torch.dtype | None = None) -> FrozenTar
         target.get_input_embeddings(), target.get_output_embeddings(), act_dtype
     )
 
-
-def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One sample per row of probs [N, V] -> [N]."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

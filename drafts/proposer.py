@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from drafts.checkpoint import draft_config, load_draft
-from drafts.common import DraftConfig, FrozenTargetParts, sample_from, target_parts
+from drafts.common import DraftConfig, FrozenTargetParts, target_parts
 from drafts.dspark import DSparkModel
 from drafts.eagle3 import Eagle3Model
 from drafts.fused_backbone import FusedBackbone
@@ -23,7 +23,7 @@ from drafts.registry import get, resolve
 from drafts.vocab import DraftHead
 from scheduler.drafter import DraftProposal, DraftRequest, Proposer
 from scheduler.linear import frozen_copy
-from scheduler.sampling import process_logits
+from scheduler.sampling import process_logits, sample_rows
 
 
 @dataclass
@@ -118,7 +118,7 @@ class _FeatureProposer:
         probs = process_logits(logits[None], p)  # the filters the target's sampler applies
         if st.generator is None and p.seed is not None:
             st.generator = torch.Generator(device=logits.device).manual_seed(p.seed)
-        return int(sample_from(probs, st.generator)), probs[0]
+        return int(sample_rows(probs, st.generator)), probs[0]
 
     @torch.no_grad()
     def propose(self, requests: Sequence[DraftRequest]) -> DraftProposal:

@@ -172,14 +172,31 @@ def rejection_sample(
     if draft_probs is not None and draft_probs.shape[0] > k:  # the cut draft counts as rejected
         residual = (probs[k] - draft_probs[k]).clamp_min(0.0)
         return k, [*draft_ids, _sample_residual(residual, probs[k], generator)]
-    bonus = int(torch.multinomial(probs[k], 1, generator=generator))
+    bonus = int(sample_rows(probs[k], generator))
     return k, [*draft_ids, bonus]
 
 
 def _sample_residual(residual: torch.Tensor, p: torch.Tensor, generator: torch.Generator) -> int:
     if float(residual.sum()) <= 1e-12:  # p == q up to rounding: the residual is p itself
         residual = p
-    return int(torch.multinomial(residual, 1, generator=generator))
+    return int(sample_rows(residual, generator))
+
+
+def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of `probs` [..., V] (non-negative weights, each row's sum positive,
+    not necessarily 1) -> [...] token ids.
+
+    The inverse of each row's cumulative sum (float64) at one uniform draw per row: token i
+    for u in [c_{i-1}, c_i), so a token of weight 0 is never drawn. The law of
+    torch.multinomial, which on CPU took 1.29 ms for one draw from 49,152 tokens against
+    95 us here (2 threads), ~15 % of a decode step at temperature 1."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    total = cdf[..., -1:]
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device)
+    drawn = torch.searchsorted(cdf, u * total, right=True)
+    # u * total can round up to the total: the last token of positive weight, not past it.
+    last = torch.searchsorted(cdf, total)
+    return torch.minimum(drawn, last).squeeze(-1)
 
 
 def argmax_ids(rows: torch.Tensor) -> list[int]:

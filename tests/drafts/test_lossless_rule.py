@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from drafts.common import sample_from
 from scheduler.request import SamplingParams
-from scheduler.sampling import verify_draft
+from scheduler.sampling import sample_rows, verify_draft
 
 
 def test_rejection_sampling_output_follows_target() -> None:
@@ -21,7 +20,7 @@ def test_rejection_sampling_output_follows_target() -> None:
     counts = torch.zeros(v)
     n = 20000
     for _ in range(n):
-        d = int(sample_from(q[None], gen))
+        d = int(sample_rows(q[None], gen))
         _, tokens = verify_draft(target_logits, params, [], {}, [d], q[None], gen)
         counts[tokens[0]] += 1
     emp = counts / n
