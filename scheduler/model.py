@@ -25,6 +25,7 @@ has no C++ kernel, the eager path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -93,10 +94,32 @@ class PackedBatch:
     positions: torch.Tensor  # [T] int64
     slot_ids: torch.Tensor  # [T] int64
     logits_rows: torch.Tensor  # [N] rows whose logits are needed
-    small: list[SmallGroup]
-    long: list[LongQuery]
     # Every request's (slot, start position, number of tokens, first row), in packed order.
     requests: list[_Span]
+
+    @cached_property
+    def _attention_layout(self) -> tuple[list[SmallGroup], list[LongQuery]]:
+        """The eager step's attention groups, made at its first read: the compiled step never
+        reads them, and building them took ~0.1 ms a step."""
+        device = self.input_ids.device
+        short = [r for r in self.requests if r[2] <= SMALL_QUERY_MAX]
+        long = []
+        for slot, start, n, row0 in self.requests:
+            if n > SMALL_QUERY_MAX:
+                q_pos = torch.arange(start, start + n)[:, None]
+                mask = torch.arange(start + n)[None, :] <= q_pos
+                long.append(LongQuery(row0, n, slot, start, mask.to(device)))
+        groups = _group_by_query_length(short)
+        whole_step = not long and len(groups) == 1
+        return [_small_group(spans, device, whole_step) for spans in groups], long
+
+    @property
+    def small(self) -> list[SmallGroup]:
+        return self._attention_layout[0]
+
+    @property
+    def long(self) -> list[LongQuery]:
+        return self._attention_layout[1]
 
 
 def attention_shape(cfg: Any) -> tuple[int, int, int]:
@@ -377,8 +400,6 @@ def build_packed_batch(
     input_ids: list[int] = []
     positions: list[int] = []
     slot_ids: list[int] = []
-    short: list[_Span] = []
-    long: list[LongQuery] = []
     requests: list[_Span] = []
     for slot, start, ids in queries:
         row0, n = len(input_ids), len(ids)
@@ -386,16 +407,6 @@ def build_packed_batch(
         positions.extend(range(start, start + n))
         slot_ids.extend([slot] * n)
         requests.append((slot, start, n, row0))
-        if n <= SMALL_QUERY_MAX:
-            short.append((slot, start, n, row0))
-        else:
-            q_pos = torch.arange(start, start + n)[:, None]
-            mask = torch.arange(start + n)[None, :] <= q_pos
-            long.append(LongQuery(row0, n, slot, start, mask.to(device)))
-    groups = _group_by_query_length(short)
-    small = [
-        _small_group(spans, device, whole_step=not long and len(groups) == 1) for spans in groups
-    ]
 
     def longs(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
@@ -405,7 +416,5 @@ def build_packed_batch(
         positions=longs(positions),
         slot_ids=longs(slot_ids),
         logits_rows=longs(logits_rows),
-        small=small,
-        long=long,
         requests=requests,
     )
