@@ -146,8 +146,8 @@ class CompiledStep:
         self, batch: PackedBatch, aux_layer_ids: tuple[int, ...]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prefill chunks through `_prompt_chunks`, the step's short queries through the step's
-        graph. A decode next to a prefill chunk then runs the kernels it runs in any other step: the same numbers, so
-        greedy output does not depend on what else was scheduled."""
+        graph. A decode next to a prefill chunk then runs the kernels it runs in any other
+        step: the same numbers, so greedy output does not depend on what else was scheduled."""
         ids = batch.input_ids.tolist()
         wanted = set(batch.logits_rows.tolist())
         parts: list[tuple[list[tuple[int, int, list[int]]], list[int], list[int]]] = [

@@ -103,7 +103,7 @@ class PackedBatch:
         reads them, and building them took ~0.1 ms a step."""
         device = self.input_ids.device
         short = [r for r in self.requests if r[2] <= SMALL_QUERY_MAX]
-        long = []
+        long: list[LongQuery] = []
         for slot, start, n, row0 in self.requests:
             if n > SMALL_QUERY_MAX:
                 q_pos = torch.arange(start, start + n)[:, None]
