@@ -88,14 +88,21 @@ def _build(cache_dir: Path) -> None:
     name = f"dspark_kernels_{fingerprint}"
     build_dir = cache_dir / "kernels" / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name=name,
-        sources=[str(s) for s in SOURCES],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-    )
+    # torch's builder guards the folder with a `lock` file, which a build killed halfway
+    # leaves behind: every later start then waited on it for good. A file lock of our own is
+    # released with its process, so whoever holds it may clear torch's.
+    from filelock import FileLock  # a dependency of huggingface_hub, so always installed
+
+    with FileLock(build_dir.with_name(name + ".lock")):
+        (build_dir / "lock").unlink(missing_ok=True)
+        cpp_extension.load(
+            name=name,
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+        )
 
 
 def _register_fakes() -> None:

@@ -6,6 +6,10 @@ here rather than passing silently on inductor's loops."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -117,3 +121,19 @@ def test_the_served_step_attends_natively_where_the_kernel_builds(monkeypatch):
         step_options(EngineConfig(attention="native"), hf)
     with pytest.raises(ValueError, match="attention must be one of"):
         EngineConfig(attention="flash")
+
+
+def test_a_build_killed_halfway_does_not_hang_the_next_start(row_attention):
+    """torch's extension builder guards its folder with a `lock` file and leaves it behind when
+    the build is killed; a later start then waited on it for good (a CI run hung so after its
+    predecessor was killed). A fresh process with such a file in place loads the kernels."""
+    kernel_dirs = [p for p in (default_cache_dir() / "kernels").iterdir() if p.is_dir()]
+    assert kernel_dirs
+    for d in kernel_dirs:
+        (d / "lock").touch()
+    load = (
+        "import sys; from scheduler import kernels; from scheduler.loader import "
+        "default_cache_dir; sys.exit(0 if kernels.load(default_cache_dir()) else 1)"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", load], cwd=repo, timeout=300, check=True)
