@@ -85,7 +85,8 @@ class _FeatureProposer:
             st.ctx_len = start_pos
             st.kv = _crop(st.kv, start_pos) if st.kv is not None else None
             st.last_out = None
-        st.pending = [(s, h) for s, h in st.pending if s < start_pos]
+        if st.pending and st.pending[-1][0] >= start_pos:  # re-sent: drop what it replaces
+            st.pending = [(s, h) for s, h in st.pending if s < start_pos]
         st.pending.append((start_pos, hidden.detach().to(self.device, self.dtype)))
 
     def release(self, req_id: str) -> None:

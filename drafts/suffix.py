@@ -135,7 +135,7 @@ class SuffixProposer:
     """
 
     aux_layer_ids: tuple[int, ...] = ()
-    free_to_ask = True  # a proposal is dictionary lookups: no draft gate (scheduler/build.py)
+    free_to_ask = True  # dictionary lookups: a per-request gate, not a draft gate (build.py)
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ from scheduler.prefix_cache import PREFIX_BLOCK_SIZE, PrefixIndex
 from scheduler.speculator import Speculator
 
 if TYPE_CHECKING:
-    from scheduler.draft_gate import DraftGate
+    from scheduler.draft_gate import DraftGate, LookupGate
     from scheduler.drafter import Proposer
     from scheduler.loader import LoadedModel
     from scheduler.model import StepOptions, TargetModel
@@ -41,9 +41,7 @@ def build_proposers(config: EngineConfig, target: Any) -> list[tuple[str, Propos
     """The configured drafters around the target's HF model (empty: no drafting)."""
     from drafts.registry import build_proposers as build
 
-    return build(
-        config.speculative, target, config.draft_checkpoint, config.num_speculative_tokens
-    )
+    return build(config.speculative, target, config.draft_checkpoint, config.num_speculative_tokens)
 
 
 def build_speculator(
@@ -62,7 +60,13 @@ def build_speculator(
     policy = build_policy(config.verify_policy, config.num_speculative_tokens, profile)
     gated = config.draft_gate and policy.uses_profile
     drafters = [
-        Drafter(name, proposer, OnlineAcceptanceEstimator(), gate_for(proposer, profile, gated))
+        Drafter(
+            name,
+            proposer,
+            OnlineAcceptanceEstimator(),
+            gate_for(proposer, profile, gated),
+            lookup_gate_for(proposer, gated),
+        )
         for name, proposer in proposers
     ]
     return Speculator(drafters, policy, profile=profile)
@@ -71,16 +75,24 @@ def build_speculator(
 def gate_for(proposer: Proposer, profile: ThroughputProfile, gated: bool) -> DraftGate | None:
     """A draft gate for a drafter whose drafting costs time (a model); none for a lookup.
 
-    A lookup's drafting is free, so all a gate could weigh is the verification, which the
-    policy already prices per draft from the lookup's own estimator cells. The gate's verdict
-    is one running mean over every request: in mixed traffic, one-token matches that failed on
-    chat made it skip the lookup for the requests that were copying too
-    (docs/scheduling.md)."""
+    The gate's verdict is one running mean over every request: in mixed traffic, one-token
+    matches that failed on chat made it skip the lookup for the requests that were copying
+    too (docs/scheduling.md). A lookup gets `lookup_gate_for`'s per-request verdict instead."""
     from scheduler.draft_gate import DraftGate
 
     if not gated or getattr(proposer, "free_to_ask", False):
         return None
     return DraftGate(profile)
+
+
+def lookup_gate_for(proposer: Proposer, gated: bool) -> LookupGate | None:
+    """A per-request gate for a lookup (scheduler/draft_gate.py `LookupGate`): asking costs
+    tens of microseconds a request, which under load is what its drafts win back."""
+    from scheduler.draft_gate import LookupGate
+
+    if not gated or not getattr(proposer, "free_to_ask", False):
+        return None
+    return LookupGate()
 
 
 def build_engine(config: EngineConfig) -> LLMEngine:
@@ -200,7 +212,9 @@ def warm_up_compiled(model: TargetModel, aux_layer_ids: tuple[int, ...]) -> None
 
 
 def _batcher(config: EngineConfig) -> ContinuousBatcher:
-    return ContinuousBatcher(config.max_num_seqs, config.max_model_len, config.max_num_batched_tokens)
+    return ContinuousBatcher(
+        config.max_num_seqs, config.max_model_len, config.max_num_batched_tokens
+    )
 
 
 def _eos_ids(hf_model: Any, tokenizer: Any) -> frozenset[int]:
@@ -215,7 +229,9 @@ def _eos_ids(hf_model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _measure_profile(speculator: Speculator, runner: TorchModelRunner, config: EngineConfig) -> None:
+def _measure_profile(
+    speculator: Speculator, runner: TorchModelRunner, config: EngineConfig
+) -> None:
     """Time real target steps of several sizes on unallocated slots (their KV is scratch)."""
     import torch
 

@@ -60,8 +60,8 @@ class Proposer(Protocol):
     # Largest number of draft tokens one propose() call returns per request (gamma).
     max_draft_tokens: int
     # Optional, False when absent: a proposer sets `free_to_ask = True` when a propose() call
-    # costs microseconds against a step of milliseconds (a lookup). It then gets no draft gate
-    # (scheduler/build.py `gate_for`): the verify policy alone decides what its drafts are worth.
+    # costs microseconds against a step of milliseconds (a lookup). It then gets a per-request
+    # lookup gate instead of a draft gate (scheduler/build.py `gate_for`, `lookup_gate_for`).
 
     def propose(self, requests: Sequence[DraftRequest]) -> DraftProposal:
         """Draft up to `num_draft_tokens` tokens after each request's anchor."""

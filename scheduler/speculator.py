@@ -47,7 +47,7 @@ from scheduler.verify_policy import choose_candidates
 if TYPE_CHECKING:
     from scheduler.acceptance import OnlineAcceptanceEstimator
     from scheduler.batching import ContinuousBatcher
-    from scheduler.draft_gate import DraftGate
+    from scheduler.draft_gate import DraftGate, LookupGate
     from scheduler.profiler import ThroughputProfile
     from scheduler.verify_policy import VerifyPolicy
 
@@ -60,6 +60,7 @@ class Drafter:
     proposer: Proposer
     estimator: OnlineAcceptanceEstimator | None = None  # its drafts' outcomes, per position
     gate: DraftGate | None = None  # whether drafting may pay this step
+    lookup_gate: LookupGate | None = None  # a lookup's: whether asking may pay, per request
 
 
 @dataclass
@@ -95,6 +96,7 @@ class SpeculationStep:
         default_factory=list
     )
     num_candidates: int = 0  # decoding requests that could draft this step
+    asked: dict[int, list[ScheduledRequest]] = field(default_factory=dict)  # per drafter index
     skipped: bool = False  # the draft gates said no: nobody drafted
     num_proposed: int = 0
     draft_time_s: float = 0.0
@@ -184,16 +186,26 @@ class Speculator:
         step.num_candidates = len(requests)
         num_sampling = sum(1 for s in plan.scheduled if s.samples)
         base = self._tokens_beside_drafts(plan)
+        rate = self.rate.value if self.policy.uses_profile else None
+        token_cost = self._token_cost(base, num_sampling, rate)
         per_request: list[list[Candidate]] = [[] for _ in requests]
         for di, d in enumerate(self.drafters):
-            self._draft_with(di, d, requests, limits, per_request, base, num_sampling, step)
+            self._draft_with(
+                di,
+                d,
+                requests,
+                limits,
+                per_request,
+                base,
+                num_sampling,
+                step,
+                (token_cost, self._rate_now(base, num_sampling, rate)),
+            )
         if not any(st.num_asked for st in step.per_drafter):
-            step.skipped = any(st.skipped for st in step.per_drafter)
+            step.skipped = any(st.skipped or st.num_gated for st in step.per_drafter)
             return step
-        rate = self.rate.value if self.policy.uses_profile else None
         picks = choose_candidates(
-            [[c.selection_survival for c in cands] for cands in per_request],
-            self._token_cost(base, num_sampling, rate),
+            [[c.selection_survival for c in cands] for cands in per_request], token_cost
         )
         chosen = [None if k is None else cands[k] for cands, k in zip(per_request, picks)]
         offered = [c for c in chosen if c is not None]
@@ -202,7 +214,8 @@ class Speculator:
         # may read the whole draft (verify_policy.VerifyPolicy.choose).
         lookahead = all(
             c.probs is None or s.req.params.is_greedy
-            for s, c in zip(requests, chosen) if c is not None
+            for s, c in zip(requests, chosen)
+            if c is not None
         )
         lengths = iter(self.policy.choose(confidences, base, num_sampling, lookahead, rate=rate))
         lengths_all = [next(lengths) if c is not None else 0 for c in chosen]
@@ -243,16 +256,26 @@ class Speculator:
         num_base_tokens: int,
         num_sampling: int,
         step: SpeculationStep,
+        prices: tuple[float, float],
     ) -> None:
-        """Candidates from drafter d for the requests it may pay for (one propose call)."""
+        """Candidates from drafter d for the requests it may pay for (one propose call).
+        prices: (token cost, engine rate) as `LookupGate.asks` reads them."""
         stats = step.per_drafter[di]
         asked = list(range(len(requests)))
+        if d.lookup_gate is not None:
+            ids = [requests[i].req.req_id for i in asked]
+            verdicts = d.lookup_gate.asks(ids, *prices, float(num_sampling))
+            stats.num_gated = verdicts.count(False)
+            asked = [i for i, ask in zip(asked, verdicts) if ask]
+            if not asked:
+                return
         if d.gate is not None:
             usual = d.gate.means.accepted if d.gate.means is not None else float("inf")
             # Where an earlier (cheaper) candidate already expects what d usually brings, d
             # would only add its drafting time.
             asked = [
-                i for i in asked
+                i
+                for i in asked
                 if max((sum(c.selection_survival) for c in per_request[i]), default=-1) < usual
             ]
             if not asked:
@@ -264,14 +287,18 @@ class Speculator:
         proposal = d.proposer.propose(
             [
                 DraftRequest(
-                    requests[i].req.req_id, requests[i].req.all_token_ids,
-                    requests[i].req.params, limits[i], requests[i].req.num_prompt_tokens,
+                    requests[i].req.req_id,
+                    requests[i].req.all_token_ids,
+                    requests[i].req.params,
+                    limits[i],
+                    requests[i].req.num_prompt_tokens,
                 )
                 for i in asked
             ]
         )
         stats.draft_time_s = self.clock() - t0
         stats.num_asked = len(asked)
+        step.asked[di] = [requests[i] for i in asked]
         for n, i in enumerate(asked):
             ids = list(proposal.token_ids[n][: limits[i]])
             if not ids:
@@ -317,6 +344,13 @@ class Speculator:
         short = (s.num_query_tokens for s in plan.scheduled)
         return sum(n for n in short if n <= self.own_pass_above)
 
+    def _rate_now(self, num_base_tokens: int, num_sampling: int, rate: float | None) -> float:
+        """Tokens per second the engine makes: the running rate, or before there is one the
+        plain step's, R / T(B); 0 without a profile (time is then not priced)."""
+        if self.profile is None or not self.policy.uses_profile:
+            return 0.0
+        return rate if rate is not None else num_sampling / self.profile.step_time(num_base_tokens)
+
     def _token_cost(self, num_base_tokens: int, num_sampling: int, rate: float | None) -> float:
         """What one more verified token costs, in emitted tokens: the running rate times its
         time, lambda x (T(B+1) - T(B)) (verify_policy.step_value); before there is a rate,
@@ -325,7 +359,7 @@ class Speculator:
             return 0.0
         t = self.profile.step_time
         extra = t(num_base_tokens + 1) - t(num_base_tokens)
-        return (rate if rate is not None else num_sampling / t(num_base_tokens)) * extra
+        return self._rate_now(num_base_tokens, num_sampling, rate) * extra
 
     # -- after update() -------------------------------------------------------------------
     def record(
@@ -336,6 +370,7 @@ class Speculator:
         for d, st in zip(self.drafters, step.per_drafter):
             if d.gate is not None and st.num_asked:
                 d.gate.record(st.num_asked, st.draft_time_s, st.num_draft_tokens, st.num_accepted)
+        self._record_lookup_asks(result, plan, step)
         if self.profile is not None and self._tokens_beside_drafts(plan) == plan.num_tokens:
             # The step without drafting: when verify lengths are chosen the drafting time is
             # already spent, so what one more verified token costs is the rest of the step
@@ -350,6 +385,27 @@ class Speculator:
     def release(self, req_id: str) -> None:
         for d in self.drafters:
             d.proposer.release(req_id)
+            if d.lookup_gate is not None:
+                d.lookup_gate.forget(req_id)
+
+    def _record_lookup_asks(
+        self, result: StepResult, plan: StepPlan, step: SpeculationStep
+    ) -> None:
+        """Each lookup gate learns, per request it asked, what its draft brought: the drafts
+        verified and accepted when the request kept it, nothing when the policy or another
+        drafter's draft left it out."""
+        kept = {id(s): di for s, di, _ in step.drafted}
+        accepted = {id(s): r.num_accepted_drafts for s, r in zip(plan.scheduled, result.results)}
+        for di, d in enumerate(self.drafters):
+            if d.lookup_gate is None or di not in step.asked:
+                continue
+            outcomes = [
+                (s.req.req_id, len(s.draft_ids), accepted[id(s)])
+                if kept.get(id(s)) == di
+                else (s.req.req_id, 0, 0)
+                for s in step.asked[di]
+            ]
+            d.lookup_gate.record(outcomes, step.per_drafter[di].draft_time_s)
 
     def _record_outcomes(self, plan: StepPlan, result: StepResult, step: SpeculationStep) -> None:
         outcome = {id(s): r for s, r in zip(plan.scheduled, result.results)}

@@ -15,6 +15,7 @@ class DrafterStepStats:
     name: str
     num_asked: int = 0  # requests it drafted for
     skipped: bool = False  # its draft gate said no this step
+    num_gated: int = 0  # a lookup's: requests its gate did not ask this step
     num_proposed: int = 0  # draft tokens it proposed
     num_chosen: int = 0  # requests whose kept candidate was its draft
     num_drafts: int = 0  # of those, requests that verified >= 1 of its tokens

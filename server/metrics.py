@@ -144,6 +144,9 @@ class Metrics:
                                         "A drafter's tokens accepted.", ["drafter"])
         self.drafter_skipped = counter("dspark_spec_decode_drafter_steps_skipped",
                                        "Steps in which a drafter's gate skipped it.", ["drafter"])
+        self.drafter_not_asked = counter("dspark_spec_decode_drafter_requests_not_asked",
+                                         "Request-steps a lookup's gate did not ask it for.",
+                                         ["drafter"])
         self.draft_memory = gauge("dspark_spec_decode_index_entries",
                                   "Size of drafters' lookup indexes (suffix drafter: tokens "
                                   "and pattern occurrences, per request and global).", ["index"])
@@ -187,6 +190,7 @@ class Metrics:
             self.drafter_draft_tokens.labels(m, d.name).inc(d.num_draft_tokens)
             self.drafter_accepted.labels(m, d.name).inc(d.num_accepted)
             self.drafter_skipped.labels(m, d.name).inc(d.skipped)
+            self.drafter_not_asked.labels(m, d.name).inc(d.num_gated)
         for index, n in s.draft_memory.items():
             self.draft_memory.labels(m, index).set(n)
 

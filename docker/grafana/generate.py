@@ -288,8 +288,19 @@ def speculation() -> Panel:
                 )
             ],
             "short",
-            desc="Steps per second in which a drafter's gate judged drafting not worth its "
-            "time.",
+            desc="Steps per second in which a drafter's gate judged drafting not worth its time.",
+        ),
+        timeseries(
+            "Lookup requests not asked",
+            [
+                target(
+                    rate("dspark_spec_decode_drafter_requests_not_asked_total", by="drafter"),
+                    "{{drafter}}",
+                )
+            ],
+            "short",
+            desc="Request-steps per second for which a lookup's gate did not ask it: what its "
+            "drafts won back for that request stayed below what asking costs (under load).",
         ),
         timeseries(
             "Suffix index size",

@@ -1,0 +1,190 @@
+"""Configurations at N streams, stepped in turn: one process, one engine per configuration, each
+with its own closed loop of N streams over the same prompts, and the engines take one step each
+in rotation.
+
+`speculative.py` runs a configuration for a few seconds, then the next; at 16 streams the host
+drifts between those runs as much as the configurations differ (gsm8k aggregates ranged
+0.86-1.07x of `none` over three runs). Here every configuration's step sits between steps of the
+others, so drift falls on all of them alike, and each one's throughput is its tokens over the
+time of its own steps. Per configuration: aggregate tokens/s against the first, tau, and where a
+step's time goes (the target forward, the drafters, the rest), per step and per output token.
+The last line printed is one JSON object.
+
+    python benchmarks/lockstep.py --configs none,suffix:dspark,suffix+dspark:dspark \\
+        --prompts gsm8k --streams 16 --requests 64 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+from speculative import PROMPT_SETS, chat_token_ids, parse_config  # beside this
+
+from scheduler.build import assemble_engine
+from scheduler.config import EngineConfig
+from scheduler.loader import load_target
+from scheduler.request import Request, SamplingParams
+
+
+@dataclass
+class ClosedLoop:
+    """One engine serving `prompts` in order, `streams` requests in flight at a time."""
+
+    engine: object
+    prompts: list[list[int]]
+    streams: int
+    params: SamplingParams
+    next_i: int = 0
+    in_flight: int = 0
+    totals: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            (
+                "time_s",
+                "forward_s",
+                "draft_s",
+                "steps",
+                "tokens",
+                "scheduled_tokens",
+                "draft_tokens",
+                "accepted",
+                "predicted",
+                "rounds",
+                "finished",
+            ),
+            0.0,
+        )
+    )
+    profile: list = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.next_i == len(self.prompts) and self.in_flight == 0
+
+    def step(self) -> None:
+        """Top up to `streams` requests, then one engine step, timed."""
+        while self.next_i < len(self.prompts) and self.in_flight < self.streams:
+            self.engine.add_request(
+                Request(f"r{self.next_i}", self.prompts[self.next_i], self.params)
+            )
+            self.next_i += 1
+            self.in_flight += 1
+        t0 = time.perf_counter()
+        stepped = self.engine.step()
+        elapsed = time.perf_counter() - t0
+        t = self.totals
+        t["time_s"] += elapsed
+        if not stepped:
+            return
+        outputs, stats = stepped
+        t["steps"] += 1
+        t["forward_s"] += stats.forward_time_s
+        t["draft_s"] += stats.draft_time_s
+        t["scheduled_tokens"] += stats.num_scheduled_tokens
+        t["draft_tokens"] += stats.num_draft_tokens
+        t["accepted"] += stats.num_accepted_tokens
+        t["rounds"] += stats.num_drafts
+        t["predicted"] += sum(stats.predicted_per_position)
+        self.profile = stats.profile
+        for out in outputs:
+            t["tokens"] += len(out.new_token_ids)
+            if out.finished:
+                self.in_flight -= 1
+                t["finished"] += 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--configs",
+        default="none,suffix:dspark,suffix+dspark:dspark",
+        help="drafter[:policy[@k]] list, as speculative.py's; the first is the baseline",
+    )
+    ap.add_argument("--prompts", default="gsm8k", help=", ".join(sorted(PROMPT_SETS)))
+    ap.add_argument("--first", type=int, default=0, help="first prompt of the set")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--k", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_target(device="cpu", dtype="auto", weights="auto")
+    texts = PROMPT_SETS[args.prompts]()[args.first : args.first + args.requests]
+    prompts = chat_token_ids(loaded.tokenizer, texts)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    specs = args.configs.split(",")
+    loops = {}
+    for spec in specs:  # speculative.py's engine settings, so the two agree
+        drafter, policy, k = parse_config(spec, args.k)
+        config = EngineConfig(
+            speculative=drafter,
+            verify_policy=policy,
+            num_speculative_tokens=k,
+            max_num_seqs=args.streams,
+            max_model_len=1024,
+            max_num_batched_tokens=max(512, args.streams * (k + 1)),
+            dtype="auto",
+            weights="auto",
+        )
+        engine = assemble_engine(loaded, config)
+        ClosedLoop(engine, [[1, 2, 3, 4]], 1, SamplingParams(max_tokens=8)).step()  # warm-up
+        while engine.has_work:
+            engine.step()
+        loops[spec] = ClosedLoop(engine, prompts, args.streams, params)
+    while not all(loop.done for loop in loops.values()):
+        for loop in loops.values():
+            if not loop.done:
+                loop.step()
+    base = loops[specs[0]].totals
+    report = []
+    for spec in specs:
+        t = loops[spec].totals
+        other_s = t["time_s"] - t["forward_s"] - t["draft_s"]
+        point = {
+            "config": spec,
+            **t,
+            "aggregate_tok_s": t["tokens"] / t["time_s"],
+            "speedup": (t["tokens"] / t["time_s"]) / (base["tokens"] / base["time_s"]),
+            "tau": 1 + t["accepted"] / t["rounds"] if t["rounds"] else 1.0,
+            "ms_per_step": {
+                "forward": 1e3 * t["forward_s"] / t["steps"],
+                "draft": 1e3 * t["draft_s"] / t["steps"],
+                "other": 1e3 * other_s / t["steps"],
+            },
+            "tokens_per_step": t["tokens"] / t["steps"],
+            "scheduled_per_step": t["scheduled_tokens"] / t["steps"],
+            "profile": loops[spec].profile,
+        }
+        report.append(point)
+        ms = point["ms_per_step"]
+        print(
+            f"{spec:>22}: {point['aggregate_tok_s']:6.1f} tok/s ({point['speedup']:.3f}x), "
+            f"tau {point['tau']:.2f}, {t['steps']:.0f} steps of {point['tokens_per_step']:.1f} "
+            f"tokens out / {point['scheduled_per_step']:.1f} in; ms a step: forward "
+            f"{ms['forward']:.2f}, drafters {ms['draft']:.2f}, other {ms['other']:.2f}; "
+            f"accepted {t['accepted']:.0f} of {t['draft_tokens']:.0f} verified drafts, "
+            f"predicted {t['predicted']:.0f}",
+            flush=True,
+        )
+    print(
+        json.dumps(
+            {
+                "prompts": args.prompts,
+                "first": args.first,
+                "requests": len(prompts),
+                "streams": args.streams,
+                "max_tokens": args.max_tokens,
+                "weights": loaded.weights,
+                "results": report,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
