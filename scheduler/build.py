@@ -41,7 +41,9 @@ def build_proposers(config: EngineConfig, target: Any) -> list[tuple[str, Propos
     """The configured drafters around the target's HF model (empty: no drafting)."""
     from drafts.registry import build_proposers as build
 
-    return build(config.speculative, target, config.draft_checkpoint, config.num_speculative_tokens)
+    return build(
+        config.speculative, target, config.draft_checkpoint, config.num_speculative_tokens
+    )
 
 
 def build_speculator(
@@ -61,10 +63,7 @@ def build_speculator(
     gated = config.draft_gate and policy.uses_profile
     drafters = [
         Drafter(
-            name,
-            proposer,
-            OnlineAcceptanceEstimator(),
-            gate_for(proposer, profile, gated),
+            name, proposer, OnlineAcceptanceEstimator(), gate_for(proposer, profile, gated),
             lookup_gate_for(proposer, gated),
         )
         for name, proposer in proposers

@@ -212,21 +212,19 @@ class LookupGate:
             verdicts.append(ask)
         return verdicts
 
-    def record(self, outcomes: list[tuple[str, int, int]], ask_time_s: float) -> None:
-        """One step's asks: (request, drafts verified, drafts accepted) each, and their time."""
-        if not outcomes:
+    def record(
+        self, outcomes: list[tuple[str, int, int]], ask_time_s: float, num_asks: int
+    ) -> None:
+        """One step's asks: their time, how many there were, and (request, drafts verified,
+        drafts accepted) for each ask that says what asking that request is worth."""
+        if num_asks < 1:
             return
-        per_ask = ask_time_s / len(outcomes)
-        self.ask_s = (
-            per_ask if self.ask_s is None else self.ask_s + self.ema * (per_ask - self.ask_s)
-        )
+        per_ask = ask_time_s / num_asks
+        self.ask_s = per_ask if self.ask_s is None else self.ask_s + self.ema * (per_ask - self.ask_s)
         for r, verified, accepted in outcomes:
             worth = max(0.0, accepted - self._token_cost * verified)
-            self.prior = (
-                worth
-                if self.prior is None
-                else (self.prior + self.prior_ema * (worth - self.prior))
-            )
+            self.prior = worth if self.prior is None else (
+                self.prior + self.prior_ema * (worth - self.prior))
             m = self._means.get(r)
             if m is None:
                 self._means[r] = _AskValue(worth)

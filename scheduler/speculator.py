@@ -96,7 +96,8 @@ class SpeculationStep:
         default_factory=list
     )
     num_candidates: int = 0  # decoding requests that could draft this step
-    asked: dict[int, list[ScheduledRequest]] = field(default_factory=dict)  # per drafter index
+    # Per drafter index: the requests it was asked for, each with whether it proposed a draft.
+    asked: dict[int, list[tuple[ScheduledRequest, bool]]] = field(default_factory=dict)
     skipped: bool = False  # the draft gates said no: nobody drafted
     num_proposed: int = 0
     draft_time_s: float = 0.0
@@ -188,19 +189,10 @@ class Speculator:
         base = self._tokens_beside_drafts(plan)
         rate = self.rate.value if self.policy.uses_profile else None
         token_cost = self._token_cost(base, num_sampling, rate)
+        prices = (token_cost, self._rate_now(base, num_sampling, rate))
         per_request: list[list[Candidate]] = [[] for _ in requests]
         for di, d in enumerate(self.drafters):
-            self._draft_with(
-                di,
-                d,
-                requests,
-                limits,
-                per_request,
-                base,
-                num_sampling,
-                step,
-                (token_cost, self._rate_now(base, num_sampling, rate)),
-            )
+            self._draft_with(di, d, requests, limits, per_request, base, num_sampling, step, prices)
         if not any(st.num_asked for st in step.per_drafter):
             step.skipped = any(st.skipped or st.num_gated for st in step.per_drafter)
             return step
@@ -214,8 +206,7 @@ class Speculator:
         # may read the whole draft (verify_policy.VerifyPolicy.choose).
         lookahead = all(
             c.probs is None or s.req.params.is_greedy
-            for s, c in zip(requests, chosen)
-            if c is not None
+            for s, c in zip(requests, chosen) if c is not None
         )
         lengths = iter(self.policy.choose(confidences, base, num_sampling, lookahead, rate=rate))
         lengths_all = [next(lengths) if c is not None else 0 for c in chosen]
@@ -259,7 +250,7 @@ class Speculator:
         prices: tuple[float, float],
     ) -> None:
         """Candidates from drafter d for the requests it may pay for (one propose call).
-        prices: (token cost, engine rate) as `LookupGate.asks` reads them."""
+        prices: (token cost, the engine's tokens per second), what `LookupGate.asks` reads."""
         stats = step.per_drafter[di]
         asked = list(range(len(requests)))
         if d.lookup_gate is not None:
@@ -274,8 +265,7 @@ class Speculator:
             # Where an earlier (cheaper) candidate already expects what d usually brings, d
             # would only add its drafting time.
             asked = [
-                i
-                for i in asked
+                i for i in asked
                 if max((sum(c.selection_survival) for c in per_request[i]), default=-1) < usual
             ]
             if not asked:
@@ -287,18 +277,15 @@ class Speculator:
         proposal = d.proposer.propose(
             [
                 DraftRequest(
-                    requests[i].req.req_id,
-                    requests[i].req.all_token_ids,
-                    requests[i].req.params,
-                    limits[i],
-                    requests[i].req.num_prompt_tokens,
+                    requests[i].req.req_id, requests[i].req.all_token_ids,
+                    requests[i].req.params, limits[i], requests[i].req.num_prompt_tokens,
                 )
                 for i in asked
             ]
         )
         stats.draft_time_s = self.clock() - t0
         stats.num_asked = len(asked)
-        step.asked[di] = [requests[i] for i in asked]
+        step.asked[di] = [(requests[i], bool(proposal.token_ids[n])) for n, i in enumerate(asked)]
         for n, i in enumerate(asked):
             ids = list(proposal.token_ids[n][: limits[i]])
             if not ids:
@@ -370,7 +357,7 @@ class Speculator:
         for d, st in zip(self.drafters, step.per_drafter):
             if d.gate is not None and st.num_asked:
                 d.gate.record(st.num_asked, st.draft_time_s, st.num_draft_tokens, st.num_accepted)
-        self._record_lookup_asks(result, plan, step)
+        self._record_lookup_asks(plan, result, step)
         if self.profile is not None and self._tokens_beside_drafts(plan) == plan.num_tokens:
             # The step without drafting: when verify lengths are chosen the drafting time is
             # already spent, so what one more verified token costs is the rest of the step
@@ -388,24 +375,26 @@ class Speculator:
             if d.lookup_gate is not None:
                 d.lookup_gate.forget(req_id)
 
-    def _record_lookup_asks(
-        self, result: StepResult, plan: StepPlan, step: SpeculationStep
-    ) -> None:
+    def _record_lookup_asks(self, plan: StepPlan, result: StepResult, step: SpeculationStep) -> None:
         """Each lookup gate learns, per request it asked, what its draft brought: the drafts
-        verified and accepted when the request kept it, nothing when the policy or another
-        drafter's draft left it out."""
+        verified and accepted where the request kept it, nothing where it proposed none or the
+        policy verified none. Where the request kept another drafter's draft over its
+        proposal, the ask teaches nothing: its worth beside that draft is not known, and
+        counting it as nothing let a composite's model drafter, which wins choices at 16
+        streams by its first position alone, switch the lookup off on copy prompts."""
         kept = {id(s): di for s, di, _ in step.drafted}
         accepted = {id(s): r.num_accepted_drafts for s, r in zip(plan.scheduled, result.results)}
         for di, d in enumerate(self.drafters):
             if d.lookup_gate is None or di not in step.asked:
                 continue
-            outcomes = [
-                (s.req.req_id, len(s.draft_ids), accepted[id(s)])
-                if kept.get(id(s)) == di
-                else (s.req.req_id, 0, 0)
-                for s in step.asked[di]
-            ]
-            d.lookup_gate.record(outcomes, step.per_drafter[di].draft_time_s)
+            outcomes = []
+            for s, proposed in step.asked[di]:
+                by = kept.get(id(s))
+                if by == di:
+                    outcomes.append((s.req.req_id, len(s.draft_ids), accepted[id(s)]))
+                elif by is None or not proposed:
+                    outcomes.append((s.req.req_id, 0, 0))
+            d.lookup_gate.record(outcomes, step.per_drafter[di].draft_time_s, len(step.asked[di]))
 
     def _record_outcomes(self, plan: StepPlan, result: StepResult, step: SpeculationStep) -> None:
         outcome = {id(s): r for s, r in zip(plan.scheduled, result.results)}

@@ -155,10 +155,7 @@ class ScriptedModelDrafter:
 
 
 def make_drafters(
-    name: str,
-    answer: list[int],
-    clock: SimClock,
-    model_cost: tuple[float, float],
+    name: str, answer: list[int], clock: SimClock, model_cost: tuple[float, float],
     lookup_cost: float = 2e-5,
 ):
     lookup = (0.0, lookup_cost)  # per request
@@ -171,16 +168,9 @@ def make_drafters(
 
 
 def serve(
-    drafter: str,
-    policy_name: str,
-    users: int,
-    cost: Callable[[int], float],
-    model_cost: tuple[float, float],
-    num_requests: int,
-    max_tokens: int,
-    row_quantum: int = 1,
-    text: Callable[[], tuple[list[int], list[int]]] = copying_text,
-    lookup_cost: float = 2e-5,
+    drafter: str, policy_name: str, users: int, cost: Callable[[int], float],
+    model_cost: tuple[float, float], num_requests: int, max_tokens: int, row_quantum: int = 1,
+    text: Callable[[], tuple[list[int], list[int]]] = copying_text, lookup_cost: float = 2e-5,
     distinct_answers: bool = False,
 ) -> float:
     """Output tokens per simulated second, `users` streams kept busy (closed loop). The profile
@@ -195,22 +185,15 @@ def serve(
         policy = build_policy(policy_name, GAMMA, profile)
         gated = policy.uses_profile
         drafters = [
-            Drafter(
-                n,
-                p,
-                OnlineAcceptanceEstimator(),
-                gate_for(p, profile, gated),
-                lookup_gate_for(p, gated),
-            )
+            Drafter(n, p, OnlineAcceptanceEstimator(), gate_for(p, profile, gated),
+                    lookup_gate_for(p, gated))
             for n, p in make_drafters(drafter, answer, clock, model_cost, lookup_cost)
         ]
         speculator = Speculator(drafters, policy, profile=profile, clock=clock.now)
     engine = LLMEngine(
         (DistinctAnswersRunner if distinct_answers else CostedRunner)(answer, clock, cost),
-        ContinuousBatcher(users, 1024, 512),
-        ServedModel("sim", None, frozenset({EOS})),
-        speculator,
-        clock=clock.now,
+        ContinuousBatcher(users, 1024, 512), ServedModel("sim", None, frozenset({EOS})),
+        speculator, clock=clock.now,
     )
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     submitted = done = tokens = 0

@@ -302,3 +302,41 @@ def test_a_lookup_whose_draft_was_not_kept_still_learns_from_the_emitted_tokens(
     # emits two tokens; every other step emits one. The lookup is tested as far as they reach.
     learned = {c.position: (c.count, c.mean_realised) for c in lookup.calibration()}
     assert learned == {0: (9, 1.0), 1: (1, 1.0)}  # the last step, at the limit, drafts nothing
+
+
+class SilentProposer(RepeatProposer):
+    """A lookup that never finds a match."""
+
+    def propose(self, requests: Sequence[DraftRequest]) -> DraftProposal:
+        return DraftProposal([[] for _ in requests])
+
+
+@pytest.mark.parametrize("lookup_proposer", [OracleProposer, SilentProposer])
+def test_a_lookup_gate_counts_an_ask_whose_draft_lost_the_choice_as_unknown(lookup_proposer):
+    """An ask whose draft another drafter's beat says nothing of what asking is worth: counted
+    as nothing, the model drafter that wins at 16 streams by its first position alone switched
+    the lookup off on copy prompts. An ask that found nothing is worth nothing."""
+    from scheduler.acceptance import OnlineAcceptanceEstimator
+    from scheduler.draft_gate import LookupGate
+    from scheduler.speculator import Drafter
+
+    gate = LookupGate()
+    speculator = Speculator(
+        [
+            Drafter("lookup", lookup_proposer(4), OnlineAcceptanceEstimator(), lookup_gate=gate),
+            Drafter("model", ScriptedProposer([0.99] * 4, sampled=False), None),
+        ],
+        FixedLength(4),
+    )
+    engine = LLMEngine(
+        FakeRunner(FAKE_IDS, EOS), ContinuousBatcher(2, 128, 64),
+        ServedModel("fake", None, frozenset({EOS})), speculator,
+    )
+    engine.add_request(Request("a", [1, 2, 3], SamplingParams(max_tokens=12, temperature=0.0)))
+    while engine.has_work:
+        engine.step()
+    assert gate.ask_s is not None  # every ask's time is learned
+    if lookup_proposer is OracleProposer:
+        assert gate.prior is None  # its drafts always lost to the model's
+    else:
+        assert gate.prior == 0.0
