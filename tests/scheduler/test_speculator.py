@@ -13,6 +13,7 @@ from scheduler.fake import FakeRunner
 from scheduler.plan import StepPlan
 from scheduler.request import Request, SamplingParams
 from scheduler.speculator import Speculator
+from scheduler.stats import StepStats
 from scheduler.verify_policy import FixedLength
 
 EOS = 999
@@ -235,6 +236,21 @@ def test_the_running_rate_counts_decode_steps_only() -> None:
     assert speculator.rate.value == pytest.approx(tokens / seconds)
 
 
+def _serve_greedily(speculator: Speculator) -> list[StepStats]:
+    """One greedy request of 12 tokens through an engine on FakeRunner; each step's stats."""
+    engine = LLMEngine(
+        FakeRunner(FAKE_IDS, EOS), ContinuousBatcher(2, 128, 64),
+        ServedModel("fake", None, frozenset({EOS})), speculator,
+    )
+    engine.add_request(Request("a", [1, 2, 3], SamplingParams(max_tokens=12, temperature=0.0)))
+    steps = []
+    while engine.has_work:
+        stepped = engine.step()
+        assert stepped is not None
+        steps.append(stepped[1])
+    return steps
+
+
 class OracleProposer(RepeatProposer):
     """Proposes exactly what FakeRunner will emit: every draft is right."""
 
@@ -286,16 +302,9 @@ def test_a_lookup_whose_draft_was_not_kept_still_learns_from_the_emitted_tokens(
         ],
         FixedLength(4),
     )
-    engine = LLMEngine(
-        FakeRunner(FAKE_IDS, EOS), ContinuousBatcher(2, 128, 64),
-        ServedModel("fake", None, frozenset({EOS})), speculator,
-    )
-    engine.add_request(Request("a", [1, 2, 3], SamplingParams(max_tokens=12, temperature=0.0)))
     chosen = {"lookup": 0, "model": 0}
-    while engine.has_work:
-        stepped = engine.step()
-        assert stepped is not None
-        for d in stepped[1].drafters:
+    for stats in _serve_greedily(speculator):
+        for d in stats.drafters:
             chosen[d.name] += d.num_chosen
     assert chosen["lookup"] == 0 and chosen["model"] > 0
     # The model's drafts repeat FAKE_IDS[1]: right once, at the first decode step, which then
@@ -328,13 +337,7 @@ def test_a_lookup_gate_counts_an_ask_whose_draft_lost_the_choice_as_unknown(look
         ],
         FixedLength(4),
     )
-    engine = LLMEngine(
-        FakeRunner(FAKE_IDS, EOS), ContinuousBatcher(2, 128, 64),
-        ServedModel("fake", None, frozenset({EOS})), speculator,
-    )
-    engine.add_request(Request("a", [1, 2, 3], SamplingParams(max_tokens=12, temperature=0.0)))
-    while engine.has_work:
-        engine.step()
+    _serve_greedily(speculator)
     assert gate.ask_s is not None  # every ask's time is learned
     if lookup_proposer is OracleProposer:
         assert gate.prior is None  # its drafts always lost to the model's
