@@ -160,6 +160,20 @@ class ThroughputProfile:
     def _set_grid(self, sizes: list[int]) -> None:
         self._sizes = sizes
         self._log2_sizes = [math.log2(n) for n in sizes]
+        self._weights: dict[int, list[float]] = {}  # per observed size, see `_weights_at`
+
+    def _weights_at(self, num_tokens: int) -> list[float]:
+        """How much of an observation at num_tokens each bucket takes (module docstring). A
+        function of the size alone, so computed once per size: `observe` runs every step."""
+        weights = self._weights.get(num_tokens)
+        if weights is None:
+            where, local = math.log2(num_tokens), 1.0 - _GLOBAL_SHARE
+            weights = [
+                _GLOBAL_SHARE + local * math.exp(-abs(ls - where) / _KERNEL_OCTAVES)
+                for ls in self._log2_sizes
+            ]
+            self._weights[num_tokens] = weights
+        return weights
 
     @property
     def is_seeded(self) -> bool:
@@ -214,12 +228,7 @@ class ThroughputProfile:
         predicted = _interp(self._sizes, self._view_t, num_tokens)
         err = math.log(step_time_s / predicted)
         err = self.ema * max(-_LOG_CLIP, min(_LOG_CLIP, err))
-        where = math.log2(num_tokens)
-        local = 1.0 - _GLOBAL_SHARE
-        log_t = [
-            v + err * (_GLOBAL_SHARE + local * math.exp(-abs(ls - where) / _KERNEL_OCTAVES))
-            for v, ls in zip(self._log_t, self._log2_sizes)
-        ]
+        log_t = [v + err * w for v, w in zip(self._log_t, self._weights_at(num_tokens))]
         if err > 0:  # slower: nothing larger may now be faster than the observed size
             for i in range(1, len(log_t)):
                 log_t[i] = max(log_t[i], log_t[i - 1])

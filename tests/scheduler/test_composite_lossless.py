@@ -9,7 +9,7 @@ import torch
 
 from scheduler.acceptance import OnlineAcceptanceEstimator
 from scheduler.batching import ContinuousBatcher
-from scheduler.build import gate_for
+from scheduler.build import gate_for, lookup_gate_for
 from scheduler.engine import LLMEngine, ServedModel
 from scheduler.profiler import ThroughputProfile
 from scheduler.request import Request, SamplingParams
@@ -29,9 +29,10 @@ def composite_engine(
     profile = ThroughputProfile(budget)
     profile.seed([(1, 0.050), (16, 0.055), (64, 0.090)])  # mildly rising cost: lengths vary
     policy = build_policy(policy_name, 7, profile)
-    drafters = [
-        Drafter(name, proposer, OnlineAcceptanceEstimator(),
-                gate_for(proposer, profile, gates and policy.uses_profile))
+    gated = gates and policy.uses_profile
+    drafters = [  # as scheduler/build.py builds them: each drafter's gate, if any
+        Drafter(name, proposer, OnlineAcceptanceEstimator(), gate_for(proposer, profile, gated),
+                lookup_gate_for(proposer, gated))
         for name, proposer in build_proposers(COMPOSITE, target.hf_model, None, 7)
     ]
     assert [d.name for d in drafters] == ["suffix", "dspark"]
