@@ -39,8 +39,10 @@ class StepRecorder:
         choose, token_cost = speculator_module.choose_candidates, self.spec._token_cost
         policy_choose = self.spec.policy.choose
 
-        def recorded_token_cost(num_base_tokens: int, num_sampling: int) -> float:
-            cost = token_cost(num_base_tokens, num_sampling)
+        def recorded_token_cost(
+            num_base_tokens: int, num_sampling: int, rate: float | None
+        ) -> float:
+            cost = token_cost(num_base_tokens, num_sampling, rate)
             t = self.spec.profile.step_time
             self.current.update(B=num_base_tokens, R=num_sampling, lam=cost,
                                 T_B_ms=1e3 * t(num_base_tokens),
@@ -52,8 +54,8 @@ class StepRecorder:
             self.current["picks"] = picks
             return picks
 
-        def recorded_policy(confidences: Any, *args: Any) -> list[int]:
-            lengths = policy_choose(confidences, *args)
+        def recorded_policy(confidences: Any, *args: Any, **kwargs: Any) -> list[int]:
+            lengths = policy_choose(confidences, *args, **kwargs)
             self.current["verify_lengths"] = list(lengths)
             return lengths
 

@@ -211,9 +211,7 @@ def warm_up_compiled(model: TargetModel, aux_layer_ids: tuple[int, ...]) -> None
 
 
 def _batcher(config: EngineConfig) -> ContinuousBatcher:
-    return ContinuousBatcher(
-        config.max_num_seqs, config.max_model_len, config.max_num_batched_tokens
-    )
+    return ContinuousBatcher(config.max_num_seqs, config.max_model_len, config.max_num_batched_tokens)
 
 
 def _eos_ids(hf_model: Any, tokenizer: Any) -> frozenset[int]:
@@ -228,9 +226,7 @@ def _eos_ids(hf_model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _measure_profile(
-    speculator: Speculator, runner: TorchModelRunner, config: EngineConfig
-) -> None:
+def _measure_profile(speculator: Speculator, runner: TorchModelRunner, config: EngineConfig) -> None:
     """Time real target steps of several sizes on unallocated slots (their KV is scratch)."""
     import torch
 
