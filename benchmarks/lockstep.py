@@ -88,7 +88,8 @@ class ClosedLoop:
         t["accepted"] += stats.num_accepted_tokens
         t["rounds"] += stats.num_drafts
         t["predicted"] += sum(stats.predicted_per_position)
-        self.profile = stats.profile
+        if stats.profile:  # sent at most once a second
+            self.profile = stats.profile
         for out in outputs:
             t["tokens"] += len(out.new_token_ids)
             if out.finished:

@@ -80,14 +80,18 @@ class _FeatureProposer:
         self.device, self.dtype = p.device, p.dtype
 
     def observe(self, req_id: str, start_pos: int, hidden: torch.Tensor) -> None:
-        st = self.states.setdefault(req_id, _State())
+        st = self.states.get(req_id)
+        if st is None:
+            st = self.states[req_id] = _State()
         if start_pos < st.ctx_len:  # the engine re-sent positions (e.g. recompute): roll back
             st.ctx_len = start_pos
             st.kv = _crop(st.kv, start_pos) if st.kv is not None else None
             st.last_out = None
         if st.pending and st.pending[-1][0] >= start_pos:  # re-sent: drop what it replaces
             st.pending = [(s, h) for s, h in st.pending if s < start_pos]
-        st.pending.append((start_pos, hidden.detach().to(self.device, self.dtype)))
+        if hidden.dtype != self.dtype or hidden.device != self.device:
+            hidden = hidden.to(self.device, self.dtype)
+        st.pending.append((start_pos, hidden))  # the runner's inference tensors: no graph
 
     def release(self, req_id: str) -> None:
         self.states.pop(req_id, None)

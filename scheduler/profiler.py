@@ -35,6 +35,7 @@ import bisect
 import math
 import statistics
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 from typing import Protocol
 
 _LOG_CLIP = math.log(2.0)  # largest log-error one observation may push
@@ -230,17 +231,15 @@ class ThroughputProfile:
         err = self.ema * max(-_LOG_CLIP, min(_LOG_CLIP, err))
         log_t = [v + err * w for v, w in zip(self._log_t, self._weights_at(num_tokens))]
         if err > 0:  # slower: nothing larger may now be faster than the observed size
-            for i in range(1, len(log_t)):
-                log_t[i] = max(log_t[i], log_t[i - 1])
+            log_t = list(accumulate(log_t, max))
         else:  # faster: nothing smaller may stay slower than the observed size
-            for i in range(len(log_t) - 2, -1, -1):
-                log_t[i] = min(log_t[i], log_t[i + 1])
+            log_t = list(accumulate(reversed(log_t), min))[::-1]
         self._log_t = log_t
         self._rebuild()
 
     def _rebuild(self) -> None:
         assert self._log_t is not None
-        self._view_t = [math.exp(v) for v in self._log_t]
+        self._view_t = list(map(math.exp, self._log_t))
 
     def step_time(self, num_tokens: int) -> float:
         """Predicted seconds for one step of `num_tokens` tokens (non-decreasing in tokens)."""

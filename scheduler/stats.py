@@ -57,6 +57,8 @@ class StepStats:
     # so the throughput profile, which learns from step times, already pays for it.
     mask_time_s: float = 0.0
     # Current throughput profile of the device: (tokens per step, steps per second) points.
+    # This and draft_memory are filled at most once a second (engine.GAUGE_INTERVAL_S), empty
+    # on the steps between: gauges keep their last value.
     profile: list[tuple[int, float]] = field(default_factory=list)
     drafters: list[DrafterStepStats] = field(default_factory=list)  # per configured drafter
     # Size of drafters' indexes ("<drafter>_<what>" -> count; the suffix drafter's tokens and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from array import array
 
 from drafts.suffix import SEPARATOR, SuffixProposer, _Index
 from scheduler.drafter import DraftRequest
@@ -77,12 +78,15 @@ def test_global_memory_stays_bounded_and_eviction_leaves_an_exact_index() -> Non
     g = p._global
     fresh = _Index(4, 10_000, base=g.base, num_indexed=g.base)
     fresh.extend(g.tokens)
-    assert g.ends == fresh.ends
-    assert g.num_entries == fresh.num_entries == sum(len(v) for v in g.ends.values())
+    assert g.last.keys() == fresh.last.keys()  # no pattern left whose occurrences all went
+    assert all(g.occurrences(key) == fresh.occurrences(key) for key in fresh.last)
+    assert g.num_entries == fresh.num_entries == sum(len(fresh.occurrences(k)) for k in fresh.last)
     assert g.tokens[-1] == SEPARATOR
 
 
-def test_occurrence_lists_are_bounded() -> None:
+def test_occurrences_are_the_most_recent_ones() -> None:
     p = SuffixProposer(2, min_match=1, max_occurrences=4, global_tokens=0)
     propose(p, "r", [1, 2] * 200)
-    assert max(len(v) for v in p._requests["r"].index.ends.values()) <= 8
+    index = p._requests["r"].index
+    assert index.occurrences(array("i", [1, 2]).tobytes()) == [398, 396, 394, 392]
+    assert len(index.earlier) == 400 * index.max_match  # memory: a link per pattern length
