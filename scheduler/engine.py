@@ -29,9 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The throughput profile and the drafters' index sizes reach the step stats at most this often:
-# gauges that move slowly, and the profile's ~135 points cost the HTTP process 0.35 ms a step
-# to set (0.42 ms against 0.07 ms for a step's other metrics) and the engine process a larger
-# message to pickle.
+# gauges that move slowly, whose reading cost the engine ~45 us a step at 16 streams (the
+# suffix index sums its requests' sizes) and whose setting cost the HTTP process 37 of the 84 us
+# it spends on a step's metrics (27 profile points, embedded model).
 GAUGE_INTERVAL_S = 1.0
 
 
