@@ -34,6 +34,7 @@ collections they set off took 150 us of every engine step (21 us now, none of it
 from __future__ import annotations
 
 from array import array
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -266,16 +267,18 @@ def _follow(
     drafts: list[int] = []
     features: list[Hashable] = []
     for j in range(k):
-        counts: dict[int, int] = {}  # insertion order = recency order, for ties
-        for run in runs:
-            if j < len(run):
-                counts[run[j]] = counts.get(run[j], 0) + 1
-        if not counts:
+        if len(runs) == 1:  # one occurrence left: the rest of it, each token its only choice
+            rest = runs[0][j:]
+            drafts += rest
+            features += [suffix_feature(match_len, 1, 1, followed)] * len(rest)
             break
-        total = sum(counts.values())
+        column = [run[j] for run in runs if j < len(run)]
+        if not column:
+            break
+        counts = Counter(column)  # insertion order = recency order, for ties
         token = max(counts, key=counts.__getitem__)  # first maximum: the most recent
         drafts.append(token)
-        features.append(suffix_feature(match_len, counts[token], total, followed))
+        features.append(suffix_feature(match_len, counts[token], len(column), followed))
         runs = [run for run in runs if j < len(run) and run[j] == token]
     return drafts, features
 
