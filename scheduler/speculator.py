@@ -382,6 +382,8 @@ class Speculator:
         proposal, the ask teaches nothing: its worth beside that draft is not known, and
         counting it as nothing let a composite's model drafter, which wins choices at 16
         streams by its first position alone, switch the lookup off on copy prompts."""
+        if not step.asked:
+            return
         kept = {id(s): di for s, di, _ in step.drafted}
         accepted = {id(s): r.num_accepted_drafts for s, r in zip(plan.scheduled, result.results)}
         for di, d in enumerate(self.drafters):
@@ -397,6 +399,8 @@ class Speculator:
             d.lookup_gate.record(outcomes, step.per_drafter[di].draft_time_s, len(step.asked[di]))
 
     def _record_outcomes(self, plan: StepPlan, result: StepResult, step: SpeculationStep) -> None:
+        if not (step.drafted or step.deterministic):
+            return  # nothing verified or proposed (at saturation, most steps)
         outcome = {id(s): r for s, r in zip(plan.scheduled, result.results)}
         for s, di, features in step.drafted:
             r = outcome[id(s)]
