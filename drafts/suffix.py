@@ -91,7 +91,7 @@ class _Index:
             row = (e - base) * width
             for n in range(1, width + 1):
                 start = e - n - base
-                if start < 0 or tokens[start] == SEPARATOR:  # the one token n - 1 lacked
+                if start < 0 or tokens[start] == SEPARATOR:  # the token length n adds
                     break
                 key = tokens[start : e - base].tobytes()
                 earlier[row + n - 1] = last.get(key, -1)
@@ -125,19 +125,14 @@ class _Index:
         del self.earlier[: cut * self.max_match]
         self.base = pos
         for e in range(old_base + 1, min(pos + self.max_match, old_base + len(window)) + 1):
-            if window[e - 1 - old_base] == SEPARATOR:
-                continue
-            for n in range(1, self.max_match + 1):
-                start = e - n
-                if start < old_base:
+            for n in range(1, self.max_match + 1):  # the patterns `index_up_to` recorded
+                start = e - n - old_base
+                if start < 0 or window[start] == SEPARATOR:
                     break
-                pattern = window[start - old_base : e - old_base]
-                if SEPARATOR in pattern:
-                    break
-                if start >= pos or e >= self.num_indexed:
+                if start >= cut or e >= self.num_indexed:
                     continue  # reads kept tokens only, or was never recorded
                 self.num_entries -= 1
-                key = pattern.tobytes()
+                key = window[start : e - old_base].tobytes()
                 if self.last.get(key) == e:
                     del self.last[key]
 
@@ -196,10 +191,11 @@ class SuffixProposer:
         state = self._requests.pop(req_id, None)
         if state is None or self.global_tokens == 0:
             return
-        output = state.index.tokens[state.num_prompt_tokens :]
-        if len(output) < 2:
+        tokens = state.index.tokens
+        num_output = len(tokens) - state.num_prompt_tokens
+        if num_output < 2:
             return
-        output = output[-self.global_tokens :]  # a copy
+        output = tokens[len(tokens) - min(num_output, self.global_tokens) :]  # a copy
         output.append(SEPARATOR)
         self._global.extend(output)
         self._response_ends.append(self._global.end)
