@@ -11,8 +11,10 @@ before drafting, whether the last steps say it pays:
 
 R: requests that emit a token this step, B: tokens the step processes anyway, n: requests that
 would draft, T: the throughput profile's step time, and per drafting request the running
-means of acc (accepted drafts), ver (verified drafts) and d (drafting seconds). It drafts when
-`drafted > plain`. The means are what drafted steps did under the verify policy, which weighs
+means of acc (accepted drafts), ver (verified drafts) and d (drafting seconds: the proposer's,
+and its share of the step's bookkeeping, which at 16 streams on the CPU is as large as what
+verifying there wins; `Speculator._charge_gates`). It drafts when `drafted > plain`. The
+means are what drafted steps did under the verify policy, which weighs
 verification: where it declines a drafter's drafts (its estimator has learned that they fail)
 or the drafter found nothing to propose, ver and acc fall to 0 and drafting loses only its own
 time; where it verifies drafts that fail (its confidences are wrong for this drafter: no
@@ -156,7 +158,8 @@ class LookupGate:
     tokens per second). It is clipped at 0 because drafts verified and rejected are the
     estimator's error, which it corrects from those outcomes so that the policy stops
     verifying them; the gate prices only the asking. With V the running mean of that worth
-    and d the running mean of one ask's time (over all requests):
+    and d the running mean of one ask's time (over all requests; with its share of the
+    step's bookkeeping, `Speculator._charge_gates`):
 
         gain = V - lambda x d
 

@@ -101,6 +101,9 @@ class SpeculationStep:
     skipped: bool = False  # the draft gates said no: nobody drafted
     num_proposed: int = 0
     draft_time_s: float = 0.0
+    # Of draft_time_s, what the proposers did not spend: candidates, confidences, the choice
+    # between drafters and of verify lengths. The gates are charged it (`_charge_gates`).
+    bookkeeping_s: float = 0.0
     per_drafter: list[DrafterStepStats] = field(default_factory=list)
     # Filled by Speculator.record():
     num_drafts: int = 0
@@ -235,6 +238,7 @@ class Speculator:
         if step.num_proposed:
             step.verify_lengths.extend(0 for s in requests if not s.draft_ids)
         step.draft_time_s = self.clock() - t0
+        step.bookkeeping_s = step.draft_time_s - sum(st.draft_time_s for st in step.per_drafter)
         return step
 
     def _draft_with(
@@ -353,11 +357,10 @@ class Speculator:
         self, plan: StepPlan, result: StepResult, step: SpeculationStep, step_time_s: float
     ) -> None:
         """Learn from this step: outcomes per draft position, gates, profile, proposer features."""
+        t0 = self.clock()
         self._record_outcomes(plan, result, step)
-        for d, st in zip(self.drafters, step.per_drafter):
-            if d.gate is not None and st.num_asked:
-                d.gate.record(st.num_asked, st.draft_time_s, st.num_draft_tokens, st.num_accepted)
-        self._record_lookup_asks(plan, result, step)
+        lookup_outcomes = self._lookup_outcomes(plan, result, step)
+        self._charge_gates(step, lookup_outcomes, step.bookkeeping_s + (self.clock() - t0))
         if self.profile is not None and self._tokens_beside_drafts(plan) == plan.num_tokens:
             # The step without drafting: when verify lengths are chosen the drafting time is
             # already spent, so what one more verified token costs is the rest of the step
@@ -375,17 +378,42 @@ class Speculator:
             if d.lookup_gate is not None:
                 d.lookup_gate.forget(req_id)
 
-    def _record_lookup_asks(self, plan: StepPlan, result: StepResult, step: SpeculationStep) -> None:
-        """Each lookup gate learns, per request it asked, what its draft brought: the drafts
+    def _charge_gates(
+        self, step: SpeculationStep, lookup_outcomes: dict[int, list[tuple[str, int, int]]],
+        bookkeeping_s: float,
+    ) -> None:
+        """Each gate learns what its drafter's asks cost this step and what they brought.
+
+        A step that asks costs more than its proposers' time: building the candidates and
+        their confidences, the choice between drafters and of verify lengths, learning the
+        outcomes. At 16 streams on the CPU that is 1-1.5 % of a step, about what verifying
+        there wins (docs/benchmarks.md), so gates that weighed the proposers alone drafted
+        where the step lost. It is split between the drafters by their asks. (The proposers'
+        features and the profile are fed on every step, asked or not: not charged.)"""
+        num_asks = sum(st.num_asked for st in step.per_drafter)
+        for di, (d, st) in enumerate(zip(self.drafters, step.per_drafter)):
+            if not st.num_asked:
+                continue
+            cost_s = st.draft_time_s + bookkeeping_s * st.num_asked / num_asks
+            if d.gate is not None:
+                d.gate.record(st.num_asked, cost_s, st.num_draft_tokens, st.num_accepted)
+            if d.lookup_gate is not None:
+                d.lookup_gate.record(lookup_outcomes.get(di, []), cost_s, st.num_asked)
+
+    def _lookup_outcomes(
+        self, plan: StepPlan, result: StepResult, step: SpeculationStep
+    ) -> dict[int, list[tuple[str, int, int]]]:
+        """Per lookup drafter, what its draft brought each request it asked: the drafts
         verified and accepted where the request kept it, nothing where it proposed none or the
         policy verified none. Where the request kept another drafter's draft over its
         proposal, the ask teaches nothing: its worth beside that draft is not known, and
         counting it as nothing let a composite's model drafter, which wins choices at 16
         streams by its first position alone, switch the lookup off on copy prompts."""
         if not step.asked:
-            return
+            return {}
         kept = {id(s): di for s, di, _ in step.drafted}
         accepted = {id(s): r.num_accepted_drafts for s, r in zip(plan.scheduled, result.results)}
+        found = {}
         for di, d in enumerate(self.drafters):
             if d.lookup_gate is None or di not in step.asked:
                 continue
@@ -396,7 +424,8 @@ class Speculator:
                     outcomes.append((s.req.req_id, len(s.draft_ids), accepted[id(s)]))
                 elif by is None or not proposed:
                     outcomes.append((s.req.req_id, 0, 0))
-            d.lookup_gate.record(outcomes, step.per_drafter[di].draft_time_s, len(step.asked[di]))
+            found[di] = outcomes
+        return found
 
     def _record_outcomes(self, plan: StepPlan, result: StepResult, step: SpeculationStep) -> None:
         if not (step.drafted or step.deterministic):

@@ -343,3 +343,68 @@ def test_a_lookup_gate_counts_an_ask_whose_draft_lost_the_choice_as_unknown(look
         assert gate.prior is None  # its drafts always lost to the model's
     else:
         assert gate.prior == 0.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class TimedProposer(RepeatProposer):
+    """Drafting costs `propose_s` (simulated)."""
+
+    def __init__(self, gamma: int, clock: Clock, propose_s: float) -> None:
+        super().__init__(gamma)
+        self.clock, self.propose_s = clock, propose_s
+
+    def propose(self, requests: Sequence[DraftRequest]) -> DraftProposal:
+        self.clock.t += self.propose_s
+        return super().propose(requests)
+
+
+class SlowPolicy(FixedLength):
+    """Choosing verify lengths costs `choose_s` (simulated): the step's bookkeeping."""
+
+    def __init__(self, k: int, clock: Clock, choose_s: float) -> None:
+        super().__init__(k)
+        self.clock, self.choose_s = clock, choose_s
+
+    def choose(self, confidences, num_base_tokens, num_sampling_requests=None, lookahead=False,
+               rate=None):
+        self.clock.t += self.choose_s
+        return super().choose(confidences, num_base_tokens, num_sampling_requests, lookahead)
+
+
+def test_the_gates_are_charged_the_steps_bookkeeping_split_by_their_asks() -> None:
+    """What a gate weighs per ask is its proposer's time plus its share of the step's
+    bookkeeping (here the policy's choice of verify lengths), split by asks between the
+    drafters. Weighing the proposers alone, the gates drafted at 16 streams where the
+    step's bookkeeping ate what verifying won."""
+    from scheduler.draft_gate import DraftGate, LookupGate
+    from scheduler.profiler import ThroughputProfile
+    from scheduler.speculator import Drafter
+
+    clock = Clock()
+    profile = ThroughputProfile(64)
+    profile.seed([(1, 0.01), (64, 0.05)])
+    lookup = Drafter("lookup", TimedProposer(3, clock, 0.0005), lookup_gate=LookupGate())
+    model = Drafter("model", TimedProposer(3, clock, 0.001), gate=DraftGate(profile))
+    speculator = Speculator(
+        [lookup, model], SlowPolicy(3, clock, choose_s=0.002), profile=profile, clock=clock
+    )
+    engine = LLMEngine(
+        FakeRunner(FAKE_IDS, EOS), ContinuousBatcher(2, 128, 64),
+        ServedModel("fake", None, frozenset({EOS})), speculator, clock=clock,
+    )
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    engine.add_request(Request("a", [1, 2, 3], greedy))
+    engine.add_request(Request("b", [4, 5, 6], greedy))
+    engine.step()  # the prefills: nobody drafts
+    assert model.gate.means is None and lookup.lookup_gate.ask_s is None
+    engine.step()  # both drafters asked for both requests: 2 ms of bookkeeping, 1 ms each
+    assert model.gate.means is not None
+    assert model.gate.means.draft_s == pytest.approx((0.001 + 0.001) / 2)
+    assert lookup.lookup_gate.ask_s == pytest.approx((0.0005 + 0.001) / 2)
