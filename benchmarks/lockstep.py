@@ -8,7 +8,8 @@ drifts between those runs as much as the configurations differ (gsm8k aggregates
 others, so drift falls on all of them alike, and each one's throughput is its tokens over the
 time of its own steps. Per configuration: aggregate tokens/s against the first, tau, and where a
 step's time goes (the target forward, the drafters, the rest), per step and per output token.
-The last line printed is one JSON object.
+The last line printed is one JSON object. A configuration listed twice runs as two engines
+("none #2"): the spread between them is the noise a gap must clear (benchmarks/paired.py).
 
     python benchmarks/lockstep.py --configs none,suffix:dspark,suffix+dspark:dspark \\
         --prompts gsm8k --streams 16 --requests 64 --threads 2
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from speculative import PROMPT_SETS, chat_token_ids, parse_config  # beside this
+from speculative import PROMPT_SETS, chat_token_ids, engine_labels, parse_config  # beside this
 
 from scheduler.build import assemble_engine
 from scheduler.config import EngineConfig
@@ -118,10 +119,10 @@ def main() -> None:
     texts = PROMPT_SETS[args.prompts]()[args.first : args.first + args.requests]
     prompts = chat_token_ids(loaded.tokenizer, texts)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-    specs = args.configs.split(",")
+    specs = engine_labels(args.configs.split(","))  # a configuration twice: two engines
     loops = {}
     for spec in specs:  # speculative.py's engine settings, so the two agree
-        drafter, policy, k = parse_config(spec, args.k)
+        drafter, policy, k = parse_config(spec.split(" #")[0], args.k)
         config = EngineConfig(
             speculative=drafter,
             verify_policy=policy,

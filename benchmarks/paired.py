@@ -11,9 +11,16 @@ end-to-end speedup (total latency), the decode speedup (steps after the first to
 whether the outputs equal the first configuration's (greedy: they must). The last line printed
 is one JSON object.
 
+A configuration listed twice runs as two engines ("suffix:dspark #2"): the spread between them is
+the noise a gap between configurations must clear. Two engines of one configuration served 1.255x
+and 1.188x on GSM8K in one process: each learns its own throughput profile, and the profiles can
+settle on different verify lengths for the whole run (docs/benchmarks.md).
+
     python benchmarks/paired.py --configs none,suffix+dspark:dspark,suffix:dspark,suffix:fixed \\
         --prompts copy --requests 48 --threads 2
     python benchmarks/paired.py --configs none,suffix:dspark,suffix:dspark@15 --prompts copy
+    python benchmarks/paired.py --configs none,suffix+dspark:dspark,suffix:dspark,suffix:dspark \
+        --prompts gsm8k --requests 32
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 from speculative import (  # benchmarks/speculative.py, beside this
     PROMPT_SETS,
     chat_token_ids,
+    engine_labels,
     parse_config,
 )
 
@@ -74,10 +82,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     loaded = load_target(device="cpu", dtype="auto", weights=args.weights)
     print(f"target weights: {loaded.weights}", flush=True)
-    specs = args.configs.split(",")
+    specs = engine_labels(args.configs.split(","))
     engines = {}
     for spec in specs:  # speculative.py's engine settings, so the two agree
-        drafter, policy, k = parse_config(spec, args.k)
+        drafter, policy, k = parse_config(spec.split(" #")[0], args.k)
         config = EngineConfig(speculative=drafter, verify_policy=policy, num_speculative_tokens=k,
                               max_num_seqs=16, max_model_len=1024, max_num_batched_tokens=512,
                               dtype="auto", weights=args.weights,

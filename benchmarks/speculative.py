@@ -91,6 +91,16 @@ PROMPT_SETS = {
 }
 
 
+def engine_labels(configs: list[str]) -> list[str]:
+    """One label per engine: a configuration's second and later copies get " #2", " #3"."""
+    seen: dict[str, int] = {}
+    labels = []
+    for config in configs:
+        seen[config] = seen.get(config, 0) + 1
+        labels.append(config if seen[config] == 1 else f"{config} #{seen[config]}")
+    return labels
+
+
 def parse_config(spec: str, k: int) -> tuple[str, str, int]:
     """A configuration `drafter[:policy[@k]]` -> (drafter, verify policy, draft length); the
     policy defaults to fixed, the draft length to `k` (the script's --k)."""

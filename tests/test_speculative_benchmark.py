@@ -38,3 +38,8 @@ def test_speedups_are_medians_of_paired_ratios() -> None:
 def test_points_without_none_have_no_speedup() -> None:
     [x] = speculative.summarise([_run("x", 0, 100.0, 100.0)])
     assert "per_user_speedup_vs_none" not in x
+
+
+def test_a_configuration_listed_twice_runs_as_two_labelled_engines() -> None:
+    labels = speculative.engine_labels(["none", "suffix:dspark", "none", "suffix:dspark", "none"])
+    assert labels == ["none", "suffix:dspark", "none #2", "suffix:dspark #2", "none #3"]
