@@ -23,7 +23,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from speculative import PROMPT_SETS, chat_token_ids, engine_labels, parse_config  # beside this
+from speculative import (  # beside this
+    PROMPT_SETS,
+    chat_token_ids,
+    config_of,
+    engine_labels,
+    parse_config,
+)
 
 from scheduler.build import assemble_engine
 from scheduler.config import EngineConfig
@@ -122,7 +128,7 @@ def main() -> None:
     specs = engine_labels(args.configs.split(","))  # a configuration twice: two engines
     loops = {}
     for spec in specs:  # speculative.py's engine settings, so the two agree
-        drafter, policy, k = parse_config(spec.split(" #")[0], args.k)
+        drafter, policy, k = parse_config(config_of(spec), args.k)
         config = EngineConfig(
             speculative=drafter,
             verify_policy=policy,

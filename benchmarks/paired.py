@@ -19,7 +19,7 @@ settle on different verify lengths for the whole run (docs/benchmarks.md).
     python benchmarks/paired.py --configs none,suffix+dspark:dspark,suffix:dspark,suffix:fixed \\
         --prompts copy --requests 48 --threads 2
     python benchmarks/paired.py --configs none,suffix:dspark,suffix:dspark@15 --prompts copy
-    python benchmarks/paired.py --configs none,suffix+dspark:dspark,suffix:dspark,suffix:dspark \
+    python benchmarks/paired.py --configs none,suffix+dspark:dspark,suffix:dspark,suffix:dspark \\
         --prompts gsm8k --requests 32
 """
 
@@ -34,6 +34,7 @@ import torch
 from speculative import (  # benchmarks/speculative.py, beside this
     PROMPT_SETS,
     chat_token_ids,
+    config_of,
     engine_labels,
     parse_config,
 )
@@ -85,7 +86,7 @@ def main() -> None:
     specs = engine_labels(args.configs.split(","))
     engines = {}
     for spec in specs:  # speculative.py's engine settings, so the two agree
-        drafter, policy, k = parse_config(spec.split(" #")[0], args.k)
+        drafter, policy, k = parse_config(config_of(spec), args.k)
         config = EngineConfig(speculative=drafter, verify_policy=policy, num_speculative_tokens=k,
                               max_num_seqs=16, max_model_len=1024, max_num_batched_tokens=512,
                               dtype="auto", weights=args.weights,

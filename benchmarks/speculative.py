@@ -101,6 +101,11 @@ def engine_labels(configs: list[str]) -> list[str]:
     return labels
 
 
+def config_of(label: str) -> str:
+    """The configuration an `engine_labels` label runs."""
+    return label.split(" #")[0]
+
+
 def parse_config(spec: str, k: int) -> tuple[str, str, int]:
     """A configuration `drafter[:policy[@k]]` -> (drafter, verify policy, draft length); the
     policy defaults to fixed, the draft length to `k` (the script's --k)."""

@@ -15,6 +15,7 @@ from scheduler.request import Request, SamplingParams
 from scheduler.speculator import Speculator
 from scheduler.stats import StepStats
 from scheduler.verify_policy import FixedLength
+from tests.scheduler.test_policy_never_slower import SimClock
 
 EOS = 999
 FAKE_IDS = list(range(100, 140))
@@ -345,18 +346,10 @@ def test_a_lookup_gate_counts_an_ask_whose_draft_lost_the_choice_as_unknown(look
         assert gate.prior == 0.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 class TimedProposer(RepeatProposer):
     """Drafting costs `propose_s` (simulated)."""
 
-    def __init__(self, gamma: int, clock: Clock, propose_s: float) -> None:
+    def __init__(self, gamma: int, clock: SimClock, propose_s: float) -> None:
         super().__init__(gamma)
         self.clock, self.propose_s = clock, propose_s
 
@@ -368,7 +361,7 @@ class TimedProposer(RepeatProposer):
 class SlowPolicy(FixedLength):
     """Choosing verify lengths costs `choose_s` (simulated): the step's bookkeeping."""
 
-    def __init__(self, k: int, clock: Clock, choose_s: float) -> None:
+    def __init__(self, k: int, clock: SimClock, choose_s: float) -> None:
         super().__init__(k)
         self.clock, self.choose_s = clock, choose_s
 
@@ -387,17 +380,17 @@ def test_the_gates_are_charged_the_steps_bookkeeping_split_by_their_asks() -> No
     from scheduler.profiler import ThroughputProfile
     from scheduler.speculator import Drafter
 
-    clock = Clock()
+    clock = SimClock()
     profile = ThroughputProfile(64)
     profile.seed([(1, 0.01), (64, 0.05)])
     lookup = Drafter("lookup", TimedProposer(3, clock, 0.0005), lookup_gate=LookupGate())
     model = Drafter("model", TimedProposer(3, clock, 0.001), gate=DraftGate(profile))
     speculator = Speculator(
-        [lookup, model], SlowPolicy(3, clock, choose_s=0.002), profile=profile, clock=clock
+        [lookup, model], SlowPolicy(3, clock, choose_s=0.002), profile=profile, clock=clock.now
     )
     engine = LLMEngine(
         FakeRunner(FAKE_IDS, EOS), ContinuousBatcher(2, 128, 64),
-        ServedModel("fake", None, frozenset({EOS})), speculator, clock=clock,
+        ServedModel("fake", None, frozenset({EOS})), speculator, clock=clock.now,
     )
     greedy = SamplingParams(max_tokens=12, temperature=0.0)
     engine.add_request(Request("a", [1, 2, 3], greedy))
