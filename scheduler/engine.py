@@ -170,6 +170,7 @@ class LLMEngine:
             num_draft_tokens=spec.num_draft_tokens,
             num_draft_tokens_proposed=spec.num_proposed,
             draft_skipped=spec.skipped,
+            profile_explored=spec.explored,
             num_accepted_tokens=spec.num_accepted,
             accepted_per_position=spec.accepted_per_position,
             verify_lengths=spec.verify_lengths,

@@ -26,6 +26,17 @@ raises larger sizes that fell below it (running maximum from the left), a faster
 smaller sizes that stayed above it (running minimum from the right). Values between buckets are
 interpolated linearly in step time, so the curve is monotone everywhere.
 
+Sizes that are not served: the updates above keep the curve's level current everywhere, but its
+shape only where steps are observed. A size the start-up seed priced too high (a slow spell of
+the host while it was timed: four engines built one after the other seeded a 7-token step at
+9.6 to 15.8 ms) is then never chosen, so never observed, and the engine keeps avoiding it for
+its whole life; two engines of one configuration, their profiles apart, served 1.255x and
+1.188x in one process. So the profile remembers when each bucket was last observed, the
+Speculator now and then verifies a few more drafts than the policy chose to reach the size
+unobserved the longest once it has gone unobserved for `stale_after` observations
+(`stale_size`, `Speculator._explore`), and an observation at such a size takes `_STALE_EMA` of
+its error there instead of `ema`: a price that old is worth less than one new step.
+
 Pure Python: no torch, no I/O.
 """
 
@@ -41,6 +52,7 @@ from typing import Protocol
 _LOG_CLIP = math.log(2.0)  # largest log-error one observation may push
 _KERNEL_OCTAVES = 2.0  # width of the neighbourhood an observation updates
 _GLOBAL_SHARE = 0.5  # part of every correction applied to all sizes alike
+_STALE_EMA = 0.5  # what an observation at a size unobserved for `stale_after` steps moves it
 
 
 class StepThroughput(Protocol):
@@ -148,11 +160,12 @@ class ThroughputProfile:
     same, so a throughput-maximising policy verifies every draft it is offered.
     """
 
-    def __init__(self, max_tokens: int, ema: float = 0.1) -> None:
-        if not 0 < ema <= 1:
-            raise ValueError("ema must be in (0, 1]")
+    def __init__(self, max_tokens: int, ema: float = 0.1, stale_after: int = 256) -> None:
+        if not 0 < ema <= 1 or stale_after < 1:
+            raise ValueError("need 0 < ema <= 1 and stale_after >= 1")
         self.max_tokens = max_tokens
         self.ema = ema
+        self.stale_after = stale_after
         self.num_observations = 0
         self._set_grid(bucket_sizes(max_tokens))
         self._log_t: list[float] | None = None  # log step time per bucket, non-decreasing
@@ -162,6 +175,10 @@ class ThroughputProfile:
         self._sizes = sizes
         self._log2_sizes = [math.log2(n) for n in sizes]
         self._weights: dict[int, list[float]] = {}  # per observed size, see `_weights_at`
+        # Per bucket, num_observations when it was last observed. A seeded price counts as
+        # stale from the start: it is the median of three steps timed back to back, and one
+        # served step at that size is worth more.
+        self._seen_at = [self.num_observations - self.stale_after - 1] * len(sizes)
 
     def _weights_at(self, num_tokens: int) -> list[float]:
         """How much of an observation at num_tokens each bucket takes (module docstring). A
@@ -227,15 +244,39 @@ class ThroughputProfile:
             self.seed([(num_tokens, step_time_s)])
             return
         predicted = _interp(self._sizes, self._view_t, num_tokens)
-        err = math.log(step_time_s / predicted)
-        err = self.ema * max(-_LOG_CLIP, min(_LOG_CLIP, err))
-        log_t = [v + err * w for v, w in zip(self._log_t, self._weights_at(num_tokens))]
-        if err > 0:  # slower: nothing larger may now be faster than the observed size
+        miss = math.log(step_time_s / predicted)
+        miss = max(-_LOG_CLIP, min(_LOG_CLIP, miss))
+        weights = self._weights_at(num_tokens)
+        log_t = [v + self.ema * miss * w for v, w in zip(self._log_t, weights)]
+        here = self._buckets_at(num_tokens)
+        for i in here:
+            if self.num_observations - self._seen_at[i] > self.stale_after:
+                log_t[i] += (_STALE_EMA - self.ema * weights[i]) * miss
+            self._seen_at[i] = self.num_observations
+        if miss > 0:  # slower: nothing larger may now be faster than the observed size
             log_t = list(accumulate(log_t, max))
         else:  # faster: nothing smaller may stay slower than the observed size
             log_t = list(accumulate(reversed(log_t), min))[::-1]
         self._log_t = log_t
         self._rebuild()
+
+    def _buckets_at(self, num_tokens: int) -> list[int]:
+        """The buckets a step of num_tokens prices: its own, or the two it lies between."""
+        i = bisect.bisect_left(self._sizes, num_tokens)
+        if i < len(self._sizes) and self._sizes[i] == num_tokens:
+            return [i]
+        return [j for j in (i - 1, i) if 0 <= j < len(self._sizes)]
+
+    def stale_size(self, above: int, up_to: int) -> int | None:
+        """Of the bucket sizes in (above, up_to] unobserved for more than `stale_after`
+        observations (since the seed, if they never were), the one unobserved the longest
+        (the smallest of those); None if there is none."""
+        lo = bisect.bisect_right(self._sizes, above)
+        hi = bisect.bisect_right(self._sizes, up_to)
+        oldest = min(range(lo, hi), key=self._seen_at.__getitem__, default=None)
+        if oldest is None or self.num_observations - self._seen_at[oldest] <= self.stale_after:
+            return None
+        return self._sizes[oldest]
 
     def _rebuild(self) -> None:
         assert self._log_t is not None

@@ -12,7 +12,9 @@ One engine step, from speculation's side:
                     tokens at the step's marginal token cost is kept (verify_policy's
                     `choose_candidates`), and
                     the policy picks each kept draft's verify length from its confidences and
-                    the profile; a structured request's draft is then cut at the first token its
+                    the profile (now and then a few more, to price a step size the profile has
+                    not seen for a while: `_explore`); a structured request's draft is then cut
+                    at the first token its
                     grammar rejects (after the policy: the policy's choice must not depend on
                     the drafted tokens' values, see docs/scheduling.md)
     (the engine runs the target forward and update())
@@ -99,6 +101,7 @@ class SpeculationStep:
     # Per drafter index: the requests it was asked for, each with whether it proposed a draft.
     asked: dict[int, list[tuple[ScheduledRequest, bool]]] = field(default_factory=dict)
     skipped: bool = False  # the draft gates said no: nobody drafted
+    explored: bool = False  # verified past the policy's choice to price a stale step size
     num_proposed: int = 0
     draft_time_s: float = 0.0
     # Of draft_time_s, what the proposers did not spend: candidates, confidences, the choice
@@ -126,8 +129,12 @@ class Speculator:
         gate: DraftGate | None = None,
         clock: Callable[[], float] = time.perf_counter,
         own_pass_above: int | None = None,
+        explore_every: int = 64,
     ) -> None:
         """One proposer (with its estimator and gate), or several Drafters: a composite.
+
+        explore_every: steps between two that verify past the policy's choice to price a step
+        size the profile has not observed for a while (`_explore`); 0: never.
 
         own_pass_above: queries longer than this many tokens run through a forward of their
         own (the compiled CPU step runs prompt chunks as a pass of their own), so the drafts
@@ -150,6 +157,10 @@ class Speculator:
         self.rate = RunningRate()
         self.clock = clock
         self.own_pass_above = own_pass_above
+        if explore_every < 0:
+            raise ValueError("explore_every must be >= 0")
+        self.explore_every = explore_every
+        self._steps_since_explore = 0
 
     @property
     def aux_layer_ids(self) -> tuple[int, ...]:
@@ -188,6 +199,7 @@ class Speculator:
         if not requests:
             return step
         step.num_candidates = len(requests)
+        self._steps_since_explore += 1
         num_sampling = sum(1 for s in plan.scheduled if s.samples)
         base = self._tokens_beside_drafts(plan)
         rate = self.rate.value if self.policy.uses_profile else None
@@ -213,6 +225,7 @@ class Speculator:
         )
         lengths = iter(self.policy.choose(confidences, base, num_sampling, lookahead, rate=rate))
         lengths_all = [next(lengths) if c is not None else 0 for c in chosen]
+        lengths_all = self._explore(chosen, lengths_all, base, step)
         lengths_all = _fit_budget(lengths_all, batcher.max_num_batched_tokens - plan.num_tokens)
         for s, c, length in zip(requests, chosen, lengths_all):
             if c is None:
@@ -322,6 +335,39 @@ class Speculator:
             rates = d.estimator.position_rates(k) if d.estimator is not None else [1.0] * k
             selection = list(accumulate([min(1.0, max(0.0, confidences[0])), *rates[1:]], mul))
         return Candidate(di, ids, probs, confidences, features, selection)
+
+    def _explore(
+        self, chosen: list[Candidate | None], lengths: list[int], num_base_tokens: int,
+        step: SpeculationStep,
+    ) -> list[int]:
+        """At the first step with drafts on offer after `explore_every` steps, verify up to
+        gamma more drafts than the policy chose, to reach the step size above the chosen one
+        that the profile has not observed for the longest while (ThroughputProfile.stale_size).
+
+        The policy only ever chooses sizes the profile prices well, so a size it prices too
+        high is never observed and never corrected; an engine whose start-up seed caught a
+        slow spell kept avoiding the sizes it overpriced. Verifying more drafts is lossless,
+        and the extra tokens are spread over the requests by how many drafts each has left,
+        never by their values or confidences, so a sampled draft's value still decides
+        nothing (docs/scheduling.md). At most gamma tokens once in `explore_every` steps: at
+        one stream on the CPU at most ~0.7 of a step in 64, at 16 streams ~0.2 of a step."""
+        if self.profile is None or not self.policy.uses_profile or not self.explore_every:
+            return lengths
+        if self._steps_since_explore < self.explore_every:
+            return lengths
+        room = [len(c.token_ids) - n if c is not None else 0 for c, n in zip(chosen, lengths)]
+        size = num_base_tokens + sum(lengths)
+        stale = self.profile.stale_size(size, size + min(sum(room), self.max_draft_tokens))
+        if stale is None:
+            return lengths
+        self._steps_since_explore = 0
+        step.explored = True
+        lengths = list(lengths)
+        for _ in range(stale - size):
+            most = max(range(len(room)), key=room.__getitem__)
+            lengths[most] += 1
+            room[most] -= 1
+        return lengths
 
     def _tokens_beside_drafts(self, plan: StepPlan) -> int:
         """Tokens of the step that go through the drafts' forward pass: all of them, or, where

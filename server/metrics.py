@@ -113,6 +113,10 @@ class Metrics:
                                 "Draft tokens proposed before the verify policy trimmed them.")
         self.draft_skipped = counter("dspark_spec_decode_draft_steps_skipped",
                                      "Engine steps in which the draft gate skipped drafting.")
+        self.profile_explored = counter(
+            "dspark_spec_decode_profile_explore_steps",
+            "Engine steps that verified past the policy's choice to price a step size the "
+            "throughput profile had not observed for a while.")
         self.accepted_per_pos = counter("dspark_spec_decode_num_accepted_tokens_per_pos",
                                         "Accepted draft tokens by draft position.", ["position"])
         verify_buckets = tuple(float(k) for k in range(max_spec_tokens + 1))
@@ -169,6 +173,8 @@ class Metrics:
             self.verified_per_step.labels(m).observe(s.num_draft_tokens)
         if s.draft_skipped:
             self.draft_skipped.labels(m).inc()
+        if s.profile_explored:
+            self.profile_explored.labels(m).inc()
         if s.mask_time_s:
             self.mask_time.labels(m).observe(s.mask_time_s)
         for j, n in enumerate(s.accepted_per_position):

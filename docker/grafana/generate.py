@@ -406,6 +406,13 @@ def scheduling() -> Panel:
             "short",
             desc="Steps in which recent outcomes said drafting would not pay for its cost.",
         ),
+        timeseries(
+            "Steps that explored the profile / s",
+            [target(rate("dspark_spec_decode_profile_explore_steps_total"), "explored")],
+            "short",
+            desc="Steps that verified a few drafts past the policy's choice to time a step "
+            "size the throughput profile had not observed for a while.",
+        ),
     ]
     return dashboard(
         "dspark-scheduling",

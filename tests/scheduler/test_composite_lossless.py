@@ -22,7 +22,8 @@ COMPOSITE = "suffix+dspark"
 
 
 def composite_engine(
-    target, policy_name: str, num_slots: int = 4, budget: int = 48, gates: bool = True
+    target, policy_name: str, num_slots: int = 4, budget: int = 48, gates: bool = True,
+    explore_every: int = 64,
 ) -> LLMEngine:
     from drafts.registry import build_proposers
 
@@ -36,16 +37,18 @@ def composite_engine(
         for name, proposer in build_proposers(COMPOSITE, target.hf_model, None, 7)
     ]
     assert [d.name for d in drafters] == ["suffix", "dspark"]
-    speculator = Speculator(drafters, policy, profile=profile)
+    speculator = Speculator(drafters, policy, profile=profile, explore_every=explore_every)
     runner = TorchModelRunner(target.hf_model, num_slots, 512, aux_layer_ids=speculator.aux_layer_ids)
     model = ServedModel("test", target.tokenizer, frozenset({target.tokenizer.eos_token_id}))
     return LLMEngine(runner, ContinuousBatcher(num_slots, 512, budget), model, speculator)
 
 
 def run(engine: LLMEngine, requests: list[Request], stagger: int = 2):
-    """Submit one request every `stagger` steps; outputs per request and per-drafter totals."""
+    """Submit one request every `stagger` steps; outputs per request, per-drafter totals and
+    the number of steps that explored the profile."""
     outputs: dict[str, list[int]] = {r.req_id: [] for r in requests}
     per_drafter: dict[str, dict[str, int]] = {}
+    num_explored = 0  # steps that verified past the policy to price the profile
     pending, step = list(requests), 0
     while pending or engine.has_work:
         if pending and step % stagger == 0:
@@ -56,13 +59,14 @@ def run(engine: LLMEngine, requests: list[Request], stagger: int = 2):
             continue
         for out in stepped[0]:
             outputs[out.req_id].extend(out.new_token_ids)
+        num_explored += stepped[1].profile_explored
         for d in stepped[1].drafters:
             totals = per_drafter.setdefault(d.name, {"asked": 0, "chosen": 0, "verified": 0, "accepted": 0})
             totals["asked"] += d.num_asked
             totals["chosen"] += d.num_chosen
             totals["verified"] += d.num_draft_tokens
             totals["accepted"] += d.num_accepted
-    return outputs, per_drafter
+    return outputs, per_drafter, num_explored
 
 
 def test_composite_sampling_follows_the_target(target):
@@ -85,7 +89,7 @@ def test_composite_sampling_follows_the_target(target):
     engine = composite_engine(target, "dspark", num_slots=16, budget=512, gates=False)
     requests = [Request(f"s{i}", prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=i))
                 for i in range(n)]
-    outputs, per_drafter = run(engine, requests, stagger=1)
+    outputs, per_drafter, _ = run(engine, requests, stagger=1)
     # Both candidates are offered every round. With the shipped DSpark draft the choice goes to
     # the draft on this prompt (it is confident and right), so the lookup is rarely if ever picked.
     assert per_drafter["suffix"]["asked"] > 0 and per_drafter["dspark"]["verified"] > 0

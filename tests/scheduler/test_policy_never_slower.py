@@ -156,13 +156,13 @@ class ScriptedModelDrafter:
 
 def make_drafters(
     name: str, answer: list[int], clock: SimClock, model_cost: tuple[float, float],
-    lookup_cost: float = 2e-5,
+    lookup_cost: float = 2e-5, model_rate: float = 0.7,
 ):
     lookup = (0.0, lookup_cost)  # per request
     made = {
         "ngram": lambda: CostedProposer(NgramProposer(GAMMA), clock, *lookup),
         "suffix": lambda: CostedProposer(SuffixProposer(GAMMA), clock, *lookup),
-        "model": lambda: CostedProposer(ScriptedModelDrafter(answer, 0.7), clock, *model_cost),
+        "model": lambda: CostedProposer(ScriptedModelDrafter(answer, model_rate), clock, *model_cost),
     }
     return [(n, made[n]()) for n in name.split("+")]
 
@@ -171,15 +171,17 @@ def serve(
     drafter: str, policy_name: str, users: int, cost: Callable[[int], float],
     model_cost: tuple[float, float], num_requests: int, max_tokens: int, row_quantum: int = 1,
     text: Callable[[], tuple[list[int], list[int]]] = copying_text, lookup_cost: float = 2e-5,
-    distinct_answers: bool = False,
+    distinct_answers: bool = False, seed_cost: Callable[[int], float] | None = None,
+    explore_every: int = 64, model_rate: float = 0.7,
 ) -> float:
     """Output tokens per simulated second, `users` streams kept busy (closed loop). The profile
-    is seeded as the engine seeds it: at default_profile_sizes, with the kernel's row quantum."""
+    is seeded as the engine seeds it: at default_profile_sizes, with the kernel's row quantum,
+    from the true cost or from `seed_cost` (a seed that caught a slow spell)."""
     doc, answer = text()
     clock = SimClock()
     profile = ThroughputProfile(512)
     sizes = default_profile_sizes(16, GAMMA, 512, row_quantum)
-    profile.seed([(n, cost(n)) for n in sizes], row_quantum=row_quantum)
+    profile.seed([(n, (seed_cost or cost)(n)) for n in sizes], row_quantum=row_quantum)
     speculator = None
     if policy_name != "none":
         policy = build_policy(policy_name, GAMMA, profile)
@@ -187,9 +189,13 @@ def serve(
         drafters = [
             Drafter(n, p, OnlineAcceptanceEstimator(), gate_for(p, profile, gated),
                     lookup_gate_for(p, gated))
-            for n, p in make_drafters(drafter, answer, clock, model_cost, lookup_cost)
+            for n, p in make_drafters(
+                drafter, answer, clock, model_cost, lookup_cost, model_rate
+            )
         ]
-        speculator = Speculator(drafters, policy, profile=profile, clock=clock.now)
+        speculator = Speculator(
+            drafters, policy, profile=profile, clock=clock.now, explore_every=explore_every
+        )
     engine = LLMEngine(
         (DistinctAnswersRunner if distinct_answers else CostedRunner)(answer, clock, cost),
         ContinuousBatcher(users, 1024, 512), ServedModel("sim", None, frozenset({EOS})),
@@ -283,3 +289,23 @@ def test_a_costly_lookup_is_still_asked_at_one_user_where_it_pays() -> None:
     none, fixed, dspark = run("none"), run("fixed"), run("dspark")
     assert fixed > 1.3 * none
     assert dspark >= 0.98 * fixed, (none, fixed, dspark)
+
+
+def test_an_engine_whose_seed_overpriced_verification_learns_the_true_price() -> None:
+    """The start-up seed caught a slow spell: every step of 2 or more tokens priced at 2.5x
+    what it costs, so verifying even one draft looks like most of a step, the policy never
+    chooses it, the profile never observes those sizes, and the engine serves like `none` for
+    its whole life. Exploring (`Speculator._explore`) now and then verifies past the policy's
+    choice at the size the profile has not seen for the longest while, and the prices come
+    down to what the steps cost."""
+    overpriced = lambda n: idle(n) * (2.5 if n > 1 else 1.0)
+    run = lambda policy, **kw: serve(
+        "model", policy, 1, idle, (0.004, 0.001), 24, 120, model_rate=0.5, **kw
+    )
+    none, truthful = run("none"), run("dspark")
+    stuck = run("dspark", seed_cost=overpriced, explore_every=0)
+    explored = run("dspark", seed_cost=overpriced)
+    assert truthful > 1.2 * none  # drafting pays on this device
+    assert stuck < 1.02 * none  # without exploring, the wrong seed never lets it
+    # Most of the way in 24 answers (~2,000 steps); the first 64 steps pay the seed's price.
+    assert explored > 1.1 * none and explored > 0.85 * truthful, (none, truthful, stuck, explored)

@@ -223,7 +223,7 @@ def test_the_composite_drafter_gets_every_positions_features_and_stays_lossless(
 
     dspark.observe = spy
     greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
-    outputs, _ = run(engine, [Request(f"r{i}", p, greedy) for i, p in enumerate(prompts)])
+    outputs, *_ = run(engine, [Request(f"r{i}", p, greedy) for i, p in enumerate(prompts)])
     assert [outputs[f"r{i}"] for i in range(len(prompts))] == uncached
     for i, p in enumerate(prompts):
         spans = seen[f"r{i}"]

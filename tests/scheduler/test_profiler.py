@@ -146,13 +146,18 @@ def test_observe_tracks_a_slower_device_and_stays_monotone() -> None:
 def test_observe_is_robust_to_an_outlier_and_ignores_invalid_steps() -> None:
     profile = ThroughputProfile(max_tokens=256, ema=0.1)
     profile.seed([(n, linear_cost(n)) for n in (1, 16, 256)])
-    before = profile.steps_per_second(16)
+    # The seed's price is stale: the first step served at 16 tokens takes half its error, but
+    # the error is clipped at 2x.
     profile.observe(16, 100 * linear_cost(16))  # a GC pause
-    assert profile.steps_per_second(16) > 0.9 * before
+    assert profile.steps_per_second(16) == pytest.approx(1 / linear_cost(16) / 2**0.5)
+    profile.observe(16, linear_cost(16))
+    before = profile.steps_per_second(16)
+    profile.observe(16, 100 * linear_cost(16))  # a fresh price moves by ema x log 2 at most
+    assert profile.steps_per_second(16) > 0.93 * before
     profile.observe(0, 1.0)
     profile.observe(16, 0.0)
     profile.observe(16, float("nan"))
-    assert profile.num_observations == 1
+    assert profile.num_observations == 3
 
 
 def test_observe_tracks_a_faster_device() -> None:
@@ -184,3 +189,37 @@ def test_running_rate_is_a_ratio_of_forgotten_sums() -> None:
     for _ in range(60):  # the old steps fade: the rate follows the new one
         rate.observe(2, 0.1)
     assert rate.value == pytest.approx(20.0)
+
+
+def test_a_price_unobserved_for_long_is_stale_until_a_step_at_its_size() -> None:
+    profile = ThroughputProfile(max_tokens=64, stale_after=10)
+    profile.seed([(n, linear_cost(n)) for n in (1, 8, 64)])
+    # Seeded prices are stale from the start; the one unobserved the longest comes first,
+    # the smallest of equals.
+    assert profile.stale_size(1, 8) == 2
+    assert profile.stale_size(1, 1) is None
+    profile.observe(2, linear_cost(2))
+    profile.observe(5, linear_cost(5))
+    assert profile.stale_size(1, 8) == 3
+    assert profile.stale_size(4, 5) is None  # 5 was just observed
+    for _ in range(10):
+        profile.observe(3, linear_cost(3))
+    assert profile.stale_size(2, 8) == 4
+    assert profile.stale_size(1, 2) == 2  # 11 observations since 2 was: stale again,
+    assert profile.stale_size(4, 5) is None  # and 5 is not yet (10)
+    # A step between two buckets refreshes both: 44 lies between 40 and 48.
+    profile.observe(44, linear_cost(44))
+    assert profile.stale_size(39, 48) is None
+    assert profile.stale_size(31, 48) == 32
+
+
+def test_a_step_at_a_stale_size_moves_its_price_half_way() -> None:
+    stale, fresh = ThroughputProfile(64, stale_after=5), ThroughputProfile(64, stale_after=5)
+    for profile in (stale, fresh):
+        profile.seed([(n, linear_cost(n)) for n in (1, 8, 64)])
+    fresh.observe(4, linear_cost(4))
+    for profile in (stale, fresh):
+        profile.observe(4, 0.6 * linear_cost(4))  # the seed had caught a slow spell
+    assert stale.step_time(4) == pytest.approx(linear_cost(4) * 0.6**0.5)
+    assert fresh.step_time(4) == pytest.approx(linear_cost(4) * 0.6**0.1)
+    assert_non_increasing(stale, 70)

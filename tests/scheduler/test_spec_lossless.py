@@ -150,15 +150,17 @@ def test_greedy_identical_with_shipped_drafter(target, prompts, reference, name)
 
 
 def test_composite_greedy_identical(target, prompts, reference):
-    """`--speculative suffix+dspark` through the registry, dspark policy with its gates."""
+    """`--speculative suffix+dspark` through the registry, dspark policy with its gates, and
+    exploring the profile whenever it can (`Speculator._explore`)."""
     from tests.scheduler.test_composite_lossless import composite_engine, run
 
-    engine = composite_engine(target, "dspark")
+    engine = composite_engine(target, "dspark", explore_every=1)
     greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
     opt_out = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, speculative=False)
     requests = [Request(f"r{i}", p, opt_out if i == 3 else greedy) for i, p in enumerate(prompts)]
-    outputs, per_drafter = run(engine, requests)
+    outputs, per_drafter, num_explored = run(engine, requests)
     assert [outputs[f"r{i}"] for i in range(len(prompts))] == reference
+    assert num_explored > 0
     # Both drafters had drafts kept and verified; the lookup found the copied code.
     assert per_drafter["suffix"]["accepted"] > 0
     assert per_drafter["dspark"]["verified"] > 0

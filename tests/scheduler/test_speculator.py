@@ -401,3 +401,82 @@ def test_the_gates_are_charged_the_steps_bookkeeping_split_by_their_asks() -> No
     assert model.gate.means is not None
     assert model.gate.means.draft_s == pytest.approx((0.001 + 0.001) / 2)
     assert lookup.lookup_gate.ask_s == pytest.approx((0.0005 + 0.001) / 2)
+
+
+def test_exploring_verifies_past_the_policy_to_price_the_stalest_size() -> None:
+    """Every `explore_every` steps the Speculator verifies up to gamma drafts more than the
+    policy chose, to reach the step size the profile has not observed for the longest while;
+    the extra drafts go to the requests with the most drafts left, not by their values."""
+    from scheduler.profiler import ThroughputProfile
+    from scheduler.verify_policy import build_policy
+    from tests.scheduler.test_policy_never_slower import CostedRunner
+
+    # Two anchors a step; each more token costs three of those steps: the policy verifies
+    # nothing.
+    cost = lambda n: 0.01 * 4 ** max(0, n - 2)
+
+    def run(explore_every: int) -> tuple[list[StepStats], ThroughputProfile]:
+        clock, profile = SimClock(), ThroughputProfile(64)
+        profile.seed([(n, cost(n)) for n in (1, 2, 3, 8, 64)])
+        speculator = Speculator(
+            RepeatProposer(3), build_policy("dspark", 3, profile), profile=profile,
+            clock=clock.now, explore_every=explore_every,
+        )
+        engine = LLMEngine(
+            CostedRunner(FAKE_IDS, clock, cost), ContinuousBatcher(2, 128, 64),
+            ServedModel("fake", None, frozenset({EOS})), speculator, clock=clock.now,
+        )
+        greedy = SamplingParams(max_tokens=12, temperature=0.0)
+        engine.add_request(Request("a", [1, 2, 3], greedy))
+        engine.add_request(Request("b", [4, 5, 6], greedy))
+        stats = []
+        while engine.has_work:
+            stepped = engine.step()
+            if stepped:
+                stats.append(stepped[1])
+        return stats, profile
+
+    stats, _ = run(explore_every=0)
+    assert not any(s.num_draft_tokens or s.profile_explored for s in stats)
+    stats, profile = run(explore_every=3)
+    decoding = [s for s in stats if not s.num_prefill_tokens]
+    explored = [i for i, s in enumerate(decoding) if s.profile_explored]
+    assert explored[:3] == [2, 5, 8]  # the third decoding step, then every third
+    # Two anchors a step; the stale sizes above 2 in the order never observed: 3, 4, 5.
+    lengths = [sorted(decoding[i].verify_lengths) for i in explored[:3]]
+    assert lengths == [[0, 1], [1, 1], [1, 2]]
+    assert all(s.num_draft_tokens == 0 for s in decoding[:2])  # the policy's own choice
+    assert profile.stale_size(2, 5) is None
+
+
+def test_exploring_reads_how_many_drafts_there_are_never_their_values() -> None:
+    """Lossless sampling: the verify length of a sampled draft may not depend on the drafted
+    tokens. What exploring adds depends on the drafts' counts and the policy's lengths only:
+    two steps whose candidates differ in every token and confidence explore alike."""
+    from scheduler.profiler import ThroughputProfile
+    from scheduler.speculator import Candidate, SpeculationStep
+    from scheduler.verify_policy import build_policy
+
+    def explored(tokens: list[int], confidences: list[float]) -> list[int]:
+        profile = ThroughputProfile(64)
+        profile.seed([(1, 0.01), (64, 0.2)])  # every price stale
+        speculator = Speculator(
+            RepeatProposer(7), build_policy("dspark", 7, profile), profile=profile,
+            explore_every=1,
+        )
+        speculator._steps_since_explore = 1
+        chosen = [
+            Candidate(0, tokens[:5], "probs", confidences[:5], [None] * 5),
+            None,
+            Candidate(0, tokens[:7], "probs", confidences[:7], [None] * 7),
+        ]
+        step = SpeculationStep()
+        lengths = speculator._explore(chosen, [1, 0, 1], 3, step)
+        assert step.explored
+        return lengths
+
+    first = explored(list(range(7)), [0.9] * 7)
+    assert first == explored(list(range(50, 57)), [0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4])
+    # 3 anchors + 2 drafts: size 5. Every price is stale, so the smallest size above, 6; its
+    # token goes to the draft with the most left.
+    assert first == [1, 0, 2]

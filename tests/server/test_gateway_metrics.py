@@ -86,6 +86,9 @@ def test_observe_step_maps_speculation_and_engine_stats() -> None:
     assert value("dspark_spec_decode_draft_steps_skipped_total", lbl) in (None, 0.0)
     m.observe_step(step(draft_skipped=True))
     assert value("dspark_spec_decode_draft_steps_skipped_total", lbl) == 1
+    assert value("dspark_spec_decode_profile_explore_steps_total", lbl) in (None, 0.0)
+    m.observe_step(step(profile_explored=True))
+    assert value("dspark_spec_decode_profile_explore_steps_total", lbl) == 1
     assert value("dspark_scheduler_verified_tokens_per_step_sum", lbl) == 5
 
 
