@@ -248,9 +248,8 @@ class ThroughputProfile:
         miss = max(-_LOG_CLIP, min(_LOG_CLIP, miss))
         weights = self._weights_at(num_tokens)
         log_t = [v + self.ema * miss * w for v, w in zip(self._log_t, weights)]
-        here = self._buckets_at(num_tokens)
-        for i in here:
-            if self.num_observations - self._seen_at[i] > self.stale_after:
+        for i in self._buckets_at(num_tokens):
+            if self._is_stale(i):
                 log_t[i] += (_STALE_EMA - self.ema * weights[i]) * miss
             self._seen_at[i] = self.num_observations
         if miss > 0:  # slower: nothing larger may now be faster than the observed size
@@ -259,6 +258,9 @@ class ThroughputProfile:
             log_t = list(accumulate(reversed(log_t), min))[::-1]
         self._log_t = log_t
         self._rebuild()
+
+    def _is_stale(self, bucket: int) -> bool:
+        return self.num_observations - self._seen_at[bucket] > self.stale_after
 
     def _buckets_at(self, num_tokens: int) -> list[int]:
         """The buckets a step of num_tokens prices: its own, or the two it lies between."""
@@ -274,7 +276,7 @@ class ThroughputProfile:
         lo = bisect.bisect_right(self._sizes, above)
         hi = bisect.bisect_right(self._sizes, up_to)
         oldest = min(range(lo, hi), key=self._seen_at.__getitem__, default=None)
-        if oldest is None or self.num_observations - self._seen_at[oldest] <= self.stale_after:
+        if oldest is None or not self._is_stale(oldest):
             return None
         return self._sizes[oldest]
 

@@ -14,9 +14,9 @@ One engine step, from speculation's side:
                     the policy picks each kept draft's verify length from its confidences and
                     the profile (now and then a few more, to price a step size the profile has
                     not seen for a while: `_explore`); a structured request's draft is then cut
-                    at the first token its
-                    grammar rejects (after the policy: the policy's choice must not depend on
-                    the drafted tokens' values, see docs/scheduling.md)
+                    at the first token its grammar rejects (after the policy: the policy's
+                    choice must not depend on the drafted tokens' values, see
+                    docs/scheduling.md)
     (the engine runs the target forward and update())
     record(...)     acceptance per position for stats; each drafter's gate learns what its
                     drafting did, and its estimator the outcomes of its drafts (a deterministic
@@ -351,9 +351,10 @@ class Speculator:
         never by their values or confidences, so a sampled draft's value still decides
         nothing (docs/scheduling.md). At most gamma tokens once in `explore_every` steps: at
         one stream on the CPU at most ~0.7 of a step in 64, at 16 streams ~0.2 of a step."""
-        if self.profile is None or not self.policy.uses_profile or not self.explore_every:
-            return lengths
-        if self._steps_since_explore < self.explore_every:
+        if (
+            self.profile is None or not self.policy.uses_profile or not self.explore_every
+            or self._steps_since_explore < self.explore_every
+        ):
             return lengths
         room = [len(c.token_ids) - n if c is not None else 0 for c, n in zip(chosen, lengths)]
         size = num_base_tokens + sum(lengths)
