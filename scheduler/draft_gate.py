@@ -87,11 +87,15 @@ class DraftGate:
         self.skipped_in_a_row = 0
         self.num_skipped = 0  # steps that did not draft, since start
         self.probe_wait = 0  # skipped steps before the next probe, from the last verdict
+        # Verdicts since the last that drafting pays (probes are not such verdicts); 0 before
+        # the first outcome, when the gate drafts to learn. What `paid_within` reads.
+        self.verdicts_since_paid = 0
 
     def should_draft(self, num_candidates: int, num_base_tokens: int, num_sampling: int) -> bool:
         if num_candidates == 0:
             return False
         if self.means is None or num_sampling < 1:
+            self.verdicts_since_paid = 0
             return self._draft()
         m, n = self.means, num_candidates
         t_plain = 1.0 / self.profile.steps_per_second(num_base_tokens)
@@ -102,7 +106,9 @@ class DraftGate:
         t_drafted = t_verified + n * m.draft_s
         drafted = (num_sampling + n * m.accepted) / t_drafted
         if drafted > plain:
+            self.verdicts_since_paid = 0
             return self._draft()
+        self.verdicts_since_paid += 1
         loss = t_drafted / t_plain * (1.0 - drafted / plain)  # in plain steps' time
         self.probe_wait = min(math.ceil(loss / self.probe_share) - 1, self.max_probe_every)
         if self.skipped_in_a_row >= self.probe_wait:
@@ -110,6 +116,13 @@ class DraftGate:
         self.skipped_in_a_row += 1
         self.num_skipped += 1
         return False
+
+    def paid_within(self, verdicts: int) -> bool:
+        """Whether one of the last `verdicts` verdicts said drafting pays (or none came yet).
+        A verdict is about one step: at one stream a chat's drafts pay in runs, and the verdict
+        flips between drafting and probing; what a whole request will see is better read off
+        the recent verdicts than off the one of the moment."""
+        return self.verdicts_since_paid < verdicts
 
     def record(
         self, num_candidates: int, draft_time_s: float, num_verified: int, num_accepted: int

@@ -171,6 +171,8 @@ class LLMEngine:
             num_draft_tokens_proposed=spec.num_proposed,
             draft_skipped=spec.skipped,
             profile_explored=spec.explored,
+            num_admitted=spec.num_admitted,
+            num_admitted_feeding_drafter=spec.num_admitted_feeding_drafter,
             num_accepted_tokens=spec.num_accepted,
             accepted_per_position=spec.accepted_per_position,
             verify_lengths=spec.verify_lengths,

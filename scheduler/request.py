@@ -169,6 +169,11 @@ class Request:
     output_counts: dict[int, int] = field(default_factory=dict)
     first_scheduled_s: float | None = None
     first_token_s: float | None = None
+    # Whether the runner hands this request's target features to a model drafter (DSpark,
+    # EAGLE-3, DFlash), which may then draft for it. Decided once, when it is first scheduled
+    # (Speculator._admit): a draft reads every position's features, and taking them in is a
+    # cost on every token of the request's life. None: not decided (handed over).
+    feeds_drafter: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -143,7 +143,9 @@ class TorchModelRunner:
                 loaded = prefix_features.get(i)
                 if loaded is not None:
                     hidden = torch.cat([loaded, hidden])
-                aux_hidden.append(hidden)
+                # Handed to the drafter only where it may draft for the request; stored with
+                # its blocks either way: a block serves later requests, which may.
+                aux_hidden.append(hidden if s.req.feeds_drafter is not False else None)
                 if self.prefix is not None and self.prefix.features is not None:
                     self._features.setdefault(s.req.req_id, []).append(hidden.clone())
         for s in plan.scheduled:  # the prompt blocks this step's chunks completed

@@ -3,20 +3,21 @@ draft gates and the throughput profile, owned by the engine as a `Speculator`.
 
 One engine step, from speculation's side:
 
-    attach(plan)    decoding requests get candidate drafts from each configured drafter, in the
-                    configured order (cheap lookups first): a drafter with a gate drafts, in one
-                    batched call, only for the requests where no earlier candidate is already
-                    worth what it usually brings, and only when its gate says drafting them may
-                    pay; each candidate gets per-position confidences (the drafter's own, or
-                    its online estimator's); per request the candidate worth the most expected
-                    tokens at the step's marginal token cost is kept (verify_policy's
-                    `choose_candidates`), and
-                    the policy picks each kept draft's verify length from its confidences and
-                    the profile (now and then a few more, to price a step size the profile has
-                    not seen for a while: `_explore`); a structured request's draft is then cut
-                    at the first token its grammar rejects (after the policy: the policy's
-                    choice must not depend on the drafted tokens' values, see
-                    docs/scheduling.md)
+    attach(plan)    requests scheduled for the first time are told whether the runner feeds
+                    their target features to the model drafter (`_admit`); decoding requests
+                    get candidate drafts from each configured drafter, in the configured order
+                    (cheap lookups first): a drafter with a gate drafts, in one batched call,
+                    only for the requests where no earlier candidate is already worth what it
+                    usually brings, and only when its gate says drafting them may pay; each
+                    candidate gets per-position confidences (the drafter's own, or its online
+                    estimator's); per request the candidate worth the most expected tokens at
+                    the step's marginal token cost is kept (verify_policy's
+                    `choose_candidates`), and the policy picks each kept draft's verify length
+                    from its confidences and the profile (now and then a few more, to price a
+                    step size the profile has not seen for a while: `_explore`); a structured
+                    request's draft is then cut at the first token its grammar rejects (after
+                    the policy: the policy's choice must not depend on the drafted tokens'
+                    values, see docs/scheduling.md)
     (the engine runs the target forward and update())
     record(...)     acceptance per position for stats; each drafter's gate learns what its
                     drafting did, and its estimator the outcomes of its drafts (a deterministic
@@ -52,6 +53,13 @@ if TYPE_CHECKING:
     from scheduler.draft_gate import DraftGate, LookupGate
     from scheduler.profiler import ThroughputProfile
     from scheduler.verify_policy import VerifyPolicy
+
+
+# A request is admitted feeding the model drafter while one of its gate's last this many
+# verdicts said drafting pays (`Speculator._admit`). At one stream on chat the verdict flips
+# between drafting and probing from one step to the next; at 16 streams it says skip for
+# hundreds of steps in a row.
+FED_WHILE_PAID_WITHIN = 64
 
 
 @dataclass
@@ -102,6 +110,8 @@ class SpeculationStep:
     asked: dict[int, list[tuple[ScheduledRequest, bool]]] = field(default_factory=dict)
     skipped: bool = False  # the draft gates said no: nobody drafted
     explored: bool = False  # verified past the policy's choice to price a stale step size
+    num_admitted: int = 0  # requests scheduled for the first time (`Speculator._admit`)
+    num_admitted_feeding_drafter: int = 0  # of those, whose features the model drafter gets
     num_proposed: int = 0
     draft_time_s: float = 0.0
     # Of draft_time_s, what the proposers did not spend: candidates, confidences, the choice
@@ -130,11 +140,16 @@ class Speculator:
         clock: Callable[[], float] = time.perf_counter,
         own_pass_above: int | None = None,
         explore_every: int = 64,
+        feed_drafter_every: int = 8,
     ) -> None:
         """One proposer (with its estimator and gate), or several Drafters: a composite.
 
         explore_every: steps between two that verify past the policy's choice to price a step
         size the profile has not observed for a while (`_explore`); 0: never.
+
+        feed_drafter_every: while the model drafter does not pay, one request in this many
+        still feeds it its target features, so that its gate goes on probing (`_admit`); 1:
+        every request does.
 
         own_pass_above: queries longer than this many tokens run through a forward of their
         own (the compiled CPU step runs prompt chunks as a pass of their own), so the drafts
@@ -161,6 +176,10 @@ class Speculator:
             raise ValueError("explore_every must be >= 0")
         self.explore_every = explore_every
         self._steps_since_explore = 0
+        if feed_drafter_every < 1:
+            raise ValueError("feed_drafter_every must be >= 1")
+        self.feed_drafter_every = feed_drafter_every
+        self._admitted_not_feeding = 0
 
     @property
     def aux_layer_ids(self) -> tuple[int, ...]:
@@ -188,6 +207,7 @@ class Speculator:
         """Draft for the plan's decoding requests and attach each one's verified prefix."""
         t0 = self.clock()
         step = SpeculationStep(per_drafter=[DrafterStepStats(d.name) for d in self.drafters])
+        self._admit(plan, step)
         requests, limits = [], []
         for s in plan.scheduled:
             if not (s.is_decoding and s.req.params.speculative):
@@ -270,6 +290,10 @@ class Speculator:
         prices: (token cost, the engine's tokens per second), what `LookupGate.asks` reads."""
         stats = step.per_drafter[di]
         asked = list(range(len(requests)))
+        if d.proposer.aux_layer_ids:  # a model drafter drafts where it is fed (`_admit`)
+            asked = [i for i in asked if requests[i].req.feeds_drafter]
+            if not asked:
+                return
         if d.lookup_gate is not None:
             ids = [requests[i].req.req_id for i in asked]
             verdicts = d.lookup_gate.asks(ids, *prices, float(num_sampling))
@@ -335,6 +359,41 @@ class Speculator:
             rates = d.estimator.position_rates(k) if d.estimator is not None else [1.0] * k
             selection = list(accumulate([min(1.0, max(0.0, confidences[0])), *rates[1:]], mul))
         return Candidate(di, ids, probs, confidences, features, selection)
+
+    def _admit(self, plan: StepPlan, step: SpeculationStep) -> None:
+        """Whether the runner feeds the model drafter the target features of each request
+        scheduled for the first time (Request.feeds_drafter): where one of the drafter's gate's
+        last `FED_WHILE_PAID_WITHIN` verdicts said drafting pays (`DraftGate.paid_within`),
+        and otherwise one request in `feed_drafter_every`.
+
+        A model drafter drafts from the features of every position of a request, so they are
+        handed to it from the request's first step on or never, and that is a cost on every
+        token: the hand-over, and each draft (a probe too) first folds every position since
+        the last into the draft's own cache. At 16 streams on the CPU the composite lost
+        ~1.5 ms of a 34 ms step to that and its probes (docs/benchmarks.md), though its gate
+        drafted there only to probe. (The runner still stores every request's features with
+        its blocks: a block serves later requests, which may draft.) The load a request is
+        admitted at is the one it mostly runs at; where it falls, the requests that feed the
+        drafter let the gate's probes see it, and the next requests feed it too. The verdict
+        reads the gate's past outcomes and the step's size, never a draft: lossless like the
+        gate's."""
+        new = [s.req for s in plan.scheduled if s.req.feeds_drafter is None]
+        if not new:
+            return
+        readers = [d for d in self.drafters if d.proposer.aux_layer_ids]
+        if not readers:  # lookups only: nobody reads features
+            for req in new:
+                req.feeds_drafter = False
+            return
+        pays = any(d.gate is None or d.gate.paid_within(FED_WHILE_PAID_WITHIN) for d in readers)
+        for req in new:
+            feeds = req.params.speculative
+            if feeds and not pays:
+                self._admitted_not_feeding += 1
+                feeds = self._admitted_not_feeding % self.feed_drafter_every == 0
+            req.feeds_drafter = feeds
+            step.num_admitted += 1
+            step.num_admitted_feeding_drafter += feeds
 
     def _explore(
         self, chosen: list[Candidate | None], lengths: list[int], num_base_tokens: int,

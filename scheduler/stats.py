@@ -44,6 +44,10 @@ class StepStats:
     num_draft_tokens_proposed: int = 0  # drafted before the verify policy trimmed them
     draft_skipped: bool = False  # the draft gate judged drafting not worth it this step
     profile_explored: bool = False  # verified past the policy to price a stale step size
+    # Requests scheduled for the first time, and of those the ones whose target features the
+    # model drafter gets (Speculator._admit; 0 and 0 without a model drafter).
+    num_admitted: int = 0
+    num_admitted_feeding_drafter: int = 0
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)  # index j: drafts accepted at position j
     verify_lengths: list[int] = field(default_factory=list)  # chosen verify length per speculating request

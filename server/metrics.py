@@ -117,6 +117,10 @@ class Metrics:
             "dspark_spec_decode_profile_explore_steps",
             "Engine steps that verified past the policy's choice to price a step size the "
             "throughput profile had not observed for a while.")
+        self.feature_admissions = counter(
+            "dspark_spec_decode_feature_admissions",
+            "Requests admitted where a model drafter reads target features, by whether it is "
+            "fed theirs (fed: it may draft for them).", ["features"])
         self.accepted_per_pos = counter("dspark_spec_decode_num_accepted_tokens_per_pos",
                                         "Accepted draft tokens by draft position.", ["position"])
         verify_buckets = tuple(float(k) for k in range(max_spec_tokens + 1))
@@ -175,6 +179,10 @@ class Metrics:
             self.draft_skipped.labels(m).inc()
         if s.profile_explored:
             self.profile_explored.labels(m).inc()
+        if s.num_admitted:
+            self.feature_admissions.labels(m, "fed").inc(s.num_admitted_feeding_drafter)
+            self.feature_admissions.labels(m, "withheld").inc(
+                s.num_admitted - s.num_admitted_feeding_drafter)
         if s.mask_time_s:
             self.mask_time.labels(m).observe(s.mask_time_s)
         for j, n in enumerate(s.accepted_per_position):

@@ -413,6 +413,15 @@ def scheduling() -> Panel:
             desc="Steps that verified a few drafts past the policy's choice to time a step "
             "size the throughput profile had not observed for a while.",
         ),
+        timeseries(
+            "Requests admitted with and without target features / s",
+            [target(rate("dspark_spec_decode_feature_admissions_total", "features"),
+                    "{{features}}")],
+            "reqps",
+            desc="Whether the model drafter is fed a new request's target features (and may "
+            "draft for it): where its gate said drafting pays at that load, and one request "
+            "in eight otherwise, so the gate can go on probing.",
+        ),
     ]
     return dashboard(
         "dspark-scheduling",

@@ -23,7 +23,7 @@ COMPOSITE = "suffix+dspark"
 
 def composite_engine(
     target, policy_name: str, num_slots: int = 4, budget: int = 48, gates: bool = True,
-    explore_every: int = 64,
+    explore_every: int = 64, feed_drafter_every: int = 8,
 ) -> LLMEngine:
     from drafts.registry import build_proposers
 
@@ -37,7 +37,10 @@ def composite_engine(
         for name, proposer in build_proposers(COMPOSITE, target.hf_model, None, 7)
     ]
     assert [d.name for d in drafters] == ["suffix", "dspark"]
-    speculator = Speculator(drafters, policy, profile=profile, explore_every=explore_every)
+    speculator = Speculator(
+        drafters, policy, profile=profile, explore_every=explore_every,
+        feed_drafter_every=feed_drafter_every,
+    )
     runner = TorchModelRunner(target.hf_model, num_slots, 512, aux_layer_ids=speculator.aux_layer_ids)
     model = ServedModel("test", target.tokenizer, frozenset({target.tokenizer.eos_token_id}))
     return LLMEngine(runner, ContinuousBatcher(num_slots, 512, budget), model, speculator)

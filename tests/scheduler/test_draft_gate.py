@@ -115,3 +115,17 @@ def test_running_means_follow_new_outcomes() -> None:
     assert gate.means is not None and gate.means.accepted == 0.0
     gate.record(2, 0.004, 14, 8)
     assert gate.means.accepted == 2.0 and gate.means.verified == 7.0 and gate.means.draft_s == 0.002
+
+
+def test_it_counts_the_verdicts_since_drafting_last_paid_probes_included() -> None:
+    """What `Speculator._admit` reads to decide whether a new request feeds the model drafter:
+    whether one of the last verdicts said drafting pays, not only the verdict of the moment."""
+    gate = DraftGate(IDLE, probe_share=0.02)
+    assert gate.should_draft(1, 1, 1) and gate.paid_within(1)  # no outcome yet: drafts to learn
+    gate.record(num_candidates=1, draft_time_s=0.005, num_verified=7, num_accepted=0)
+    decisions = [gate.should_draft(1, 1, 1) for _ in range(30)]
+    assert decisions.count(True) == 1  # the probe at the 27th step is no paying verdict
+    assert gate.verdicts_since_paid == 30
+    assert gate.paid_within(31) and not gate.paid_within(30)
+    gate.record(num_candidates=1, draft_time_s=0.0001, num_verified=7, num_accepted=7)
+    assert gate.should_draft(1, 1, 1) and gate.paid_within(1)

@@ -209,10 +209,10 @@ def test_the_composite_drafter_gets_every_positions_features_and_stays_lossless(
 ):
     """suffix+dspark with its gates: greedy output equal to the uncached engine without
     drafting, and DSpark is handed the target's features of every prompt position, the
-    stored prefix's included, from position 0 on."""
+    stored prefix's included, from position 0 on (every request feeds DSpark here)."""
     from tests.scheduler.test_composite_lossless import composite_engine, run
 
-    engine = with_prefix_cache(composite_engine(target, "dspark"))
+    engine = with_prefix_cache(composite_engine(target, "dspark", feed_drafter_every=1))
     dspark = engine.speculator.drafters[1].proposer
     seen: dict[str, list[tuple[int, int]]] = {}
     observe = dspark.observe
@@ -231,6 +231,41 @@ def test_the_composite_drafter_gets_every_positions_features_and_stays_lossless(
         ends = [start + n for start, n in spans]
         assert all(start == end for (start, _), end in zip(spans[1:], ends)), spans
         assert ends[-1] >= len(p)
+
+
+def test_a_request_that_does_not_feed_the_drafter_still_stores_features_with_its_blocks(
+    target, prompts, uncached
+):
+    """A request admitted while the model drafter did not pay never hands DSpark its features,
+    but the blocks it stores carry them: a later request that feeds DSpark and reads those
+    blocks hands over every position's from 0 on, and both answers are exactly the uncached
+    ones."""
+    from tests.scheduler.test_composite_lossless import composite_engine, run
+
+    engine = with_prefix_cache(composite_engine(target, "dspark", feed_drafter_every=1))
+    dspark = engine.speculator.drafters[1].proposer
+    seen: dict[str, list[tuple[int, int]]] = {}
+    observe = dspark.observe
+
+    def spy(req_id, start_pos, hidden):
+        seen.setdefault(req_id, []).append((start_pos, hidden.shape[0]))
+        observe(req_id, start_pos, hidden)
+
+    dspark.observe = spy
+    cached = record_cached_tokens(engine)
+    greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+    without = Request("without", prompts[0], greedy)
+    without.feeds_drafter = False  # as `Speculator._admit` decides under load
+    outputs, *_ = run(engine, [without])
+    later = Request("later", prompts[0], greedy)
+    outputs.update(run(engine, [later])[0])
+    assert [outputs["without"], outputs["later"]] == [uncached[0], uncached[0]]
+    assert later.feeds_drafter and cached["later"] >= len(prompts[0]) - 8
+    assert "without" not in seen
+    spans = seen["later"]
+    ends = [start + n for start, n in spans]
+    assert spans[0] == (0, spans[0][1]) and spans[0][1] > cached["later"]
+    assert all(start == end for (start, _), end in zip(spans[1:], ends)), spans
 
 
 def test_a_conversations_next_turn_reads_the_last_turns_prompt_and_answer(target, chat_prompts):
@@ -256,7 +291,7 @@ def test_a_conversations_next_turn_reads_the_last_turns_prompt_and_answer(target
         return first, answer, finished.get("turn2", 0)
 
     reference = conversation(make_engine(target, num_slots=4, budget=48))
-    engine = with_prefix_cache(composite_engine(target, "dspark"))
+    engine = with_prefix_cache(composite_engine(target, "dspark", feed_drafter_every=1))
     dspark = engine.speculator.drafters[1].proposer
     seen: list[tuple[int, int]] = []
     observe = dspark.observe

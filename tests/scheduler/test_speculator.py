@@ -12,7 +12,7 @@ from scheduler.engine import LLMEngine, ServedModel
 from scheduler.fake import FakeRunner
 from scheduler.plan import StepPlan
 from scheduler.request import Request, SamplingParams
-from scheduler.speculator import Speculator
+from scheduler.speculator import FED_WHILE_PAID_WITHIN, Drafter, Speculator
 from scheduler.stats import StepStats
 from scheduler.verify_policy import FixedLength
 from tests.scheduler.test_policy_never_slower import SimClock
@@ -141,7 +141,6 @@ class ScriptedProposer:
 
 def _kept(lookup: list[float], model: list[float], model_sampled: bool) -> str | None:
     from scheduler.acceptance import OnlineAcceptanceEstimator
-    from scheduler.speculator import Drafter
 
     speculator = Speculator(
         [
@@ -293,7 +292,6 @@ def test_a_lookup_whose_draft_was_not_kept_still_learns_from_the_emitted_tokens(
     (here: always right, as far as the emitted tokens reach), so its cells do not stay at the
     prior while another drafter wins."""
     from scheduler.acceptance import OnlineAcceptanceEstimator
-    from scheduler.speculator import Drafter
 
     lookup = OnlineAcceptanceEstimator()
     speculator = Speculator(
@@ -328,7 +326,6 @@ def test_a_lookup_gate_counts_an_ask_whose_draft_lost_the_choice_as_unknown(look
     the lookup off on copy prompts. An ask that found nothing is worth nothing."""
     from scheduler.acceptance import OnlineAcceptanceEstimator
     from scheduler.draft_gate import LookupGate
-    from scheduler.speculator import Drafter
 
     gate = LookupGate()
     speculator = Speculator(
@@ -378,7 +375,6 @@ def test_the_gates_are_charged_the_steps_bookkeeping_split_by_their_asks() -> No
     step's bookkeeping ate what verifying won."""
     from scheduler.draft_gate import DraftGate, LookupGate
     from scheduler.profiler import ThroughputProfile
-    from scheduler.speculator import Drafter
 
     clock = SimClock()
     profile = ThroughputProfile(64)
@@ -480,3 +476,94 @@ def test_exploring_reads_how_many_drafts_there_are_never_their_values() -> None:
     # 3 anchors + 2 drafts: size 5. Every price is stale, so the smallest size above, 6; its
     # token goes to the draft with the most left.
     assert first == [1, 0, 2]
+
+
+
+class AskLog(RepeatProposer):
+    """Logs whom it is asked for; `aux_layer_ids` (0,) makes it a model drafter's double, one
+    that reads the target's features. found=False: it finds nothing to propose."""
+
+    def __init__(self, gamma: int, aux_layer_ids: tuple[int, ...] = (), found: bool = True):
+        super().__init__(gamma)
+        self.aux_layer_ids, self.found = aux_layer_ids, found
+        self.asked: set[str] = set()
+
+    def propose(self, requests: Sequence[DraftRequest]) -> DraftProposal:
+        self.asked.update(r.req_id for r in requests)
+        if not self.found:
+            return DraftProposal([[] for _ in requests])
+        return super().propose(requests)
+
+
+def _serve_all(drafters: list[Drafter], requests: list[Request]) -> list[StepStats]:
+    """Serve the requests at once (6 slots, simulated clock); every step's stats."""
+    from scheduler.profiler import ThroughputProfile
+
+    clock = SimClock()
+    profile = ThroughputProfile(64)
+    profile.seed([(1, 0.01), (64, 0.05)])
+    speculator = Speculator(
+        drafters, FixedLength(3), profile=profile, clock=clock.now, feed_drafter_every=3
+    )
+    engine = LLMEngine(
+        FakeRunner(FAKE_IDS, EOS), ContinuousBatcher(6, 128, 64),
+        ServedModel("fake", None, frozenset({EOS})), speculator, clock=clock.now,
+    )
+    for r in requests:
+        engine.add_request(r)
+    stats = []
+    while engine.has_work:
+        stepped = engine.step()
+        if stepped:
+            stats.append(stepped[1])
+    return stats
+
+
+def test_requests_admitted_while_the_model_drafter_does_not_pay_do_not_feed_it() -> None:
+    """A model drafter drafts from the features of every position of a request, so whether the
+    runner feeds it a request's is decided when the request is first scheduled: yes where one
+    of the drafter's gate's recent verdicts said drafting pays, otherwise for one request in
+    `feed_drafter_every` (3 here; so the gate can go on probing), never for a request that
+    opted out of drafting. The model drafter is asked only for the requests that feed it, a
+    lookup for all."""
+    from scheduler.draft_gate import DraftGate
+    from scheduler.profiler import ThroughputProfile
+
+    def served(gate: DraftGate | None) -> tuple[dict[str, bool | None], AskLog, AskLog, list]:
+        greedy = SamplingParams(max_tokens=6, temperature=0.0)
+        opted_out = SamplingParams(max_tokens=6, temperature=0.0, speculative=False)
+        reqs = [Request(f"r{i}", [1, 2, 3], greedy) for i in range(5)]
+        reqs.append(Request("opted-out", [1, 2, 3], opted_out))
+        lookup, model = AskLog(3, found=False), AskLog(3, aux_layer_ids=(0,))
+        stats = _serve_all([Drafter("lookup", lookup), Drafter("model", model, gate=gate)], reqs)
+        return {r.req_id: r.feeds_drafter for r in reqs}, model, lookup, stats
+
+    profile = ThroughputProfile(64)
+    profile.seed([(1, 0.01), (64, 0.05)])
+    losing = DraftGate(profile, probe_share=1.0)  # probes every step: asked wherever it may be
+    losing.record(num_candidates=1, draft_time_s=0.05, num_verified=3, num_accepted=0)
+    for _ in range(FED_WHILE_PAID_WITHIN):  # a verdict of "skip" (or a probe) each time
+        losing.should_draft(1, 1, 1)
+    assert not losing.paid_within(FED_WHILE_PAID_WITHIN)
+    feeds, model, lookup, stats = served(losing)
+    # Of the requests admitted while drafting does not pay, the 3rd feeds the drafter.
+    assert feeds == {"r0": False, "r1": False, "r2": True, "r3": False, "r4": False,
+                     "opted-out": False}
+    assert model.asked == {"r2"}
+    assert lookup.asked == {f"r{i}" for i in range(5)}
+    assert (sum(s.num_admitted for s in stats), sum(s.num_admitted_feeding_drafter for s in stats)) \
+        == (6, 1)
+
+    # Before any outcome the gate pays; so does a drafter without a gate: every request feeds
+    # the drafter, but the one that opted out.
+    for gate in (DraftGate(profile), None):
+        feeds, model, _, _ = served(gate)
+        assert feeds == {**{f"r{i}": True for i in range(5)}, "opted-out": False}
+        assert model.asked == {f"r{i}" for i in range(5)}
+
+
+def test_without_a_model_drafter_no_request_feeds_one() -> None:
+    req = Request("a", [1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0))
+    stats = _serve_all([Drafter("lookup", AskLog(3))], [req])
+    assert req.feeds_drafter is False
+    assert sum(s.num_admitted for s in stats) == 0
