@@ -186,6 +186,33 @@ def with_prefix_cache(engine, num_blocks: int = 64, block_size: int = 8):
     return engine
 
 
+def feature_spans(engine) -> dict[str, list[tuple[int, int]]]:
+    """Per request, the (first position, rows) of each feature hand-over DSpark (the composite's
+    second drafter) receives, filled as the engine steps."""
+    dspark = engine.speculator.drafters[1].proposer
+    seen: dict[str, list[tuple[int, int]]] = {}
+    observe = dspark.observe
+
+    def spy(req_id, start_pos, hidden):
+        seen.setdefault(req_id, []).append((start_pos, hidden.shape[0]))
+        observe(req_id, start_pos, hidden)
+
+    dspark.observe = spy
+    return seen
+
+
+def assert_contiguous_from_0(
+    spans: list[tuple[int, int]], first_beyond: int = 0, last_beyond: int = 0
+) -> None:
+    """The hand-overs start at position 0, each where the last ended; the first covers more
+    than `first_beyond` positions (a loaded prefix and the chunk after it), and they reach at
+    least `last_beyond`."""
+    assert spans[0][0] == 0 and spans[0][1] > first_beyond, spans
+    ends = list(itertools.accumulate(n for _, n in spans))
+    assert all(start == end for (start, _), end in zip(spans[1:], ends)), spans
+    assert ends[-1] >= last_beyond, spans
+
+
 def test_greedy_output_with_the_prefix_cache_equals_computing_every_token(
     target, prompts, uncached
 ):
@@ -213,24 +240,12 @@ def test_the_composite_drafter_gets_every_positions_features_and_stays_lossless(
     from tests.scheduler.test_composite_lossless import composite_engine, run
 
     engine = with_prefix_cache(composite_engine(target, "dspark", feed_drafter_every=1))
-    dspark = engine.speculator.drafters[1].proposer
-    seen: dict[str, list[tuple[int, int]]] = {}
-    observe = dspark.observe
-
-    def spy(req_id, start_pos, hidden):
-        seen.setdefault(req_id, []).append((start_pos, hidden.shape[0]))
-        observe(req_id, start_pos, hidden)
-
-    dspark.observe = spy
+    seen = feature_spans(engine)
     greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
     outputs, *_ = run(engine, [Request(f"r{i}", p, greedy) for i, p in enumerate(prompts)])
     assert [outputs[f"r{i}"] for i in range(len(prompts))] == uncached
     for i, p in enumerate(prompts):
-        spans = seen[f"r{i}"]
-        assert spans[0][0] == 0
-        ends = [start + n for start, n in spans]
-        assert all(start == end for (start, _), end in zip(spans[1:], ends)), spans
-        assert ends[-1] >= len(p)
+        assert_contiguous_from_0(seen[f"r{i}"], last_beyond=len(p))
 
 
 def test_a_request_that_does_not_feed_the_drafter_still_stores_features_with_its_blocks(
@@ -243,15 +258,7 @@ def test_a_request_that_does_not_feed_the_drafter_still_stores_features_with_its
     from tests.scheduler.test_composite_lossless import composite_engine, run
 
     engine = with_prefix_cache(composite_engine(target, "dspark", feed_drafter_every=1))
-    dspark = engine.speculator.drafters[1].proposer
-    seen: dict[str, list[tuple[int, int]]] = {}
-    observe = dspark.observe
-
-    def spy(req_id, start_pos, hidden):
-        seen.setdefault(req_id, []).append((start_pos, hidden.shape[0]))
-        observe(req_id, start_pos, hidden)
-
-    dspark.observe = spy
+    seen = feature_spans(engine)
     cached = record_cached_tokens(engine)
     greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
     without = Request("without", prompts[0], greedy)
@@ -262,10 +269,7 @@ def test_a_request_that_does_not_feed_the_drafter_still_stores_features_with_its
     assert [outputs["without"], outputs["later"]] == [uncached[0], uncached[0]]
     assert later.feeds_drafter and cached["later"] >= len(prompts[0]) - 8
     assert "without" not in seen
-    spans = seen["later"]
-    ends = [start + n for start, n in spans]
-    assert spans[0] == (0, spans[0][1]) and spans[0][1] > cached["later"]
-    assert all(start == end for (start, _), end in zip(spans[1:], ends)), spans
+    assert_contiguous_from_0(seen["later"], first_beyond=cached["later"])
 
 
 def test_a_conversations_next_turn_reads_the_last_turns_prompt_and_answer(target, chat_prompts):
@@ -292,19 +296,9 @@ def test_a_conversations_next_turn_reads_the_last_turns_prompt_and_answer(target
 
     reference = conversation(make_engine(target, num_slots=4, budget=48))
     engine = with_prefix_cache(composite_engine(target, "dspark", feed_drafter_every=1))
-    dspark = engine.speculator.drafters[1].proposer
-    seen: list[tuple[int, int]] = []
-    observe = dspark.observe
-
-    def spy(req_id, start_pos, hidden):
-        if req_id == "turn2":
-            seen.append((start_pos, hidden.shape[0]))
-        observe(req_id, start_pos, hidden)
-
-    dspark.observe = spy
+    seen = feature_spans(engine)
     first, answer, cached = conversation(engine)
     assert (first, answer) == reference[:2]
     # Turn 1's last token was emitted, never computed: the blocks end before it.
     assert cached == (len(chat_prompts[0]) + len(first) - 1) // 8 * 8
-    assert seen[0] == (0, seen[0][1]) and seen[0][1] > cached
-    assert all(start == s + n for (s, n), (start, _) in itertools.pairwise(seen)), seen
+    assert_contiguous_from_0(seen["turn2"], first_beyond=cached)
