@@ -56,8 +56,9 @@ if TYPE_CHECKING:
 
 
 # A request is admitted feeding the model drafter while one of its gate's last this many
-# verdicts said drafting pays (`Speculator._admit`). At one stream on chat the verdict flips
-# between drafting and probing from one step to the next; at 16 streams it says skip for
+# verdicts said drafting pays (`Speculator._admit`). A verdict is about one step and a request
+# lives for hundreds: where the verdict flips between drafting and probing, a request admitted
+# at a "skip" would lose the drafter for its life. At 16 streams on the CPU it says skip for
 # hundreds of steps in a row.
 FED_WHILE_PAID_WITHIN = 64
 
@@ -375,8 +376,8 @@ class Speculator:
         its blocks: a block serves later requests, which may draft.) The load a request is
         admitted at is the one it mostly runs at; where it falls, the requests that feed the
         drafter let the gate's probes see it, and the next requests feed it too. The verdict
-        reads the gate's past outcomes and the step's size, never a draft: lossless like the
-        gate's."""
+        reads the gate's past verdicts and a count of admissions, never a draft: lossless like
+        the gate's."""
         new = [s.req for s in plan.scheduled if s.req.feeds_drafter is None]
         if not new:
             return
