@@ -10,8 +10,11 @@ time of its own steps. Per configuration: aggregate tokens/s against the first, 
 step's time goes (the target forward, the drafters, the rest), per step and per output token.
 The last line printed is one JSON object. A configuration listed twice runs as two engines
 ("none #2"): the spread between them is the noise a gap must clear (benchmarks/paired.py).
+The first engine of the list runs its forward 2-6 % slower than the others, for a reason not
+found (four identical engines: 1.000 / 1.031 / 1.065 / 1.056x; docs/benchmarks.md): list the
+baseline first and last, and compare two configurations in both orders.
 
-    python benchmarks/lockstep.py --configs none,suffix:dspark,suffix+dspark:dspark \\
+    python benchmarks/lockstep.py --configs none,suffix:dspark,suffix+dspark:dspark,none \\
         --prompts gsm8k --streams 16 --requests 64 --threads 2
 """
 
