@@ -118,10 +118,9 @@ class DraftGate:
         return False
 
     def paid_within(self, verdicts: int) -> bool:
-        """Whether one of the last `verdicts` verdicts said drafting pays (or none came yet).
-        A verdict is about one step: at one stream a chat's drafts pay in runs, and the verdict
-        flips between drafting and probing; what a whole request will see is better read off
-        the recent verdicts than off the one of the moment."""
+        """Whether one of the last `verdicts` verdicts said drafting pays (or none came yet):
+        what `Speculator._admit` reads for a request's whole life, where one verdict is about
+        one step (speculator.FED_WHILE_PAID_WITHIN)."""
         return self.verdicts_since_paid < verdicts
 
     def record(

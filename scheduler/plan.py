@@ -96,6 +96,6 @@ class StepResult:
     results: list[RequestResult]  # aligned with StepPlan.scheduled
     forward_time_s: float = 0.0
     # Per scheduled request: [num committed positions this step, feature dim] target features
-    # for the proposer (from `first_feature_pos`), or None where it drafts for the request
-    # from none (Request.feeds_drafter). None when no proposer needs them.
+    # for the proposer (from `first_feature_pos`), or None for a request that does not feed
+    # the model drafter (Request.feeds_drafter). None when no proposer needs them.
     aux_hidden: list[Any] | None = None

@@ -163,7 +163,9 @@ class Speculator:
             self.drafters = [Drafter("draft", proposer, estimator, gate)]
         if not self.drafters:
             raise ValueError("a Speculator needs at least one drafter")
-        needs_features = {tuple(d.proposer.aux_layer_ids) for d in self.drafters} - {()}
+        # The model drafters: those that read the target's features (`_admit`).
+        self._feature_readers = [d for d in self.drafters if d.proposer.aux_layer_ids]
+        needs_features = {tuple(d.proposer.aux_layer_ids) for d in self._feature_readers}
         if len(needs_features) > 1:
             raise ValueError("drafters that read different target layers cannot be combined")
         self._aux_layer_ids = needs_features.pop() if needs_features else ()
@@ -381,12 +383,14 @@ class Speculator:
         new = [s.req for s in plan.scheduled if s.req.feeds_drafter is None]
         if not new:
             return
-        readers = [d for d in self.drafters if d.proposer.aux_layer_ids]
-        if not readers:  # lookups only: nobody reads features
+        if not self._feature_readers:  # lookups only: nobody reads features
             for req in new:
                 req.feeds_drafter = False
             return
-        pays = any(d.gate is None or d.gate.paid_within(FED_WHILE_PAID_WITHIN) for d in readers)
+        pays = any(
+            d.gate is None or d.gate.paid_within(FED_WHILE_PAID_WITHIN)
+            for d in self._feature_readers
+        )
         for req in new:
             feeds = req.params.speculative
             if feeds and not pays:
@@ -568,11 +572,10 @@ class Speculator:
         """Hand the proposers the target features of the positions committed this step."""
         if result.aux_hidden is None:
             return
-        readers = [d.proposer for d in self.drafters if d.proposer.aux_layer_ids]
         for s, hidden in zip(plan.scheduled, result.aux_hidden):
             if hidden is not None and hidden.shape[0] and not s.req.is_finished:
-                for proposer in readers:
-                    proposer.observe(s.req.req_id, s.first_feature_pos, hidden)
+                for d in self._feature_readers:
+                    d.proposer.observe(s.req.req_id, s.first_feature_pos, hidden)
 
 
 def _learn_from_emitted(

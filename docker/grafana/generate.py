@@ -419,8 +419,8 @@ def scheduling() -> Panel:
                     "{{features}}")],
             "reqps",
             desc="Whether the model drafter is fed a new request's target features (and may "
-            "draft for it): where its gate said drafting pays at that load, and one request "
-            "in eight otherwise, so the gate can go on probing.",
+            "draft for it): where one of its gate's last 64 verdicts said drafting pays, and "
+            "one request in eight otherwise, so the gate can go on probing.",
         ),
     ]
     return dashboard(

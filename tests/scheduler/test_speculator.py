@@ -425,12 +425,7 @@ def test_exploring_verifies_past_the_policy_to_price_the_stalest_size() -> None:
         greedy = SamplingParams(max_tokens=12, temperature=0.0)
         engine.add_request(Request("a", [1, 2, 3], greedy))
         engine.add_request(Request("b", [4, 5, 6], greedy))
-        stats = []
-        while engine.has_work:
-            stepped = engine.step()
-            if stepped:
-                stats.append(stepped[1])
-        return stats, profile
+        return _stats_until_done(engine), profile
 
     stats, _ = run(explore_every=0)
     assert not any(s.num_draft_tokens or s.profile_explored for s in stats)
@@ -511,6 +506,11 @@ def _serve_all(drafters: list[Drafter], requests: list[Request]) -> list[StepSta
     )
     for r in requests:
         engine.add_request(r)
+    return _stats_until_done(engine)
+
+
+def _stats_until_done(engine: LLMEngine) -> list[StepStats]:
+    """Step the engine until it has no work; the stats of every step that ran."""
     stats = []
     while engine.has_work:
         stepped = engine.step()
