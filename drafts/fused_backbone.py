@@ -20,32 +20,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from drafts.common import DecoderLayer, DraftConfig, apply_rope, rope_cos_sin
-from scheduler.linear import FrozenLinear
+from scheduler.linear import FrozenLinear, Product
 
 
 class _Layer:
     """One decoder layer's products, fused: q/k/v for the block, k/v for the context."""
 
-    def __init__(self, layer: DecoderLayer) -> None:
+    def __init__(self, layer: DecoderLayer, product: Product) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         q, k, v = attn.q_proj.weight.data, attn.k_proj.weight.data, attn.v_proj.weight.data
-        self.qkv = FrozenLinear(torch.cat([q, k, v]), None)
-        self.kv = FrozenLinear(torch.cat([k, v]), None)
-        self.o = FrozenLinear(attn.o_proj.weight.data, None)
-        self.gate_up = FrozenLinear(
-            torch.cat([mlp.gate_proj.weight.data, mlp.up_proj.weight.data]), None
-        )
-        self.down = FrozenLinear(mlp.down_proj.weight.data, None)
+        self.qkv = product(torch.cat([q, k, v]), None)
+        self.kv = product(torch.cat([k, v]), None)
+        self.o = product(attn.o_proj.weight.data, None)
+        self.gate_up = product(torch.cat([mlp.gate_proj.weight.data, mlp.up_proj.weight.data]), None)
+        self.down = product(mlp.down_proj.weight.data, None)
         self.input_norm = layer.input_layernorm
         self.post_norm = layer.post_attention_layernorm
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
 
 
 class FusedBackbone:
-    """`backbone` and `ctx_kv` of a DSparkModel (module docstring)."""
+    """`backbone` and `ctx_kv` of a DSparkModel (module docstring); `product` makes each
+    fused weight's product (scheduler.linear.Product)."""
 
-    def __init__(self, layers: list[DecoderLayer], final_norm: nn.Module, cfg: DraftConfig) -> None:
-        self.layers = [_Layer(layer) for layer in layers]
+    def __init__(
+        self,
+        layers: list[DecoderLayer],
+        final_norm: nn.Module,
+        cfg: DraftConfig,
+        product: Product = FrozenLinear,
+    ) -> None:
+        self.layers = [_Layer(layer, product) for layer in layers]
         self.norm = final_norm
         self.heads, self.kv_heads, self.head_dim = (
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim

@@ -22,7 +22,8 @@ from drafts.fused_backbone import FusedBackbone
 from drafts.registry import get, resolve
 from drafts.vocab import DraftHead
 from scheduler.drafter import DraftProposal, DraftRequest, Proposer
-from scheduler.linear import frozen_copy
+from scheduler.linear import FrozenLinear, Product, frozen_copy
+from scheduler.quant import q8_product, serves_native_kernels
 from scheduler.sampling import process_logits, sample_rows
 
 
@@ -67,9 +68,10 @@ class _FeatureProposer:
         head: DraftHead,
         num_speculative_tokens: int,
         leave_out: Sequence[nn.ModuleList] = (),
+        product: Product = FrozenLinear,
     ) -> None:
         # The drafter only runs forward: fastest weight layout (leave_out: served otherwise).
-        self.model = frozen_copy(model, leave_out)
+        self.model = frozen_copy(model, leave_out, product)
         self.parts = parts
         self.head = head
         self.cfg = cast(DraftConfig, model.cfg)
@@ -241,11 +243,14 @@ class DSparkProposer(_FeatureProposer):
         parts: FrozenTargetParts,
         head: DraftHead,
         num_speculative_tokens: int,
+        product: Product = FrozenLinear,
     ) -> None:
         # The fused backbone serves the layers: a frozen copy of them would hold their weights
         # a second time.
-        super().__init__(model, parts, head, num_speculative_tokens, leave_out=[model.layers])
-        self.backbone = FusedBackbone(model.decoder_layers(), self.model.norm, self.cfg)
+        super().__init__(
+            model, parts, head, num_speculative_tokens, leave_out=[model.layers], product=product
+        )
+        self.backbone = FusedBackbone(model.decoder_layers(), self.model.norm, self.cfg, product)
         self.last_conf_logits: dict[str, list[float]] = {}  # raw head outputs, for calibration
 
     def _absorb(self, req: DraftRequest, st: _State) -> bool:
@@ -361,6 +366,13 @@ class Eagle3Proposer(_FeatureProposer):
         self._write_drafts(ready, toks, dists, ids, probs)
 
 
+def draft_product(target: Any) -> Product:
+    """How a draft multiplies its weights beside this target: through the int8 kernel where the
+    target's products run through the native kernels (`q8_product`: half the bytes a draft
+    call reads, tau unchanged; docs/benchmarks.md), else the dense frozen layout."""
+    return q8_product if serves_native_kernels(target) else FrozenLinear
+
+
 def make_proposer(model: nn.Module, target: Any, num_speculative_tokens: int) -> _FeatureProposer:
     """The engine proposer of a trained draft: the class its drafter's spec names."""
     proposer_class = get(draft_config(model).method).proposer_class
@@ -368,9 +380,10 @@ def make_proposer(model: nn.Module, target: Any, num_speculative_tokens: int) ->
         raise ValueError(f"drafter {draft_config(model).method!r} names no proposer class")
     emb = target.get_input_embeddings().weight
     model = model.to(device=emb.device, dtype=emb.dtype).eval()
-    head = DraftHead(model, target)
+    product = draft_product(target)
+    head = DraftHead(model, target, product)
     proposer: _FeatureProposer = resolve(proposer_class)(
-        model, target_parts(target), head, num_speculative_tokens
+        model, target_parts(target), head, num_speculative_tokens, product=product
     )
     return proposer
 

@@ -14,13 +14,13 @@ rejection rule accepts as any other draft distribution.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from scheduler.linear import FrozenLinear, shared_frozen_linear
+from scheduler.linear import FrozenLinear, Product, shared_frozen_linear
 
 
 def frequent_tokens(token_lists: Iterable[Iterable[int]], size: int) -> torch.Tensor:
@@ -43,9 +43,11 @@ def extended_vocab(
 
 class DraftHead:
     """The target's LM head (and DSpark's Markov head) as the proposer multiplies them: over the
-    draft's `draft_vocab` buffer when it has one, else over the whole vocabulary."""
+    draft's `draft_vocab` buffer when it has one, else over the whole vocabulary. `product`
+    makes the draft vocabulary's products (scheduler.linear.Product); over the whole vocabulary
+    the target's own head is shared."""
 
-    def __init__(self, model: nn.Module, target: Any) -> None:
+    def __init__(self, model: nn.Module, target: Any, product: Product = FrozenLinear) -> None:
         lm_head = target.get_output_embeddings()
         ids: torch.Tensor | None = getattr(model, "draft_vocab", None)
         self.vocab_size = int(lm_head.weight.shape[0])
@@ -53,12 +55,13 @@ class DraftHead:
         self.dtype = lm_head.weight.dtype
         if self.ids is None:
             self.head = shared_frozen_linear(lm_head.weight, lm_head.bias)
-            self.markov: FrozenLinear | None = None  # the model's own Markov head is used
+            # over the whole vocabulary the model's own Markov head is used
+            self.markov: Callable[[torch.Tensor], torch.Tensor] | None = None
             return
         bias = None if lm_head.bias is None else lm_head.bias.data[self.ids]
-        self.head = FrozenLinear(lm_head.weight.data[self.ids], bias)
+        self.head = product(lm_head.weight.data[self.ids], bias)
         w2 = getattr(model, "markov_w2", None)
-        self.markov = None if w2 is None else FrozenLinear(w2.weight.data[self.ids], None)
+        self.markov = None if w2 is None else product(w2.weight.data[self.ids], None)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> float32 logits over the draft vocabulary [..., V_draft]."""

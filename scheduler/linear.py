@@ -72,32 +72,40 @@ def shared_frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None = None)
     return lin
 
 
+# How a frozen weight becomes a product: (weight, bias) -> a callable x -> x W^T + b.
+# FrozenLinear, or scheduler.quant.q8_product where a drafter multiplies through the int8 kernel.
+Product = Callable[[torch.Tensor, torch.Tensor | None], Callable[[torch.Tensor], torch.Tensor]]
+
+
 class FrozenLinearModule(nn.Module):
     """Drop-in for an nn.Linear at inference; holds only the frozen copy."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, product: Product = FrozenLinear) -> None:
         super().__init__()
-        self.linear = FrozenLinear(linear.weight, linear.bias)
+        self.linear = product(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
 
 
-def frozen_copy(module: nn.Module, leave_out: Sequence[nn.ModuleList] = ()) -> nn.Module:
+def frozen_copy(
+    module: nn.Module, leave_out: Sequence[nn.ModuleList] = (), product: Product = FrozenLinear
+) -> nn.Module:
     """A copy of `module` for inference with every nn.Linear frozen (the original is left as
     it is, so it can still be trained or saved). Lists in `leave_out` are copied empty: parts
-    that the caller serves some other way, whose weights need not be copied and laid out."""
+    that the caller serves some other way, whose weights need not be copied and laid out.
+    `product` makes each linear's frozen product."""
     out = copy.deepcopy(module, {id(m): nn.ModuleList() for m in leave_out})
-    _freeze_children(out)
+    _freeze_children(out, product)
     return out
 
 
-def _freeze_children(module: nn.Module) -> None:
+def _freeze_children(module: nn.Module, product: Product) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, FrozenLinearModule(child))
+            setattr(module, name, FrozenLinearModule(child, product))
         else:
-            _freeze_children(child)
+            _freeze_children(child, product)
 
 
 def _has_onednn_linear() -> bool:

@@ -11,8 +11,9 @@ import torch
 
 from scheduler import kernels
 from scheduler.gguf_blocks import GROUP
+from scheduler.linear import FrozenLinear
 from scheduler.loader import default_cache_dir, native_int4
-from scheduler.quant import Int4Linear, Q8Linear
+from scheduler.quant import Int4Linear, Q8Linear, q8_product, quantize_q8
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,6 +94,41 @@ def test_native_needs_bfloat16_activations():
     assert native_int4("auto", torch.float32, default_cache_dir()) is False  # falls back
     assert native_int4("aten", torch.bfloat16, default_cache_dir()) is False
     assert native_int4("auto", torch.bfloat16, default_cache_dir()) is kernels.has_vnni()
+
+
+def test_a_dense_weight_as_q8_rounds_each_block_to_its_own_scale():
+    """`quantize_q8`: d * q within half a step of every weight, d the block's max |w| / 127
+    in float16, the largest weight of a block at +-127 (an all-zero block stays zero)."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 96, generator=gen) * 0.05
+    w[3, :GROUP] = 0
+    q, d = quantize_q8(w.bfloat16())
+    blocks = w.bfloat16().float().view(48, -1, GROUP)
+    assert torch.equal(d, (blocks.abs().amax(-1) / 127).half().float())
+    back = q.float().view(48, -1, GROUP) * d[..., None]
+    assert ((back - blocks).abs() <= d[..., None] / 2 + 1e-9).all()
+    assert torch.equal(
+        q.view(48, -1, GROUP).abs().amax(-1)[d > 0],
+        torch.full_like(d[d > 0], 127, dtype=torch.int8),
+    )
+    assert not q[3, :GROUP].any()
+
+
+def test_a_drafters_q8_product_multiplies_its_quantized_weight():
+    """`q8_product` (a drafter's products beside a native target): the kernel's product of
+    the weight's Q8_0 blocks, near the bf16 product; what the kernel cannot take (a bias,
+    outputs not in 16s) stays the dense FrozenLinear."""
+    gen = torch.Generator().manual_seed(6)
+    w = (torch.randn(96, 576, generator=gen) * 0.05).bfloat16()
+    x = torch.randn(7, 576, generator=gen).bfloat16()
+    product = q8_product(w, None)
+    assert isinstance(product, Q8Linear) and product.native
+    q, d = quantize_q8(w)
+    torch.testing.assert_close(product(x), Q8Linear(q, d, GROUP, torch.bfloat16, native=True)(x))
+    dense = x.float() @ w.float().T
+    assert (product(x).float() - dense).norm() < 0.01 * dense.norm()
+    assert isinstance(q8_product(w, torch.zeros(96).bfloat16()), FrozenLinear)
+    assert isinstance(q8_product(w[:40], None), FrozenLinear)
 
 
 def test_q8_matches_the_formula():

@@ -24,7 +24,7 @@ from scheduler.gguf_blocks import GROUP, quantize_q4_1
 from scheduler.loader import default_cache_dir, load_target
 from scheduler.model import StepOptions
 from scheduler.profiler import ThroughputProfile
-from scheduler.quant import Int4Linear
+from scheduler.quant import Int4Linear, Q8Linear, serves_native_kernels
 from scheduler.request import SamplingParams
 from scheduler.runner import TorchModelRunner
 from scheduler.verify_policy import build_policy
@@ -128,7 +128,14 @@ def test_quantized_greedy_identical_with_drafter(quantized, runner, prompts, ref
 def test_quantized_greedy_identical_with_shipped_drafter(
     quantized, runner, dspark, prompts, reference
 ):
-    """DSpark's drafts, from the quantized target's own features, verified by that target."""
+    """DSpark's drafts, from the quantized target's own features, verified by that target.
+    Beside a target served through the native kernels the draft multiplies through them too
+    (its weights as Q8_0, `q8_product`): this is the draft `make serve` runs."""
+    assert serves_native_kernels(quantized.hf_model) == kernels.has_vnni()
+    if kernels.has_vnni():
+        layer = dspark.backbone.layers[0]
+        assert all(isinstance(p, Q8Linear) for p in (layer.qkv, layer.kv, layer.o, layer.down))
+        assert isinstance(dspark.head.head, Q8Linear) and isinstance(dspark.model.fc.linear, Q8Linear)
     engine = engine_for(quantized, runner, dspark)
     outs, spec = run_staggered(
         engine, prompts, lambda i: SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
