@@ -10,9 +10,12 @@ time of its own steps. Per configuration: aggregate tokens/s against the first, 
 step's time goes (the target forward, the drafters, the rest), per step and per output token.
 The last line printed is one JSON object. A configuration listed twice runs as two engines
 ("none #2"): the spread between them is the noise a gap must clear (benchmarks/paired.py).
-The first engine of the list runs its forward 2-6 % slower than the others, for a reason not
-found (four identical engines: 1.000 / 1.031 / 1.065 / 1.056x; docs/benchmarks.md): list the
-baseline first and last, and compare two configurations in both orders.
+Each round starts one engine further along the list: the engine that steps first in a round
+runs its forward 1-6 % slower than the others (cause not found; with the same engine first in
+every round, four identical engines served 1.000 / 1.019 / 1.030 / 1.030x, and the engine
+stepped first was the slow one whichever was built first). Rotated, two runs gave 1.000 /
+1.002 / 1.008 / 1.009x and 1.000 / 1.012 / 1.014 / 1.019x (docs/benchmarks.md): up to 2 %
+remains, so list the baseline first and last and compare two configurations in both orders.
 
     python benchmarks/lockstep.py --configs none,suffix:dspark,suffix+dspark:dspark,none \\
         --prompts gsm8k --streams 16 --requests 64 --threads 2
@@ -21,6 +24,7 @@ baseline first and last, and compare two configurations in both orders.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -147,8 +151,12 @@ def main() -> None:
         while engine.has_work:
             engine.step()
         loops[spec] = ClosedLoop(engine, prompts, args.streams, params)
-    while not all(loop.done for loop in loops.values()):
-        for loop in loops.values():
+    order = list(loops.values())
+    for round_no in itertools.count():
+        if all(loop.done for loop in order):
+            break
+        first = round_no % len(order)  # every engine steps first in a round as often
+        for loop in order[first:] + order[:first]:
             if not loop.done:
                 loop.step()
     base = loops[specs[0]].totals

@@ -40,7 +40,8 @@ class EngineConfig:
         "auto | native | aten: the GGUF's Q4_1 linears and Q8_0 head times activations rounded "
         "to two int8 digits with integer dot products (a C++ kernel built for this CPU at the "
         "first start; needs AVX-512 VNNI and bfloat16), or torch's int4 kernel on the "
-        "activations as they are and a dense head (auto: native where it builds)",
+        "activations as they are and a dense head (auto: native where it builds); beside the "
+        "native kernels a trained draft's weights multiply as Q8_0 through them too",
     )
     compile_step: str = _option(
         "auto",
