@@ -11,6 +11,7 @@ import argparse
 import json
 import statistics
 import time
+from typing import Any
 
 import torch
 from speculative import PROMPT_SETS, chat_token_ids  # benchmarks/speculative.py, beside this
@@ -19,6 +20,23 @@ from scheduler.build import assemble_engine
 from scheduler.config import EngineConfig
 from scheduler.loader import load_target
 from scheduler.request import Request, SamplingParams
+
+
+def time_propose(engine: Any) -> list[float]:
+    """From now on, the seconds of each `propose` call of the engine's model drafter (the one
+    that reads target features; else its first drafter), appended to the list returned."""
+    drafters = engine.speculator.drafters
+    proposer = next((d for d in drafters if d.proposer.aux_layer_ids), drafters[0]).proposer
+    propose, times = proposer.propose, []
+
+    def timed(requests):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        out = propose(requests)
+        times.append(time.perf_counter() - t)
+        return out
+
+    proposer.propose = timed
+    return times
 
 
 def main() -> None:
@@ -35,16 +53,7 @@ def main() -> None:
     loaded = load_target(config.model, "cpu", config.dtype, None, config.weights)
     engine = assemble_engine(loaded, config)
     assert engine.speculator is not None, "--speculative names no drafter"
-    proposer = engine.speculator.drafters[0].proposer
-    propose, times = proposer.propose, []
-
-    def timed(requests):  # type: ignore[no-untyped-def]
-        t = time.perf_counter()
-        out = propose(requests)
-        times.append(time.perf_counter() - t)
-        return out
-
-    proposer.propose = timed  # type: ignore[method-assign]
+    times = time_propose(engine)
     texts = PROMPT_SETS[args.prompts]()[: args.requests]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     for i, ids in enumerate(chat_token_ids(loaded.tokenizer, texts)):

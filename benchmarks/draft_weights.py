@@ -14,49 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from typing import Any
 
 import torch
-from speculative import PROMPT_SETS, chat_token_ids  # benchmarks/speculative.py, beside this
+from draft_call import time_propose  # the benchmarks beside this
+from paired import serve_one
+from speculative import PROMPT_SETS, chat_token_ids
 
 import drafts.proposer
 from scheduler.build import assemble_engine
 from scheduler.config import EngineConfig
 from scheduler.linear import FrozenLinear
 from scheduler.loader import load_target
-from scheduler.request import Request, SamplingParams
-
-MODEL_DRAFTERS = ("dspark", "dflash", "eagle3")
-
-
-def timed_propose(engine: Any, times: list[float]) -> None:
-    proposer = next(d.proposer for d in engine.speculator.drafters if d.name in MODEL_DRAFTERS)
-    propose = proposer.propose
-
-    def timed(requests):  # type: ignore[no-untyped-def]
-        t = time.perf_counter()
-        out = propose(requests)
-        times.append(time.perf_counter() - t)
-        return out
-
-    proposer.propose = timed
-
-
-def serve(engine: Any, req_id: str, prompt: list[int], params: SamplingParams) -> dict:
-    engine.add_request(Request(req_id, prompt, params))
-    tokens: list[int] = []
-    accepted = rounds = 0
-    t0 = time.perf_counter()
-    while engine.has_work:
-        stepped = engine.step()
-        if stepped:
-            outputs, stats = stepped
-            accepted += stats.num_accepted_tokens
-            rounds += stats.num_drafts
-            for out in outputs:
-                tokens += out.new_token_ids
-    return {"tokens": tokens, "s": time.perf_counter() - t0, "accepted": accepted, "rounds": rounds}
+from scheduler.request import SamplingParams
 
 
 def main() -> None:
@@ -79,8 +49,7 @@ def main() -> None:
     for label, product in (("served", served_product), ("dense", FrozenLinear)):
         drafts.proposer.draft_product = lambda target, product=product: product  # type: ignore[misc]
         engines[label] = assemble_engine(loaded, config)
-        times[label] = []
-        timed_propose(engines[label], times[label])
+        times[label] = time_propose(engines[label])
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     report = []
     for name in args.prompts.split(","):
@@ -91,12 +60,12 @@ def main() -> None:
         for i, prompt in enumerate(prompts):
             order = list(engines) if i % 2 == 0 else list(reversed(engines))
             for label in order:
-                runs[label].append(serve(engines[label], f"{name}-{i}", prompt, params))
+                runs[label].append(serve_one(engines[label], f"{name}-{i}", prompt, params))
         point: dict[str, Any] = {"prompts": name, "requests": len(prompts)}
         for label, rs in runs.items():
             point[label] = {
                 "tau": 1 + sum(r["accepted"] for r in rs) / max(1, sum(r["rounds"] for r in rs)),
-                "per_user_tok_s": statistics.mean(len(r["tokens"]) / r["s"] for r in rs),
+                "per_user_tok_s": statistics.mean(len(r["tokens"]) / r["latency"] for r in rs),
                 "propose_ms": 1e3 * statistics.median(times[label]) if times[label] else None,
                 "propose_calls": len(times[label]),
             }

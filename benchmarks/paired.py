@@ -50,18 +50,28 @@ def serve_one(engine, req_id: str, prompt: list[int], params: SamplingParams) ->
     t0 = time.perf_counter()
     tokens: list[int] = []
     first = decode = 0.0
+    accepted = rounds = 0
     while engine.has_work:
         stepped = engine.step()
         if not stepped:
             continue
         outputs, stats = stepped
+        accepted += stats.num_accepted_tokens
+        rounds += stats.num_drafts
         for out in outputs:
             tokens += out.new_token_ids
         if tokens and not first:
             first = time.perf_counter() - t0
         if not stats.num_prefill_tokens:
             decode += stats.step_time_s
-    return {"tokens": tokens, "latency": time.perf_counter() - t0, "ttft": first, "decode": decode}
+    return {
+        "tokens": tokens,
+        "latency": time.perf_counter() - t0,
+        "ttft": first,
+        "decode": decode,
+        "accepted": accepted,  # drafts accepted, over
+        "rounds": rounds,  # the drafting rounds verified
+    }
 
 
 def main() -> None:

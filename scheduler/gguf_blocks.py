@@ -66,6 +66,16 @@ def quantize_q4_1(weight: torch.Tensor, group: int = GROUP) -> QuantTensor:
     return QuantTensor(4, q.reshape(weight.shape), d, low + 8 * d)
 
 
+def quantize_q8_0(weight: torch.Tensor, group: int = GROUP) -> QuantTensor:
+    """Round a dense [out, in] matrix to Q8_0 (per group, d = max |w| / 127, rounded to float16
+    first as the format stores it, so that d * q is what a kernel multiplies; q = round(w / d));
+    serves a trained draft's weights beside the native kernels (`quant.q8_product`)."""
+    w = weight.detach().float().reshape(weight.shape[0], -1, group)
+    d = (w.abs().amax(-1) / 127).half().float()
+    q = torch.round(w / d.clamp(min=torch.finfo(torch.float16).tiny)[..., None])
+    return QuantTensor(8, q.clamp(-127, 127).to(torch.int8).reshape(weight.shape), d, None)
+
+
 def _halves(blocks: np.ndarray, offset: int) -> np.ndarray:
     return (
         np.ascontiguousarray(blocks[..., offset : offset + 2])

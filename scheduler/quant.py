@@ -42,6 +42,7 @@ from scheduler.gguf_blocks import (
     LAYER_LINEARS,
     GGUFWeightsError,
     QuantTensor,
+    quantize_q8_0,
     read_gguf_linears,
 )
 from scheduler.linear import FrozenLinear, LayerProjections, shared_frozen_linear
@@ -299,20 +300,9 @@ class Q8Linear(nn.Module):
         return self.plane(torch.cat([x, x], -1))
 
 
-def quantize_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8_0 of a dense [out, in] matrix: per block of GROUP along the input, q = round(w / d)
-    with d = max|w| / 127, d rounded to float16 first (as the format stores it) so that d * q
-    is what the kernel multiplies."""
-    out, inp = weight.shape
-    blocks = weight.detach().float().view(out, inp // GROUP, GROUP)
-    d = (blocks.abs().amax(-1) / 127).half().float()
-    q = torch.round(blocks / d.clamp(min=torch.finfo(torch.float16).tiny)[..., None])
-    return q.clamp(-127, 127).to(torch.int8).view(out, inp), d
-
-
 def q8_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], Any]:
     """A drafter's frozen product through q4_linear.cpp's Q8_0 kernel (the target's LM head's
-    format): its bf16 weight as Q8_0 (`quantize_q8`), half the bytes. A draft call runs after
+    format): its bf16 weight as Q8_0 (`gguf_blocks.quantize_q8_0`), half the bytes. A draft call runs after
     the target's step has pushed its weights out of the CPU's caches, so reading them is much of
     its time: a DSpark draft of the embedded model 6.9 -> 5.4 ms, tau the same to three places
     (docs/benchmarks.md). Biased products and shapes the kernel does not take (outputs not in
@@ -320,8 +310,8 @@ def q8_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[tor
     out, inp = weight.shape
     if bias is not None or out % NATIVE_TILE or inp % GROUP:
         return FrozenLinear(weight, bias)
-    q, d = quantize_q8(weight)
-    return Q8Linear(q, d, GROUP, weight.dtype, native=True)
+    qt = quantize_q8_0(weight)
+    return Q8Linear(qt.q, qt.scale, GROUP, weight.dtype, native=True)
 
 
 def serves_native_kernels(model: nn.Module) -> bool:

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from scheduler import kernels
-from scheduler.gguf_blocks import GROUP
+from scheduler.gguf_blocks import GROUP, quantize_q8_0
 from scheduler.linear import FrozenLinear
 from scheduler.loader import default_cache_dir, native_int4
-from scheduler.quant import Int4Linear, Q8Linear, q8_product, quantize_q8
+from scheduler.quant import Int4Linear, Q8Linear, q8_product
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -97,12 +97,13 @@ def test_native_needs_bfloat16_activations():
 
 
 def test_a_dense_weight_as_q8_rounds_each_block_to_its_own_scale():
-    """`quantize_q8`: d * q within half a step of every weight, d the block's max |w| / 127
+    """`quantize_q8_0`: d * q within half a step of every weight, d the block's max |w| / 127
     in float16, the largest weight of a block at +-127 (an all-zero block stays zero)."""
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(48, 96, generator=gen) * 0.05
     w[3, :GROUP] = 0
-    q, d = quantize_q8(w.bfloat16())
+    qt = quantize_q8_0(w.bfloat16())
+    q, d = qt.q, qt.scale
     blocks = w.bfloat16().float().view(48, -1, GROUP)
     assert torch.equal(d, (blocks.abs().amax(-1) / 127).half().float())
     back = q.float().view(48, -1, GROUP) * d[..., None]
@@ -123,8 +124,10 @@ def test_a_drafters_q8_product_multiplies_its_quantized_weight():
     x = torch.randn(7, 576, generator=gen).bfloat16()
     product = q8_product(w, None)
     assert isinstance(product, Q8Linear) and product.native
-    q, d = quantize_q8(w)
-    torch.testing.assert_close(product(x), Q8Linear(q, d, GROUP, torch.bfloat16, native=True)(x))
+    qt = quantize_q8_0(w)
+    torch.testing.assert_close(
+        product(x), Q8Linear(qt.q, qt.scale, GROUP, torch.bfloat16, native=True)(x)
+    )
     dense = x.float() @ w.float().T
     assert (product(x).float() - dense).norm() < 0.01 * dense.norm()
     assert isinstance(q8_product(w, torch.zeros(96).bfloat16()), FrozenLinear)
