@@ -2,7 +2,8 @@
 
 `row_attention.cpp`: a step's packed rows attending their requests' cached keys and values
 (scheduler/compiled.py). `q4_linear.cpp`: a GGUF's Q4_1 and Q8_0 matrices times activations
-rounded to two int8 digits, with integer dot products (scheduler/quant.py). They are compiled
+rounded to two int8 digits, with integer dot products (scheduler/quant.py), from 16 rows through
+the tile unit where the CPU has one (AMX: the same bits). They are compiled
 with the machine's own instruction set (AVX-512 where the CPU has it, portable loops
 elsewhere) by torch's extension builder (needs a C++ compiler and ninja), ~10 s the first
 time, then loaded from `<cache>/kernels/` in a fraction of a second. The folder's name carries the CPU's flags, so a cache carried to another CPU builds

@@ -66,13 +66,21 @@ def test_matches_the_formula(inp, dtype):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
 
 
-def test_a_row_alone_equals_the_row_among_others():
-    gen = torch.Generator().manual_seed(1)
-    q, scale, zero = random_q4(128, 576, gen)
-    lin = Int4Linear(q, scale, zero, GROUP, None, torch.bfloat16, native=True)
-    x = torch.randn(13, 576, generator=gen).to(torch.bfloat16)
+@pytest.mark.parametrize("rows", [13, 16, 17, 40])
+@pytest.mark.parametrize("weights", ["q4_1", "q8_0"])
+def test_a_row_alone_equals_the_row_among_others(rows, weights):
+    """Losslessness rests on it. From 16 rows, on a CPU with the tile unit (AMX), a call takes
+    its integer sums from tile products, in groups of 8 rows (17 and 40: a padded group); one
+    row always takes the vector path."""
+    gen = torch.Generator().manual_seed(rows)
+    if weights == "q4_1":
+        q, scale, zero = random_q4(128, 576, gen)
+        lin = Int4Linear(q, scale, zero, GROUP, None, torch.bfloat16, native=True)
+    else:
+        lin = q8_product(torch.randn(128, 576, generator=gen).bfloat16(), None)
+    x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
     together = lin(x)
-    for r in (0, 3, 4, 12):
+    for r in (0, 3, 8, rows - 1):
         assert torch.equal(lin(x[r : r + 1])[0], together[r])
 
 
