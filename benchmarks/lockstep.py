@@ -19,11 +19,18 @@ remains, so list the baseline first and last and compare two configurations in b
 
     python benchmarks/lockstep.py --configs none,suffix:dspark,suffix+dspark:dspark,none \\
         --prompts gsm8k --streams 16 --requests 64 --threads 2
+
+`--parts` also times, per engine, the wall time inside the methods that `PARTS` names (the
+target's forward alone, verification, the prefix store, the Speculator before and after the
+forward): where a configuration's extra milliseconds a step go, which the spread between two
+`none` engines hides in the totals.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import itertools
 import json
 import time
@@ -41,7 +48,47 @@ from speculative import (  # beside this
 from scheduler.build import assemble_engine
 from scheduler.config import EngineConfig
 from scheduler.loader import load_target
+from scheduler.model import TargetModel
 from scheduler.request import Request, SamplingParams
+from scheduler.runner import TorchModelRunner
+from scheduler.speculator import Speculator
+
+# What --parts times: (class, method, label). The Speculator's methods run inside the engine's
+# step, the target's forward and the runner's inside its `execute` ("forward" above).
+PARTS = [
+    (TargetModel, "forward", "target forward"),
+    (TorchModelRunner, "_verify", "verification"),
+    (TorchModelRunner, "store_blocks", "prefix store"),
+    (Speculator, "attach", "speculator before"),
+    (Speculator, "_draft_with", "of which drafters"),
+    (Speculator, "record", "speculator after"),
+    (Speculator, "release", "speculator release"),
+]
+
+
+class PartTimers:
+    """Wall time inside each method of PARTS, per engine: the loop names the engine stepping.
+    Wraps the classes' methods for the whole process (a benchmark's instrument only)."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.seconds: dict[tuple[str | None, str], float] = collections.defaultdict(float)
+        for cls, name, label in PARTS:
+            setattr(cls, name, self._timed(getattr(cls, name), label))
+
+    def _timed(self, method, label):  # type: ignore[no-untyped-def]
+        @functools.wraps(method)
+        def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds[self.current, label] += time.perf_counter() - t0
+
+        return timed
+
+    def ms_per_step(self, engine: str, steps: float) -> dict[str, float]:
+        return {label: 1e3 * self.seconds[engine, label] / steps for _, _, label in PARTS}
 
 
 @dataclass
@@ -125,6 +172,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--parts", action="store_true", help="time the parts of a step (docstring)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,6 +181,7 @@ def main() -> None:
     prompts = chat_token_ids(loaded.tokenizer, texts)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     specs = engine_labels(args.configs.split(","))  # a configuration twice: two engines
+    timers = PartTimers() if args.parts else None
     loops = {}
     for spec in specs:  # speculative.py's engine settings, so the two agree
         drafter, policy, k = parse_config(config_of(spec), args.k)
@@ -151,13 +200,15 @@ def main() -> None:
         while engine.has_work:
             engine.step()
         loops[spec] = ClosedLoop(engine, prompts, args.streams, params)
-    order = list(loops.values())
+    order = list(loops.items())
     for round_no in itertools.count():
-        if all(loop.done for loop in order):
+        if all(loop.done for _, loop in order):
             break
         first = round_no % len(order)  # every engine steps first in a round as often
-        for loop in order[first:] + order[:first]:
+        for spec, loop in order[first:] + order[:first]:
             if not loop.done:
+                if timers is not None:
+                    timers.current = spec
                 loop.step()
     base = loops[specs[0]].totals
     report = []
@@ -179,6 +230,8 @@ def main() -> None:
             "scheduled_per_step": t["scheduled_tokens"] / t["steps"],
             "profile": loops[spec].profile,
         }
+        if timers is not None:
+            point["parts_ms_per_step"] = timers.ms_per_step(spec, t["steps"])
         report.append(point)
         ms = point["ms_per_step"]
         print(
@@ -190,6 +243,9 @@ def main() -> None:
             f"predicted {t['predicted']:.0f}",
             flush=True,
         )
+        if timers is not None:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in point["parts_ms_per_step"].items())
+            print(f"{'':>22}  ms a step by part: {parts}", flush=True)
     print(
         json.dumps(
             {
