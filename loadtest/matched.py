@@ -29,9 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.analysis import PointSummary, Slo
+from loadtest.prompts import load_mix
 from loadtest.report import publish, write_report
 from loadtest.runtime import ServerProcess
-from loadtest.sweep import PointSettings, Workload, config_args, probe_capacity, run_point
+from loadtest.sweep import (
+    PointSettings,
+    Workload,
+    config_args,
+    probe_capacity,
+    prompt_offsets,
+    run_point,
+)
 
 QUICK_FRACTIONS = (0.25, 0.6, 1.0)
 # Past 1.0 in case the probe underestimated; a sweep stops at its first saturated point anyway.
@@ -264,6 +272,15 @@ def sweep_config(
             rates = _rates(a, capacity)
             print(f"[{name}] probed capacity {capacity:.3f} rps -> rates {rates}", flush=True)
             rates = rates[:upto]
+        offsets = prompt_offsets(_rates(a, capacity), wl)  # all rates: stable under `upto`
+        pool = len(load_mix(wl.mix, max_chars=wl.prompt_max_chars))
+        if max(offsets.values()) + wl.arrivals(max(offsets, key=offsets.get)) > pool:
+            print(
+                f"[{name}] warning: the points send more than the mix's {pool} prompts, so "
+                "later points repeat prompts this server answered (a larger mix or "
+                "--prompt-max-chars avoids it)",
+                flush=True,
+            )
         n_sat = 0
         for rate in rates:
             path = cdir / f"rate_{rate:g}.json"
@@ -271,7 +288,7 @@ def sweep_config(
                 point = PointSummary.from_json(json.loads(path.read_text()))
             else:
                 t = time.monotonic()
-                point = run_point(server, name, rate, wl, cdir, settings)
+                point = run_point(server, name, rate, wl, cdir, settings, offsets[rate])
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(point.to_json(), indent=1))
                 tmp.replace(path)

@@ -7,6 +7,7 @@ never imported here (it monkey-patches the interpreter with gevent).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -84,9 +85,35 @@ class Workload:
     def window_s(self, rate: float) -> float:
         return max(self.duration_s, self.min_requests / rate)
 
+    def arrivals(self, rate: float) -> int:
+        """At most how many requests a point at `rate` sends: warm-up and window, with room
+        for Poisson gaps that run short."""
+        return math.ceil(1.25 * rate * (self.warmup_s + self.window_s(rate))) + 4
+
+
+def prompt_offsets(rates: list[float], wl: Workload) -> dict[float, int]:
+    """Each point's first prompt: after every prompt the points before it sent (in `rates`'
+    order, the order they run against one server). A server remembers what it served: its
+    prefix cache, and the suffix drafter's index over recent responses, which drafts a repeated
+    prompt's whole greedy answer. With every point starting at the first prompt, the
+    composite's tau rose point by point with the prompts the server had already answered
+    (2.3 at the first rate, 5.0 at the sixth; docs/loadtest/report.md)."""
+    offsets, start = {}, 0
+    for rate in rates:
+        offsets[rate] = start
+        start += wl.arrivals(rate)
+    return offsets
+
 
 def locust_cmd(
-    host: str, rate: float, wl: Workload, records: Path, *, drain_s: float, e2e_budget_s: float
+    host: str,
+    rate: float,
+    wl: Workload,
+    records: Path,
+    *,
+    drain_s: float,
+    e2e_budget_s: float,
+    prompt_offset: int = 0,
 ) -> list[str]:
     cmd = [
         sys.executable,
@@ -124,6 +151,8 @@ def locust_cmd(
         f"{wl.temperature:g}",
         "--prompt-max-chars",
         str(wl.prompt_max_chars),
+        "--prompt-offset",
+        str(prompt_offset),
         "--records-file",
         str(records),
     ]
@@ -141,12 +170,24 @@ class PointSettings:
 
 
 def run_point(
-    server: ServerProcess, name: str, rate: float, wl: Workload, out: Path, ps: PointSettings
+    server: ServerProcess,
+    name: str,
+    rate: float,
+    wl: Workload,
+    out: Path,
+    ps: PointSettings,
+    prompt_offset: int = 0,
 ) -> PointSummary:
     records = out / f"rate_{rate:g}.jsonl"
     before = scrape_counters(server.url)
     cmd = locust_cmd(
-        server.url, rate, wl, records, drain_s=ps.drain_s, e2e_budget_s=ps.e2e_budget_s
+        server.url,
+        rate,
+        wl,
+        records,
+        drain_s=ps.drain_s,
+        e2e_budget_s=ps.e2e_budget_s,
+        prompt_offset=prompt_offset,
     )
     limit = wl.warmup_s + wl.window_s(rate) + ps.drain_s + 60
     log = out / f"rate_{rate:g}.locust.log"

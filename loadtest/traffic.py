@@ -63,6 +63,13 @@ def _add_arguments(parser: Any) -> None:
     g.add_argument("--prompt-max-chars", type=int, default=2000, help="drop longer prompts")
     g.add_argument("--prompt-seed", type=int, default=0, help="prompt order and Poisson seed")
     g.add_argument(
+        "--prompt-offset",
+        type=int,
+        default=0,
+        help="the run's first prompt in that order: a sweep gives each point prompts that no "
+        "earlier point against the same server sent (loadtest/sweep.py)",
+    )
+    g.add_argument(
         "--load-shape",
         choices=SHAPES,
         default="users",
@@ -114,6 +121,7 @@ class _RunState:
         self.records: list[StreamRecord] = []
         self.t0 = time.perf_counter()
         self.next_prompt = 0
+        self.prompt_offset = 0
 
 
 STATE = _RunState()
@@ -151,6 +159,7 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     )
     STATE.records = []
     STATE.next_prompt = 0
+    STATE.prompt_offset = o.prompt_offset
     shape = _shape(environment)
     STATE.t0 = shape.t0 if shape is not None and shape.clock is not None else time.perf_counter()
 
@@ -233,7 +242,7 @@ class LLMUser(HttpUser):
         else:
             index = STATE.next_prompt
             STATE.next_prompt += 1
-        prompt = STATE.prompts[index % len(STATE.prompts)]
+        prompt = STATE.prompts[(STATE.prompt_offset + index) % len(STATE.prompts)]
         # Counted from the claim, not the send: idle users hold future slots, and the shape
         # must not stop while any claimed arrival is still to be sent.
         if shape is not None:

@@ -44,7 +44,9 @@ def runner(
 # Quick mode, shortened further for the suite's time. The probe stops at 16 users, the stub's
 # max_num_seqs: 16 users already fill every slot, so the capacity it finds is the one 32 and 64
 # would find. Each point measures 6 s after a 2 s warm-up: ~20 arrivals at 25% of capacity.
-SHORT = ("--probe-users", "16", "--probe-seconds", "4", "--warmup", "2", "--duration", "6")
+# The mixed prompts (~1,800 under quick mode's 300 characters): no point repeats a prompt.
+SHORT = ("--probe-users", "16", "--probe-seconds", "4", "--warmup", "2", "--duration", "6",
+         "--mix", "mixed")
 
 
 @pytest.mark.slow
@@ -71,10 +73,15 @@ def test_quick_mode_end_to_end_and_resume(tmp_path: Path) -> None:
             assert p.agg_tok_s == pytest.approx(p.offered_rps * 32, rel=0.15)
     assert all(p.mean_acceptance_length and p.mean_acceptance_length > 2 for p in points["spec"])
     # The client's token count (usage chunks) agrees exactly with the server's counter delta.
+    # No prompt reaches one server twice: each point starts after the prompts of the points
+    # before it (loadtest/sweep.py `prompt_offsets`).
     for name, ps in points.items():
+        sent = []
         for p in ps:
             _, recs = read_records(out / name / f"rate_{p.offered_rps:g}.jsonl")
             assert p.server["dspark_generation_tokens"] == sum(r.n_tokens for r in recs)
+            sent += [r.pid for r in recs]
+        assert len(sent) == len(set(sent)) > 30, name
 
     m = matched_speedup(
         Frontier.from_points(points["none"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from loadtest.pacing import ArrivalClock, ConstantRate, StepRate, pool_size
 from loadtest.prompts import DATA_ENV, MIXES, data_dir, load_mix, load_source
+from loadtest.sweep import Workload, prompt_offsets
 
 
 def drain(clock: ArrivalClock) -> list[float]:
@@ -52,6 +54,23 @@ def test_unbounded_schedule_and_validation() -> None:
         ConstantRate(0.0, 1.0)
     with pytest.raises(ValueError):
         StepRate(1.0, -1.0, 1.0, 3)
+
+
+@pytest.mark.parametrize("poisson", [False, True])
+def test_each_points_prompts_follow_every_prompt_an_earlier_point_sent(poisson: bool) -> None:
+    """A sweep's points run one after another against one server, which remembers what it
+    served; each point's prompts must start after every arrival of the points before it."""
+    wl = Workload("mixed_copy", "chat", 64, 0.0, True, 600, "poisson" if poisson else "constant",
+                  warmup_s=8.0, duration_s=30.0, model="", min_requests=12)
+    rates = [0.4, 1.2, 2.0, 2.8, 3.6, 4.4]
+    offsets = prompt_offsets(rates, wl)
+    assert offsets[rates[0]] == 0
+    for seed in range(5):
+        for rate, nxt in itertools.pairwise(rates):
+            sent = drain(ArrivalClock(ConstantRate(rate, wl.warmup_s + wl.window_s(rate)), 0.0,
+                                      poisson=poisson, seed=seed))
+            assert offsets[rate] + len(sent) <= offsets[nxt]
+    assert offsets[rates[-1]] + wl.arrivals(rates[-1]) < len(load_mix("mixed_copy", max_chars=600))
 
 
 def test_pool_size_covers_rate_times_e2e() -> None:
