@@ -272,9 +272,10 @@ def sweep_config(
             rates = _rates(a, capacity)
             print(f"[{name}] probed capacity {capacity:.3f} rps -> rates {rates}", flush=True)
             rates = rates[:upto]
-        offsets = prompt_offsets(_rates(a, capacity), wl)  # all rates: stable under `upto`
+        every_rate = _rates(a, capacity)  # not only the first `upto`: offsets stay put
+        offsets = prompt_offsets(every_rate, wl)
         pool = len(load_mix(wl.mix, max_chars=wl.prompt_max_chars))
-        if max(offsets.values()) + wl.arrivals(max(offsets, key=offsets.get)) > pool:
+        if offsets[every_rate[-1]] + wl.arrivals(every_rate[-1]) > pool:
             print(
                 f"[{name}] warning: the points send more than the mix's {pool} prompts, so "
                 "later points repeat prompts this server answered (a larger mix or "

@@ -189,6 +189,23 @@ inline void store_rows(const __m512* acc, int64_t r0, int64_t t, Out* y, int64_t
   }
 }
 
+// 128 sum(q p) + sum(q p2), from the two digits' sums.
+inline __m512i two_digits(__m512i high, __m512i low) {
+  return _mm512_add_epi32(_mm512_slli_epi32(high, 7), low);
+}
+
+// One block's terms added to a row's accumulator of 16 outputs, from its integer sums (Q4_1:
+// d a / 128 x sums + m S; Q8_0: the activations' offsets taken out first). The vector path and
+// the tile path both call these, so a row gets the same bits whichever computed its sums.
+inline __m512 add_q4_block(__m512 acc, __m512i sums, __m512 dw, __m512 mw, float step, float sum) {
+  acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(sum), acc);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(dw, _mm512_set1_ps(step)), acc);
+}
+inline __m512 add_q8_block(__m512 acc, __m512i sums, __m512 dw, __m512i offsets, float step) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sums, offsets)),
+                         _mm512_mul_ps(dw, _mm512_set1_ps(step)), acc);
+}
+
 // 128 sum(q p) + sum(q p2) for one block and 16 outputs, w[k] holding weights 4k..4k+3 of each.
 // vpdpbusd multiplies unsigned by signed bytes: Q4 weights (0..15) are the unsigned side; for
 // signed Q8 weights the activations' digits come offset by 128 (quantise's `offset`), which
@@ -204,7 +221,7 @@ inline __m512i digit_sums(const __m512i* w, const int8_t* p, const int8_t* p2) {
     high = kSignedWeights ? _mm512_dpbusd_epi32(high, a, w[k]) : _mm512_dpbusd_epi32(high, w[k], a);
     low = kSignedWeights ? _mm512_dpbusd_epi32(low, a2, w[k]) : _mm512_dpbusd_epi32(low, w[k], a2);
   }
-  return _mm512_add_epi32(_mm512_slli_epi32(high, 7), low);
+  return two_digits(high, low);
 }
 #endif
 
@@ -240,10 +257,8 @@ void tile4(const QuantRows& xq, int64_t r0, int64_t in, const uint8_t* qs, const
     for (int r = 0; r < R; ++r) {
       const int64_t row = r0 + r, at = b * kBlock;
       const __m512i digits = digit_sums<false>(w, xq.first(row) + at, xq.second(row) + at);
-      const float step = xq.step[row * blocks + b], sum = xq.sum[row * blocks + b];
-      acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sum), acc[r]);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(digits),
-                               _mm512_mul_ps(dw, _mm512_set1_ps(step)), acc[r]);
+      acc[r] = add_q4_block(acc[r], digits, dw, mw, xq.step[row * blocks + b],
+                            xq.sum[row * blocks + b]);
     }
   }
   store_rows<R>(acc, r0, t, y, out);
@@ -291,11 +306,8 @@ void tile8(const QuantRows& xq, int64_t r0, int64_t in, const int8_t* qs, const 
     const __m512i offsets = _mm512_loadu_si512(ct + b * kTile);
     for (int r = 0; r < R; ++r) {
       const int64_t row = r0 + r, at = b * kBlock;
-      const __m512i digits = _mm512_sub_epi32(
-          digit_sums<true>(w, xq.first(row) + at, xq.second(row) + at), offsets);
-      const float step = xq.step[row * blocks + b];
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(digits),
-                               _mm512_mul_ps(dw, _mm512_set1_ps(step)), acc[r]);
+      const __m512i digits = digit_sums<true>(w, xq.first(row) + at, xq.second(row) + at);
+      acc[r] = add_q8_block(acc[r], digits, dw, offsets, xq.step[row * blocks + b]);
     }
   }
   store_rows<R>(acc, r0, t, y, out);
@@ -321,9 +333,9 @@ void tile8(const QuantRows& xq, int64_t r0, int64_t in, const int8_t* qs, const 
 // (line k is w[k] above: weights 4k..4k+3 of each of the 16 outputs, the layout the tile unit
 // reads), the A tile the rows' digits where QuantRows keeps them (line 2r: row r's first digits
 // of the block, line 2r + 1 its second; 32 bytes each, `in` bytes apart), and the C tile
-// receives 16 lines of 16 int32 sums. Then the vector loop applies each block's scales exactly
-// as tile4 / tile8 do, instruction for instruction and block by block in order, so an output
-// gets the same bits on either path; what the tile unit saves is the 16 broadcasts and 16
+// receives 16 lines of 16 int32 sums. Then each block's scales are applied through the same
+// `add_q4_block` / `add_q8_block` as tile4 / tile8, block by block in order, so an output gets
+// the same bits on either path; what the tile unit saves is the 16 broadcasts and 16
 // vpdpbusd a row and block cost on the vector path.
 //
 // The work for one tile of outputs goes in three passes, each over all its blocks: unpack the
@@ -456,16 +468,11 @@ void amx_tile(const QuantRows& xq, int64_t rows, int64_t in, const uint8_t* qs,
 #pragma GCC unroll 8
       for (int r = 0; r < kAmxRows; ++r) {
         const int64_t row = r0 + r;
-        __m512i digit_sums = _mm512_add_epi32(
-            _mm512_slli_epi32(_mm512_load_si512(at + 2 * kTile * r), 7),
-            _mm512_load_si512(at + 2 * kTile * r + kTile));
-        if constexpr (kQ8)
-          digit_sums = _mm512_sub_epi32(digit_sums, offsets);
-        else
-          acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xq.sum[row * blocks + b]), acc[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(digit_sums),
-                                 _mm512_mul_ps(dw, _mm512_set1_ps(xq.step[row * blocks + b])),
-                                 acc[r]);
+        const __m512i digits = two_digits(_mm512_load_si512(at + 2 * kTile * r),
+                                          _mm512_load_si512(at + 2 * kTile * r + kTile));
+        const float step = xq.step[row * blocks + b];
+        acc[r] = kQ8 ? add_q8_block(acc[r], digits, dw, offsets, step)
+                     : add_q4_block(acc[r], digits, dw, mw, step, xq.sum[row * blocks + b]);
       }
     }
     for (int r = 0; r < kAmxRows && r0 + r < rows; ++r) {
