@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from scheduler import kernels
 from scheduler.gguf_blocks import (
     GROUP,
     LAYER_LINEARS,
@@ -142,7 +143,8 @@ class Int4Linear(nn.Module):
     packed: torch.Tensor  # buffers, declared so type checkers see tensors
     scales_zeros: torch.Tensor
     # Rows the kernel multiplies per dequantisation of the weights (aten's int4pack_mm_kernel_,
-    # BLOCK_M = 4): a step's time climbs in stairs of this many rows (scheduler/profiler.py).
+    # BLOCK_M = 4; the native kernel's tile path pads a call to groups of 8): a step's time
+    # climbs in stairs of this many rows (scheduler/profiler.py).
     kernel_rows = 4
 
     def __init__(
@@ -162,7 +164,10 @@ class Int4Linear(nn.Module):
         self.native = native
         if native:
             packed, scales_zeros = pack_native(q, scale, zero, group)
-            self.kernel_rows = 1  # each row costs alike: no stairs
+            # Where the tile unit serves, from 16 rows on: 16 decodes and one verified draft
+            # took 37.1 ms against 33.4 for the 16 alone, and 24 rows 40.1 ms (a profile that
+            # did not know the stairs priced that draft at 0.8 ms; docs/benchmarks.md).
+            self.kernel_rows = kernels.row_quantum()
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
             # The kernel's layout: [in / group, out, 2] in the activation dtype.

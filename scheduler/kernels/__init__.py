@@ -56,6 +56,15 @@ def attention_serves(head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
     return head_dim in HEAD_DIMS and num_heads // num_kv_heads <= MAX_GROUP
 
 
+def row_quantum() -> int:
+    """Rows q4_linear's and q8_linear's calls are paid for in whole groups of (the tile path's
+    8, where it serves; 1 elsewhere): the stairs of a step's time that the throughput profile
+    must see (scheduler/profiler.py). The kernels must be loaded."""
+    import torch
+
+    return int(torch.ops.dspark_kernels.tile_rows())
+
+
 def has_vnni() -> bool:
     """Whether this CPU has the integer dot products q4_linear is written for (elsewhere it
     builds as plain loops, correct and slow)."""

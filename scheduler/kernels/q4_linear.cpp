@@ -523,6 +523,16 @@ int64_t amx_min_rows(int64_t rows) {
   return -1;
 }
 
+// Rows a call's products pay for in whole groups of: kAmxRows where the tile path serves (from
+// amx_min_rows rows on, a call of 17 rows costs what one of 24 does), 1 where there is none.
+// The throughput profile prices verified drafts by it (scheduler/profiler.py, row_quantum).
+int64_t tile_rows() {
+#if defined(DSPARK_AMX)
+  if (amx_permitted()) return kAmxRows;
+#endif
+  return 1;
+}
+
 QuantRows quantise(const at::Tensor& x, uint8_t offset = 0, int64_t capacity = 0) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
               "x must be bfloat16 or float32");
@@ -615,10 +625,12 @@ TORCH_LIBRARY_FRAGMENT(dspark_kernels, lib) {
   lib.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
   lib.def("q8_linear(Tensor x, Tensor qs, Tensor d, Tensor c) -> Tensor");
   lib.def("amx_min_rows(int rows) -> int");
+  lib.def("tile_rows() -> int");
 }
 
 TORCH_LIBRARY_IMPL(dspark_kernels, CompositeExplicitAutograd, lib) {
   lib.impl("amx_min_rows", &amx_min_rows);
+  lib.impl("tile_rows", &tile_rows);
 }
 
 TORCH_LIBRARY_IMPL(dspark_kernels, CPU, lib) {

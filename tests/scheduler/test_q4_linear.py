@@ -91,9 +91,19 @@ def test_fused_equals_its_parts():
         for out in (96, 48, 48)
     ]
     fused = Int4Linear.concat(parts)
-    assert fused is not None and fused.native and fused.kernel_rows == 1
+    assert fused is not None and fused.native and fused.kernel_rows == parts[0].kernel_rows
     x = torch.randn(5, 576, generator=gen).to(torch.bfloat16)
     assert torch.equal(fused(x), torch.cat([p(x) for p in parts], -1))
+
+
+def test_the_profile_is_told_the_rows_the_tile_path_pads_a_call_to():
+    """Where the tile path serves, a call's rows are paid for in groups of 8 (16 decodes and
+    one draft cost what 24 rows do): the native linear says so, for the profile's stairs."""
+    gen = torch.Generator().manual_seed(3)
+    linear = Int4Linear(*random_q4(32, 64, gen), GROUP, None, torch.bfloat16, native=True)
+    threshold = torch.ops.dspark_kernels.amx_min_rows(16)  # -1: this build has no tile path
+    torch.ops.dspark_kernels.amx_min_rows(threshold)
+    assert linear.kernel_rows == (1 if threshold == -1 else 8)
 
 
 def test_native_needs_bfloat16_activations():
