@@ -1,8 +1,8 @@
 """Suffix drafting, in the spirit of SuffixDecoding (Oliaro et al., 2024): no model, no training.
 
-Two indexes of token patterns:
+Two stores of token patterns:
 
-- per request, over its prompt and output so far (RAG answers and summaries copy their context,
+- per request, its prompt and output so far (RAG answers and summaries copy their context,
   code edits copy the code, multi-turn chats repeat earlier turns);
 - one global index over the outputs of recently finished requests (agents resend the same tool
   outputs, users ask the same things), bounded in tokens: the oldest responses are evicted.
@@ -20,10 +20,12 @@ the share of them that chose this token. The drafts are a deterministic function
 committed tokens, so features that read the drafted tokens cannot bias the output (the bias
 docs/scheduling.md describes needs a drafted token that was *sampled*).
 
-An index finds the end positions of each pattern's (1..max_match tokens) most recent
-occurrences (at most `max_occurrences` are read) by hash chains (`_Index`), so memory is
-O(tokens x max_match) per index and a proposal costs O(max_match + occurrences x draft
-length). Pure Python: no torch.
+Each store finds the end positions of a pattern's (1..max_match tokens) most recent
+occurrences (at most `max_occurrences` are read): the global one by hash chains (`_Index`,
+memory O(tokens x max_match), a lookup O(occurrences)), a request's by scanning its tokens'
+bytes from the end (`_Scan`, memory O(tokens), a lookup O(tokens) in C: a request's tokens are
+few, and indexing them token by token in Python cost more than every scan). A proposal then
+costs O(max_match + occurrences x draft length) beside the scans. Pure Python: no torch.
 
 Indexing a token allocates no object the garbage collector tracks: the tokens and the
 chains' links sit in `array`s, a pattern's key is the bytes of its tokens. With a tuple and a list
@@ -138,8 +140,56 @@ class _Index:
 
 
 @dataclass
+class _Scan:
+    """One request's tokens, searched where `_Index` would look them up: the occurrences of a
+    pattern are found by scanning the tokens' bytes from the end (`bytes.rfind`, in C) instead
+    of hash chains built token by token.
+
+    Indexing a token costs a dictionary entry and a link per pattern length (8), in Python:
+    a request's first ask indexed its whole prompt, ~0.5-0.9 ms for 80 tokens, and at 16
+    streams the lookups' asks were ~0.2 ms of every step where none paid. A request holds
+    a few thousand tokens, so a scan of its bytes per pattern length costs microseconds. The
+    global store keeps `_Index`: 65,536 tokens are too many to scan on every ask. Same
+    answers as an `_Index` of the same tokens (tests/drafts/test_suffix.py)."""
+
+    max_occurrences: int
+    tokens: array = field(default_factory=lambda: array("i"))  # int32 token ids
+    base: int = 0  # positions are indices into tokens: nothing is evicted
+    _bytes: bytes = b""  # tokens.tobytes() as of the last `occurrences`, for its length
+
+    @property
+    def end(self) -> int:
+        return len(self.tokens)
+
+    def extend(self, new_tokens: Sequence[int]) -> None:
+        self.tokens.extend(new_tokens)
+
+    def continuation(self, pos: int, k: int) -> list[int]:
+        """Up to k tokens from position pos (a request holds no separator)."""
+        return self.tokens[pos : pos + k].tolist()
+
+    def occurrences(self, key: bytes) -> list[int]:
+        """End positions of the pattern whose tokens' bytes are `key` and that has a
+        continuation (ends before the last token), most recent first, at most
+        `max_occurrences`: what `_Index.occurrences` returns."""
+        if len(self._bytes) != len(self.tokens) * 4:
+            self._bytes = self.tokens.tobytes()
+        data, width = self._bytes, len(key)
+        found: list[int] = []
+        stop = len(data) - 4  # a match must end before the last token: it needs a continuation
+        while len(found) < self.max_occurrences:
+            at = data.rfind(key, 0, stop)
+            if at < 0:
+                break
+            if at % 4 == 0:  # a match across two tokens' bytes is none
+                found.append((at + width) // 4)
+            stop = at + width - 1  # the next search ends before this match's end
+        return found
+
+
+@dataclass
 class _Request:
-    index: _Index
+    index: _Scan
     num_prompt_tokens: int
     last_draft: list[int] = field(default_factory=list)  # the previous call's proposal
     last_draft_at: int = 0  # the number of tokens it continued
@@ -207,7 +257,6 @@ class SuffixProposer:
         """Tokens held and pattern occurrences indexed, per request and global."""
         return {
             "request_tokens": sum(len(s.index.tokens) for s in self._requests.values()),
-            "request_entries": sum(s.index.num_entries for s in self._requests.values()),
             "global_tokens": len(self._global.tokens),
             "global_entries": self._global.num_entries,
         }
@@ -218,7 +267,7 @@ class SuffixProposer:
         state = self._requests.get(r.req_id)
         if state is None:
             prompt = r.num_prompt_tokens if r.num_prompt_tokens is not None else len(tokens) - 1
-            state = _Request(_Index(self.max_match, self.max_occurrences), prompt)
+            state = _Request(_Scan(self.max_occurrences), prompt)
             self._requests[r.req_id] = state
         index = state.index
         index.extend(tokens[index.end :])
@@ -254,7 +303,7 @@ def _followed(last_draft: Sequence[int], since: Sequence[int]) -> str:
 
 
 def _follow(
-    found: list[tuple[_Index, int]], match_len: int, k: int, followed: str
+    found: list[tuple[_Index | _Scan, int]], match_len: int, k: int, followed: str
 ) -> tuple[list[int], list[Hashable]]:
     """Greedy most-frequent path through the continuations of the matched occurrences."""
     # Each occurrence's next k tokens, read once (slices, not a call per token: a one-token

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from array import array
 
-from drafts.suffix import SEPARATOR, SuffixProposer, _Index
+from drafts.suffix import SEPARATOR, SuffixProposer, _Index, _Scan
 from scheduler.drafter import DraftRequest
 from scheduler.request import SamplingParams
 
@@ -87,6 +87,27 @@ def test_global_memory_stays_bounded_and_eviction_leaves_an_exact_index() -> Non
 def test_occurrences_are_the_most_recent_ones() -> None:
     p = SuffixProposer(2, min_match=1, max_occurrences=4, global_tokens=0)
     propose(p, "r", [1, 2] * 200)
-    index = p._requests["r"].index
-    assert index.occurrences(array("i", [1, 2]).tobytes()) == [398, 396, 394, 392]
+    tokens = p._requests["r"].index
+    assert tokens.occurrences(array("i", [1, 2]).tobytes()) == [398, 396, 394, 392]
+    index = _Index(2, 4)
+    index.extend([1, 2] * 200)
     assert len(index.earlier) == 400 * index.max_match  # memory: a link per pattern length
+
+
+def test_a_requests_scan_finds_what_an_index_of_its_tokens_finds() -> None:
+    """Per request the tokens are scanned, not indexed: the same occurrences, in the same
+    order, for every pattern, as the text grows; token ids whose bytes hold zeros too (a match
+    across two tokens' bytes is none)."""
+    rng = random.Random(1)
+    for vocab in (range(3), range(6), [0, 256, 65536, 1, 65537]):
+        scan, index = _Scan(max_occurrences=5), _Index(4, 5)
+        tokens: list[int] = []
+        for _ in range(40):
+            new = [rng.choice(vocab) for _ in range(rng.randrange(1, 8))]
+            tokens += new
+            scan.extend(new)
+            index.extend(new)
+            for n in range(1, 5):
+                for start in range(max(0, len(tokens) - 12), len(tokens) - n + 1):
+                    key = array("i", tokens[start : start + n]).tobytes()
+                    assert scan.occurrences(key) == index.occurrences(key)
