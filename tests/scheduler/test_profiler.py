@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from itertools import pairwise
 
@@ -223,3 +224,33 @@ def test_a_step_at_a_stale_size_moves_its_price_half_way() -> None:
     assert stale.step_time(4) == pytest.approx(linear_cost(4) * 0.6**0.5)
     assert fresh.step_time(4) == pytest.approx(linear_cost(4) * 0.6**0.1)
     assert_non_increasing(stale, 70)
+
+
+def test_observations_folded_together_move_the_curve_as_their_mean_would() -> None:
+    """Four steps folded at once (what the engine does): the curve holds until the fourth, then
+    moves as one observation of their mean miss with the weight of four."""
+    points = [(n, 0.010 + 0.001 * n) for n in (1, 2, 4, 8, 16, 32)]
+    folded = ThroughputProfile(64, ema=0.1, fold_every=4)
+    single = ThroughputProfile(64, ema=1 - 0.9**4)
+    for p in (folded, single):
+        p.seed(points)
+    before = folded.table()
+    for t in (0.030, 0.034, 0.032):
+        folded.observe(8, t)
+        assert folded.table() == before  # not folded yet
+    folded.observe(8, 0.036)
+    mean_miss = sum(math.log(t / 0.018) for t in (0.030, 0.034, 0.032, 0.036)) / 4
+    single.observe(8, 0.018 * math.exp(mean_miss))
+    assert [n for n, _ in folded.table()] == [n for n, _ in single.table()]
+    assert [v for _, v in folded.table()] == pytest.approx([v for _, v in single.table()], rel=1e-9)
+    assert folded.step_time(8) > 0.018  # slower steps raised it
+
+
+def test_a_folded_profile_follows_a_device_that_slowed_down() -> None:
+    profile = ThroughputProfile(64, fold_every=4)
+    profile.seed([(n, 0.010 + 0.001 * n) for n in (1, 2, 4, 8, 16, 32)])
+    for i in range(200):
+        n = (1, 8, 16)[i % 3]
+        profile.observe(n, 2 * (0.010 + 0.001 * n))
+    for n in (1, 8, 16):
+        assert profile.step_time(n) == pytest.approx(2 * (0.010 + 0.001 * n), rel=0.05)
