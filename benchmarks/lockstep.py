@@ -16,6 +16,9 @@ every round, four identical engines served 1.000 / 1.019 / 1.030 / 1.030x, and t
 stepped first was the slow one whichever was built first). Rotated, two runs gave 1.000 /
 1.002 / 1.008 / 1.009x and 1.000 / 1.012 / 1.014 / 1.019x (docs/benchmarks.md): up to 2 %
 remains, so list the baseline first and last and compare two configurations in both orders.
+Five `none` engines in one run served 1.000 / 1.017 / 1.018 / 1.014 / 1.016x (MT-bench) and
+1.000 / 1.018 / 1.027 / 1.022 / 1.013x (GSM8K): the engine built first is the slow one, so read
+the configurations between against the `none` listed last.
 
     python benchmarks/lockstep.py --configs none,suffix:dspark,suffix+dspark:dspark,none \\
         --prompts gsm8k --streams 16 --requests 64 --threads 2
