@@ -153,8 +153,7 @@ class _Scan:
     answers as an `_Index` of the same tokens (tests/drafts/test_suffix.py)."""
 
     max_occurrences: int
-    tokens: array = field(default_factory=lambda: array("i"))  # int32 token ids
-    base: int = 0  # positions are indices into tokens: nothing is evicted
+    tokens: array = field(default_factory=lambda: array("i"))  # int32 token ids; nothing evicted
     _bytes: bytes = b""  # tokens.tobytes() as of the last `occurrences`, for its length
 
     @property
@@ -276,11 +275,11 @@ class SuffixProposer:
         followed = _followed(state.last_draft, tokens[state.last_draft_at :])
         drafts: list[int] = []
         features: list[Hashable] = []
-        tail = index.tokens[-self.max_match :]  # the request's tokens, all indexed above
+        tail = index.tokens[-self.max_match :]  # the request's tokens, all stored above
         for n in range(min(self.max_match, len(tokens) - 1), self.min_match - 1, -1):
             key = tail[len(tail) - n :].tobytes()
             # The request's own occurrences (the last one, ending at the end, has no
-            # continuation yet and is not indexed), then the global ones.
+            # continuation yet and is not counted), then the global ones.
             found = [(index, e) for e in index.occurrences(key)]
             found += [(self._global, e) for e in self._global.occurrences(key)]
             if found:

@@ -252,7 +252,9 @@ def sweep_config(
     returns the capacity, probed first if needed."""
     cdir = a.out / name
     cdir.mkdir(exist_ok=True)
-    rates = _rates(a, capacity)[:upto] if (a.rates != "auto" or capacity is not None) else None
+    # Every rate, not only the first `upto`: each point's prompt offset counts them all.
+    every_rate = _rates(a, capacity) if (a.rates != "auto" or capacity is not None) else None
+    rates = every_rate[:upto] if every_rate is not None else None
     if rates is not None and _nothing_left(cdir, rates, a.stop_after_saturated):
         print(f"[{name}] finished earlier, skipping", flush=True)
         return capacity
@@ -269,10 +271,10 @@ def sweep_config(
                 seconds=a.probe_seconds,
                 drain_s=a.drain_timeout,
             )
-            rates = _rates(a, capacity)
-            print(f"[{name}] probed capacity {capacity:.3f} rps -> rates {rates}", flush=True)
-            rates = rates[:upto]
-        every_rate = _rates(a, capacity)  # not only the first `upto`: offsets stay put
+            every_rate = _rates(a, capacity)
+            print(f"[{name}] probed capacity {capacity:.3f} rps -> rates {every_rate}", flush=True)
+            rates = every_rate[:upto]
+        assert every_rate is not None
         offsets = prompt_offsets(every_rate, wl)
         pool = len(load_mix(wl.mix, max_chars=wl.prompt_max_chars))
         if offsets[every_rate[-1]] + wl.arrivals(every_rate[-1]) > pool:

@@ -12,6 +12,7 @@ anew rather than loading instructions that CPU lacks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -56,6 +57,7 @@ def attention_serves(head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
     return head_dim in HEAD_DIMS and num_heads // num_kv_heads <= MAX_GROUP
 
 
+@functools.cache  # one answer per process; every native linear asks at construction
 def row_quantum() -> int:
     """Rows q4_linear's and q8_linear's calls are paid for in whole groups of (the tile path's
     8, where it serves; 1 elsewhere): the stairs of a step's time that the throughput profile
