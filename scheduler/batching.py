@@ -162,7 +162,7 @@ class ContinuousBatcher:
         s = ScheduledRequest(req, min(req.num_uncomputed_tokens, budget))
         s.prefix_block_ids, s.num_prefix_tokens = prefix_ids or [], num_prefix
         if self.prefix is not None and s.start_pos < req.num_prompt_tokens:
-            s.save_blocks = self.prefix.claim(req.prompt_ids, s.start_pos, s.start_pos + s.num_new_tokens)
+            s.save_blocks = self.prefix.claim(req.prompt_ids, s.start_pos + s.num_new_tokens)
         return s
 
     def max_draft_tokens(self, s: ScheduledRequest) -> int:
@@ -252,7 +252,7 @@ class ContinuousBatcher:
         logprobs = r.logprobs[: len(emitted)] if r.logprobs is not None else None
         if req.is_finished:
             if self.prefix is not None and req.slot is not None:
-                claims = self.prefix.claim(req.all_token_ids, 0, req.num_computed_tokens)
+                claims = self.prefix.claim(req.all_token_ids, req.num_computed_tokens)
                 self._finished_blocks.append((req.req_id, req.slot, claims))
             self._release(req)
         return self._output(req, emitted, logprobs)

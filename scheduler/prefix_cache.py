@@ -75,11 +75,11 @@ class PrefixIndex:
             self._blocks.move_to_end(block_id)
         return ids
 
-    def claim(self, prompt_ids: Sequence[int], start: int, end: int) -> list[tuple[int, int]]:
-        """(block id, first position) for each whole prompt block that a chunk computing
-        positions [start, end) completes and that is not stored yet; blocks that begin before
-        `start` are not claimed (the chunk lacks their earlier features). Stops where the chain
-        of stored parents breaks or no block can be evicted."""
+    def claim(self, prompt_ids: Sequence[int], end: int) -> list[tuple[int, int]]:
+        """(block id, first position) for each whole prompt block within positions [0, end)
+        that is not stored yet: a step that computed up to `end` has every earlier position's
+        keys, values and features in its slot (scheduler/prefix_store.py). Stops where the
+        chain of stored parents breaks or no block can be evicted."""
         b = self.block_size
         end = min(end, len(prompt_ids))
         claimed: list[tuple[int, int]] = []
@@ -88,8 +88,6 @@ class PrefixIndex:
             key = self._key(parent, prompt_ids, j)
             block_id = self._by_key.get(key)
             if block_id is None:
-                if j * b < start:
-                    break  # its earlier tokens were computed in an earlier step
                 block_id = self._allocate(key, parent)
                 if block_id is None:
                     break

@@ -60,9 +60,6 @@ class TorchModelRunner:
         self._seed_source = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
         self.prefix: PrefixStore | None = None  # set by enable_prefix_cache
-        # Per request, the target features of its committed positions in order, while the
-        # prefix store keeps features: a finished request's blocks are stored with theirs.
-        self._features: dict[str, list[torch.Tensor]] = {}
 
     def enable_prefix_cache(self, num_blocks: int, block_size: int) -> PrefixStore:
         """Store prompt blocks for the batcher's PrefixIndex of the same shape."""
@@ -72,19 +69,13 @@ class TorchModelRunner:
 
     def release(self, req_id: str) -> None:
         self._generators.pop(req_id, None)
-        self._features.pop(req_id, None)
 
-    def store_blocks(self, req_id: str, slot: int, blocks: list[tuple[int, int]]) -> None:
-        """Store a request's claimed blocks from its slot, with the features kept for it: those
-        a prefill chunk completed (`save_blocks`), or a finished request's
-        (ContinuousBatcher.take_finished_blocks) before any step reuses the slot."""
+    def store_blocks(self, slot: int, blocks: list[tuple[int, int]]) -> None:
+        """Store a request's claimed blocks from its slot: those a prefill chunk completed
+        (`save_blocks`), or a finished request's (ContinuousBatcher.take_finished_blocks)
+        before any step reuses the slot."""
         assert self.prefix is not None
-        size = self.prefix.block_size
-        kept = self._features.get(req_id)
-        features = torch.cat(kept) if kept else None
-        for block_id, pos in blocks:
-            rows = features[pos : pos + size] if features is not None else None
-            self.prefix.save(slot, block_id, pos, rows)
+        self.prefix.save(slot, blocks)
 
     def _generator(self, s: ScheduledRequest) -> torch.Generator:
         g = self._generators.get(s.req.req_id)
@@ -121,6 +112,9 @@ class TorchModelRunner:
             row += len(ids)
         batch = build_packed_batch(queries, logits_rows, self.device)
         logits, aux = self.model.forward(batch, self.aux_layer_ids)
+        if aux is not None and self.prefix is not None:
+            # Every row, like the KV cache: a block serves later requests, which may draft.
+            self.prefix.write_features(batch, aux)
 
         results: list[RequestResult] = []
         aux_hidden: list[torch.Tensor | None] = []
@@ -137,21 +131,19 @@ class TorchModelRunner:
                 first += n
             results.append(result)
             if aux is not None:
-                # Features of the positions that now have valid KV: new tokens + accepted drafts.
-                num_committed = s.num_new_tokens + result.num_accepted_drafts
-                hidden = aux[row0 : row0 + num_committed]
-                loaded = prefix_features.get(i)
-                if loaded is not None:
-                    hidden = torch.cat([loaded, hidden])
-                # Handed to the drafter only where it may draft for the request; stored with
-                # its blocks either way: a block serves later requests, which may.
-                aux_hidden.append(hidden if s.req.feeds_drafter is not False else None)
-                if self.prefix is not None and self.prefix.features is not None:
-                    self._features.setdefault(s.req.req_id, []).append(hidden.clone())
+                # Handed to the drafter only where it may draft for the request: the features
+                # of the positions that now have valid KV (new tokens + accepted drafts).
+                hidden = None
+                if s.req.feeds_drafter is not False:
+                    hidden = aux[row0 : row0 + s.num_new_tokens + result.num_accepted_drafts]
+                    loaded = prefix_features.get(i)
+                    if loaded is not None:
+                        hidden = torch.cat([loaded, hidden])
+                aux_hidden.append(hidden)
         for s in plan.scheduled:  # the prompt blocks this step's chunks completed
             if s.save_blocks:
                 assert s.req.slot is not None
-                self.store_blocks(s.req.req_id, s.req.slot, s.save_blocks)
+                self.store_blocks(s.req.slot, s.save_blocks)
         forward_time_s = time.perf_counter() - t0
         return StepResult(results, forward_time_s, aux_hidden if aux is not None else None)
 

@@ -19,7 +19,7 @@ B = 4  # block size in the index tests
 
 def stored(index: PrefixIndex, prompt: list[int]) -> list[tuple[int, int]]:
     """Claim every whole block of `prompt` as one chunk would, and mark the step done."""
-    claimed = index.claim(prompt, 0, len(prompt))
+    claimed = index.claim(prompt, len(prompt))
     index.mark_ready()
     return claimed
 
@@ -38,22 +38,22 @@ def test_a_prompt_matches_the_stored_blocks_it_starts_with():
 
 def test_blocks_claimed_this_step_are_not_handed_out_before_the_step_ran():
     index = PrefixIndex(num_blocks=8, block_size=B)
-    assert index.claim(list(range(9)), 0, 9) == [(0, 0), (1, 4)]
+    assert index.claim(list(range(9)), 9) == [(0, 0), (1, 4)]
     assert index.match(list(range(9))) == []  # a request admitted beside the one computing them
-    assert index.claim(list(range(9)), 0, 9) == []  # and it stores nothing a second time
+    assert index.claim(list(range(9)), 9) == []  # and it stores nothing a second time
     index.mark_ready()
     assert index.match(list(range(9))) == [0, 1]
 
 
-def test_a_chunk_claims_only_the_blocks_it_computes_whole():
+def test_a_chunk_claims_the_block_an_earlier_chunk_began():
     index = PrefixIndex(num_blocks=8, block_size=B)
     prompt = list(range(20))
-    assert index.claim(prompt, 0, 6) == [(0, 0)]  # block 1 (4..7) is not finished
-    # The next chunk starts at 6: block 1 began in the previous step, whose features are gone,
-    # so the chain stops there and nothing after it is stored.
-    assert index.claim(prompt, 6, 20) == []
+    assert index.claim(prompt, 6) == [(0, 0)]  # block 1 (4..7) is not finished
+    # The next chunk computes 6..19: it finishes block 1, whose first positions the earlier
+    # chunk computed (their KV and features are in the request's slot), and blocks 2-4.
+    assert index.claim(prompt, 20) == [(1, 4), (2, 8), (3, 12), (4, 16)]
     index.mark_ready()
-    assert index.match(prompt) == [0]
+    assert index.match(prompt) == [0, 1, 2, 3]  # at least the last token is left to compute
 
 
 def test_the_least_recently_matched_prompt_goes_first():
@@ -81,9 +81,9 @@ def test_an_evicted_block_takes_the_blocks_stored_under_it():
 
 def test_blocks_claimed_this_step_are_never_evicted():
     index = PrefixIndex(num_blocks=2, block_size=B)
-    assert index.claim(list(range(9)), 0, 9) == [(0, 0), (1, 4)]
+    assert index.claim(list(range(9)), 9) == [(0, 0), (1, 4)]
     # Full of blocks the step is about to write: another prompt stores nothing.
-    assert index.claim([7] * 9, 0, 9) == []
+    assert index.claim([7] * 9, 9) == []
 
 
 def test_admission_starts_a_prompt_after_its_stored_blocks():
@@ -186,15 +186,18 @@ def with_prefix_cache(engine, num_blocks: int = 64, block_size: int = 8):
     return engine
 
 
-def feature_spans(engine) -> dict[str, list[tuple[int, int]]]:
+def feature_spans(engine, values: dict | None = None) -> dict[str, list[tuple[int, int]]]:
     """Per request, the (first position, rows) of each feature hand-over DSpark (the composite's
-    second drafter) receives, filled as the engine steps."""
+    second drafter) receives, filled as the engine steps; `values`, if given, gets per request
+    a copy of each hand-over's features."""
     dspark = engine.speculator.drafters[1].proposer
     seen: dict[str, list[tuple[int, int]]] = {}
     observe = dspark.observe
 
     def spy(req_id, start_pos, hidden):
         seen.setdefault(req_id, []).append((start_pos, hidden.shape[0]))
+        if values is not None:
+            values.setdefault(req_id, []).append(hidden.clone())
         observe(req_id, start_pos, hidden)
 
     dspark.observe = spy
@@ -253,12 +256,15 @@ def test_a_request_that_does_not_feed_the_drafter_still_stores_features_with_its
 ):
     """A request admitted while the model drafter did not pay never hands DSpark its features,
     but the blocks it stores carry them: a later request that feeds DSpark and reads those
-    blocks hands over every position's from 0 on, and both answers are exactly the uncached
-    ones."""
+    blocks hands over every position's from 0 on, the very features an engine without the
+    cache computes for them, and both answers are exactly the uncached ones."""
+    import torch
+
     from tests.scheduler.test_composite_lossless import composite_engine, run
 
     engine = with_prefix_cache(composite_engine(target, "dspark", feed_drafter_every=1))
-    seen = feature_spans(engine)
+    values: dict[str, list] = {}
+    seen = feature_spans(engine, values)
     cached = record_cached_tokens(engine)
     greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
     without = Request("without", prompts[0], greedy)
@@ -270,6 +276,17 @@ def test_a_request_that_does_not_feed_the_drafter_still_stores_features_with_its
     assert later.feeds_drafter and cached["later"] >= len(prompts[0]) - 8
     assert "without" not in seen
     assert_contiguous_from_0(seen["later"], first_beyond=cached["later"])
+
+    # The same prompt through an engine without the cache: what DSpark is handed there for
+    # the positions the later request read from the blocks.
+    plain = composite_engine(target, "dspark", feed_drafter_every=1)
+    computed: dict[str, list] = {}
+    feature_spans(plain, computed)
+    run(plain, [Request("plain", prompts[0], greedy)])
+    n = cached["later"]
+    torch.testing.assert_close(
+        torch.cat(values["later"])[:n], torch.cat(computed["plain"])[:n], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_a_conversations_next_turn_reads_the_last_turns_prompt_and_answer(target, chat_prompts):
