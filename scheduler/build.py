@@ -130,8 +130,10 @@ def assemble_engine(loaded: LoadedModel, config: EngineConfig) -> LLMEngine:
     batcher = _batcher(config)
     num_blocks = config.prefix_cache_tokens // PREFIX_BLOCK_SIZE
     if num_blocks:
-        runner.enable_prefix_cache(num_blocks, PREFIX_BLOCK_SIZE)
+        store = runner.enable_prefix_cache(num_blocks, PREFIX_BLOCK_SIZE)
         batcher.prefix = PrefixIndex(num_blocks, PREFIX_BLOCK_SIZE)
+        mib = store.nbytes / 2**20
+        log.info("prefix cache: %d tokens, %.0f MiB", num_blocks * PREFIX_BLOCK_SIZE, mib)
     engine = LLMEngine(runner, batcher, model, speculator)
     if runner.model.compiled is not None:
         warm_up_compiled(runner.model, runner.aux_layer_ids)

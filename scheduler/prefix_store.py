@@ -43,6 +43,7 @@ class PrefixStore:
 
     @property
     def nbytes(self) -> int:
+        """Its tensors' bytes (the slots' feature rows included), for the start-up log."""
         tensors = [self.k, self.v, self.features, self.slot_features]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
