@@ -289,6 +289,40 @@ def test_a_request_that_does_not_feed_the_drafter_still_stores_features_with_its
     )
 
 
+def test_a_block_across_two_prompt_chunks_is_stored_while_its_request_runs(target, prompts):
+    """A prompt longer than the step's budget is prefilled in chunks; at a budget of 45 the
+    first chunk ends inside a block (40..47). The second chunk claims that block too (the slot
+    holds the first chunk's keys, values and features), so a request with the same prompt,
+    admitted while the first still decodes, reads every whole block before its last token,
+    hands DSpark the features an engine without the cache computes, and both answers are the
+    uncached one."""
+    import torch
+
+    from tests.scheduler.test_composite_lossless import composite_engine, run
+
+    long_prompt = prompts[0] + prompts[1]  # two chat turns back to back: > 45 tokens
+    greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+    plain = composite_engine(target, "dspark", budget=45, feed_drafter_every=1)
+    computed: dict[str, list] = {}
+    feature_spans(plain, computed)
+    reference = run(plain, [Request("plain", long_prompt, greedy)])[0]["plain"]
+
+    engine = with_prefix_cache(
+        composite_engine(target, "dspark", budget=45, feed_drafter_every=1)
+    )
+    values: dict[str, list] = {}
+    feature_spans(engine, values)
+    cached = record_cached_tokens(engine)
+    first, second = Request("a", long_prompt, greedy), Request("b", long_prompt, greedy)
+    outputs = run(engine, [first, second], stagger=3)[0]  # b comes after a's two chunks
+    assert outputs == {"a": reference, "b": reference}
+    n = cached["b"]
+    assert n == (len(long_prompt) - 1) // 8 * 8 > 48, (n, len(long_prompt))
+    torch.testing.assert_close(
+        torch.cat(values["b"])[:n], torch.cat(computed["plain"])[:n], rtol=1e-4, atol=1e-4
+    )
+
+
 def test_a_conversations_next_turn_reads_the_last_turns_prompt_and_answer(target, chat_prompts):
     """Turn 2 of a conversation repeats turn 1's prompt and answer: with the composite drafter
     (DSpark reads the target's features), it reads every whole block of them from the cache,
