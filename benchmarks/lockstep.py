@@ -15,10 +15,11 @@ runs its forward 1-6 % slower than the others (cause not found; with the same en
 every round, four identical engines served 1.000 / 1.019 / 1.030 / 1.030x, and the engine
 stepped first was the slow one whichever was built first). Rotated, two runs gave 1.000 /
 1.002 / 1.008 / 1.009x and 1.000 / 1.012 / 1.014 / 1.019x (docs/benchmarks.md): up to 2 %
-remains, so list the baseline first and last and compare two configurations in both orders.
-Five `none` engines in one run served 1.000 / 1.017 / 1.018 / 1.014 / 1.016x (MT-bench) and
-1.000 / 1.018 / 1.027 / 1.022 / 1.013x (GSM8K): the engine built first is the slow one, so read
-the configurations between against the `none` listed last.
+remains, and it falls on the engine built first (five `none` engines in one run: 1.000 / 1.017
+/ 1.018 / 1.014 / 1.016x on MT-bench, 1.000 / 1.018 / 1.027 / 1.022 / 1.013x on GSM8K; in
+other runs the first agreed with the last within 1 %). So list `none` first and last, read
+the configurations between against the last one (the figures printed are against the first),
+and compare two configurations in both orders.
 
     python benchmarks/lockstep.py --configs none,suffix:dspark,suffix+dspark:dspark,none \\
         --prompts gsm8k --streams 16 --requests 64 --threads 2
