@@ -62,7 +62,7 @@ class ContinuousBatcher:
         # Requests that finished in the last update, with the blocks of their text (prompt and
         # output) for the runner to store before their slots are reused: a conversation's
         # next turn starts with all of it (take_finished_blocks).
-        self._finished_blocks: list[tuple[str, int, list[tuple[int, int]]]] = []
+        self._finished_blocks: list[tuple[int, list[tuple[int, int]]]] = []
 
     # -- intake ---------------------------------------------------------------------------
     def add(self, req: Request) -> RequestOutput | None:
@@ -253,12 +253,12 @@ class ContinuousBatcher:
         if req.is_finished:
             if self.prefix is not None and req.slot is not None:
                 claims = self.prefix.claim(req.all_token_ids, req.num_computed_tokens)
-                self._finished_blocks.append((req.req_id, req.slot, claims))
+                self._finished_blocks.append((req.slot, claims))
             self._release(req)
         return self._output(req, emitted, logprobs)
 
-    def take_finished_blocks(self) -> list[tuple[str, int, list[tuple[int, int]]]]:
-        """(request id, its freed slot, (block id, first position) to store) for each request
+    def take_finished_blocks(self) -> list[tuple[int, list[tuple[int, int]]]]:
+        """(its freed slot, (block id, first position) to store) for each request
         the last update finished; the engine has the runner copy them out before the next
         schedule hands the slots out again, then calls blocks_stored()."""
         taken, self._finished_blocks = self._finished_blocks, []

@@ -127,7 +127,7 @@ class LLMEngine:
         else:  # only runners that apply token masks get structured requests (see __init__)
             result = self.runner.execute(plan, masks)  # type: ignore[call-arg]
         outputs = self.batcher.update(plan, result)
-        for _, slot, blocks in self.batcher.take_finished_blocks():
+        for slot, blocks in self.batcher.take_finished_blocks():
             self.runner.store_blocks(slot, blocks)  # type: ignore[attr-defined]
         self.batcher.blocks_stored()
         step_time_s = self.clock() - t0

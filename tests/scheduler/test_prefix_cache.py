@@ -126,7 +126,7 @@ def test_a_finished_request_stores_the_blocks_of_its_prompt_and_answer():
     batcher.update(plan, StepResult([RequestResult([8, 9], num_accepted_drafts=0)]))
     # 0..5 prompt, 6..9 output; positions 0..7 have KV (9 is the anchor, never computed)
     (finished,) = batcher.take_finished_blocks()
-    assert finished == ("a", 0, [(1, 4)])  # block 0 is stored already; block 1 is 4..7
+    assert finished == (0, [(1, 4)])  # block 0 is stored already; block 1 is 4..7
     assert batcher.take_finished_blocks() == []
     batcher.blocks_stored()
     assert batcher.prefix.match([*range(10), 50, 51]) == [0, 1]
