@@ -148,6 +148,12 @@ def main(argv: list[str] | None = None) -> None:
         "--num-anchors", type=int, default=0, help="DSpark/DFlash blocks per sequence (0: all)"
     )
     ap.add_argument("--ce-start-frac", type=float, default=0.0)
+    ap.add_argument(
+        "--alpha-ce", type=float, default=0.1, help="DSpark's cross-entropy weight (paper: 0.1)"
+    )
+    ap.add_argument(
+        "--alpha-tv", type=float, default=0.9, help="DSpark's total-variation weight (paper: 0.9)"
+    )
     ap.add_argument("--init", choices=["random", "target"], default="random")
     ap.add_argument("--init-from", type=Path, help="start from this checkpoint folder's weights")
     ap.add_argument("--no-autocast", action="store_true", help="train the draft in float32")
@@ -281,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
         markov_rank=args.markov_rank,
         dspark_layers=args.layers,
         ce_start_frac=args.ce_start_frac,
+        alpha_ce=args.alpha_ce,
+        alpha_tv=args.alpha_tv,
         save_every=args.save_every,
         snapshot_every_cpu_s=60 * args.snapshot_every_min,
         init="checkpoint" if args.init_from else args.init,
