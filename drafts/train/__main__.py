@@ -149,10 +149,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--ce-start-frac", type=float, default=0.0)
     ap.add_argument(
-        "--alpha-ce", type=float, default=0.1, help="DSpark's cross-entropy weight (paper: 0.1)"
+        "--alpha-ce", type=float, default=TrainConfig.alpha_ce,
+        help="DSpark's cross-entropy weight (default: the paper's)",
     )
     ap.add_argument(
-        "--alpha-tv", type=float, default=0.9, help="DSpark's total-variation weight (paper: 0.9)"
+        "--alpha-tv", type=float, default=TrainConfig.alpha_tv,
+        help="DSpark's total-variation weight (default: the paper's)",
     )
     ap.add_argument("--init", choices=["random", "target"], default="random")
     ap.add_argument("--init-from", type=Path, help="start from this checkpoint folder's weights")
