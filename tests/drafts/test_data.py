@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from drafts.train.data import calibration_prompts, prompt_of, regenerate_answers, training_prompts
+from drafts.train.data import (
+    calibration_prompts,
+    per_prompt_seeds,
+    prompt_of,
+    regenerate_answers,
+    training_prompts,
+)
+from scheduler.request import SamplingParams
 
 
 class _CharTokenizer:
@@ -55,3 +62,14 @@ def test_calibration_prompts_cover_every_source_and_stay_out_of_training() -> No
     assert len(training_prompts(5)) == 15 and training_prompts(5)[0] == train[0]
     chat_and_code = training_prompts(sources={"alpaca", "mbpp"})
     assert chat_and_code == [(s, p) for s, p in train if s != "gsm8k"]
+
+
+def test_sampled_answers_draw_one_stream_per_prompt() -> None:
+    base = SamplingParams(max_tokens=8, temperature=1.0)
+    batch = [[1, 2, 3], [1, 2, 4], [5], [1, 2, 3]]
+    params = per_prompt_seeds(base, batch)
+    seeds = [p.seed for p in params]
+    assert len(set(seeds[:3])) == 3  # different prompts, different streams
+    assert seeds[0] == seeds[3]  # the same prompt draws the same answer wherever it is batched
+    assert per_prompt_seeds(base, [[5]])[0].seed == seeds[2]
+    assert all(p.temperature == 1.0 and p.max_tokens == 8 for p in params)
