@@ -7,7 +7,7 @@ the matched blocks into the request's row, not a shared page: ~23 KB a token in 
 embedded model, microseconds against the ~0.8 ms a prompt token costs to compute on CPU. The
 index of which block holds what is scheduler/prefix_cache.py.
 
-Features are kept the way the KV cache is: one row per slot (`slot_features`), written at every
+Features are kept the way the KV cache is: one row per slot (`FeatureRows.slots`), written at every
 step's (slot, position) pairs whether a row's draft was accepted or not (a rejected position is
 written again before anything reads it), so a block is stored from its slot's row like its keys.
 One indexed write a step, where keeping each request's committed rows apart took a slice and a
@@ -19,9 +19,20 @@ model's 16 slots of 2,048 tokens, a quarter of its KV cache.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from scheduler.model import PackedBatch, TargetModel
+
+
+@dataclass
+class FeatureRows:
+    """The target features a drafter reads: each stored block's, and each slot's, written every
+    step like its KV row."""
+
+    blocks: torch.Tensor  # [blocks, block_size, feature_dim]
+    slots: torch.Tensor  # [slots, max_model_len, feature_dim]
 
 
 class PrefixStore:
@@ -32,27 +43,30 @@ class PrefixStore:
         shape = (L, num_blocks, KV, block_size, D)
         self.k = torch.empty(shape, dtype=model.kv_dtype, device=model.device)
         self.v = torch.empty(shape, dtype=model.kv_dtype, device=model.device)
-        self.features: torch.Tensor | None = None  # [blocks, block_size, feature_dim]
-        self.slot_features: torch.Tensor | None = None  # [slots, max_model_len, feature_dim]
+        self.features: FeatureRows | None = None  # only where a drafter reads features
         if feature_dim:
-            self.features = torch.empty(
-                num_blocks, block_size, feature_dim, dtype=model.dtype, device=model.device
-            )
             num_slots, max_model_len = model.k_cache.shape[1], model.k_cache.shape[3]
-            self.slot_features = torch.empty(
-                num_slots, max_model_len, feature_dim, dtype=model.dtype, device=model.device
+            self.features = FeatureRows(
+                blocks=torch.empty(
+                    num_blocks, block_size, feature_dim, dtype=model.dtype, device=model.device
+                ),
+                slots=torch.empty(
+                    num_slots, max_model_len, feature_dim, dtype=model.dtype, device=model.device
+                ),
             )
 
     @property
     def nbytes(self) -> int:
         """Its tensors' bytes (the slots' feature rows included), for the start-up log."""
-        tensors = [self.k, self.v, self.features, self.slot_features]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        tensors = [self.k, self.v]
+        if self.features is not None:
+            tensors += [self.features.blocks, self.features.slots]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def write_features(self, batch: PackedBatch, features: torch.Tensor) -> None:
         """Keep the step's features [rows, feature_dim] at each row's (slot, position)."""
-        if self.slot_features is not None:
-            self.slot_features[batch.slot_ids, batch.positions] = features
+        if self.features is not None:
+            self.features.slots[batch.slot_ids, batch.positions] = features
 
     def load(self, slot: int, block_ids: list[int]) -> torch.Tensor | None:
         """Copy the blocks into positions 0.. of the slot's KV row (and feature row); returns
@@ -62,10 +76,10 @@ class PrefixStore:
         for stored, cache in ((self.k, self.model.k_cache), (self.v, self.model.v_cache)):
             blocks = stored[:, idx]  # [layers, blocks, kv_heads, block, head_dim]
             cache[:, slot, :, :n] = blocks.transpose(1, 2).flatten(2, 3)
-        if self.features is None or self.slot_features is None:
+        if self.features is None:
             return None
-        features = self.features[idx].flatten(0, 1)
-        self.slot_features[slot, :n] = features
+        features = self.features.blocks[idx].flatten(0, 1)
+        self.features.slots[slot, :n] = features
         return features
 
     def save(self, slot: int, blocks: list[tuple[int, int]]) -> None:
@@ -82,5 +96,5 @@ class PrefixStore:
             kv = cache[:, slot, :, rows]  # [layers, kv_heads, blocks x block, head_dim]
             L, KV, _, D = kv.shape
             stored[:, ids] = kv.view(L, KV, len(blocks), size, D).transpose(1, 2)
-        if self.features is not None and self.slot_features is not None:
-            self.features[ids] = self.slot_features[slot, rows].view(len(blocks), size, -1)
+        if self.features is not None:
+            self.features.blocks[ids] = self.features.slots[slot, rows].view(len(blocks), size, -1)
