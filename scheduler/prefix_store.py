@@ -7,9 +7,10 @@ the matched blocks into the request's row, not a shared page: ~23 KB a token in 
 embedded model, microseconds against the ~0.8 ms a prompt token costs to compute on CPU. The
 index of which block holds what is scheduler/prefix_cache.py.
 
-Features are kept the way the KV cache is: one row per slot (`FeatureRows.slots`), written at every
-step's (slot, position) pairs whether a row's draft was accepted or not (a rejected position is
-written again before anything reads it), so a block is stored from its slot's row like its keys.
+Features are kept the way the KV cache is: one row per slot (`FeatureRows.slots`), written at
+every step's (slot, position) pairs whether a row's draft was accepted or not (a rejected
+position is written again before anything reads it), so a block is stored from its slot's row
+like its keys.
 One indexed write a step, where keeping each request's committed rows apart took a slice and a
 copy per request a step and a concatenation at its end (at 16 streams on the CPU, what a DSpark
 engine's runner spends beside the forward came from 0.21 to 0.13 ms a step above `none`'s;

@@ -17,7 +17,7 @@ import time
 import zlib
 from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -121,6 +121,7 @@ def encode_chat(tokenizer: Any, prompt: str) -> list[int]:
 
 
 GenerateFn = Callable[[list[list[int]]], list[list[int]]]
+Params = TypeVar("Params")  # the engine's SamplingParams (imported only where the engine is)
 
 
 def hf_generate_fn(
@@ -156,7 +157,7 @@ def hf_generate_fn(
     return generate
 
 
-def per_prompt_seeds(params: Any, batch: Sequence[Sequence[int]]) -> list[Any]:
+def per_prompt_seeds(params: Params, batch: Sequence[Sequence[int]]) -> list[Params]:
     """`params` once per prompt, each seeded from the prompt's ids: sampled answers draw from one
     random stream per prompt (one shared seed would give every prompt the same uniforms), and a
     resumed or re-batched run draws the same answer for the same prompt."""
