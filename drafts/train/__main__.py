@@ -196,7 +196,11 @@ def main(argv: list[str] | None = None) -> None:
         "--eval-temperatures", default="0,1", help="comma-separated sampling temperatures"
     )
     ap.add_argument(
-        "--answers", type=Path, help="train on this answer file (default: the run's own)"
+        "--answers",
+        type=Path,
+        nargs="+",
+        help="train on these answer files (default: the run's own), e.g. greedy and sampled "
+        "answers to the same prompts (data.read_answer_files keys their features apart)",
     )
     ap.add_argument(
         "--feature-cache", type=Path, help="feature cache folder (default: the run's features/)"
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = data.training_prompts(args.per_source or None, sources=sources)
     print(f"[1/6] prompts: {len(prompts)} from {', '.join(dict.fromkeys(s for s, _ in prompts))}")
 
-    answers = args.answers or run / "data" / "answers.jsonl"
+    answers = args.answers or [run / "data" / "answers.jsonl"]
     if not args.answers and not _done(run, "answers") and not args.train_while_generating:
         gen = None
         if args.generator == "engine" or (args.generator == "auto" and on_cpu):
@@ -244,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
             prompts,
             tok,
             gen,
-            answers,
+            answers[0],
             args.gen_batch or 8 * args.gen_seqs,
             progress=lambda x: tqdm(x, desc="answers"),
             time_budget_s=budget_s,
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     def load_rows() -> list[dict[str, Any]]:
-        rows = data.read_jsonl(answers)
+        rows = data.read_answer_files(answers)
         return rows[: args.max_rows] if args.max_rows else rows
 
     rows = load_rows()

@@ -54,6 +54,25 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+# Feature-cache keys of the n-th answer file start this far above the (n-1)-th's.
+ANSWER_FILE_KEY_STRIDE = 1_000_000
+
+
+def read_answer_files(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """The rows of several answer files as one list, each keyed apart in the feature cache.
+
+    A row's `index` (its prompt's place among the training prompts) keys its cached target
+    features (drafts/train/features.py), and two answer files to the same prompts (greedy and
+    sampled) share indices: the n-th file's rows are shifted n x ANSWER_FILE_KEY_STRIDE. The
+    first file keeps its keys, so a cache filled from it alone still serves it.
+    """
+    rows = []
+    for n, path in enumerate(paths):
+        for i, r in enumerate(read_jsonl(path)):
+            rows.append({**r, "index": int(r.get("index", i)) + n * ANSWER_FILE_KEY_STRIDE})
+    return rows
+
+
 # mbpp splits by task id: train 601-974 and test 11-510 (drafts train on both: humaneval, not
 # mbpp, is the code evaluation set), validation 511-600 (held out for calibration).
 MBPP_TRAIN = (*range(601, 975), *range(11, 511))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from drafts.train.data import (
+    ANSWER_FILE_KEY_STRIDE,
     calibration_prompts,
     per_prompt_seeds,
     prompt_of,
+    read_answer_files,
     regenerate_answers,
     training_prompts,
 )
@@ -73,3 +76,21 @@ def test_sampled_answers_draw_one_stream_per_prompt() -> None:
     assert seeds[0] == seeds[3]  # the same prompt draws the same answer wherever it is batched
     assert per_prompt_seeds(base, [[5]])[0].seed == seeds[2]
     assert all(p.temperature == 1.0 and p.max_tokens == 8 for p in params)
+
+
+def test_answer_files_to_the_same_prompts_are_keyed_apart(tmp_path: Path) -> None:
+    # Greedy and sampled answers to the same prompts share their prompts' indices, which key
+    # the feature cache: read together, no two rows may share a key, and the first file's
+    # keys stay what a cache filled from it alone holds.
+    def write(name: str, answers: list[list[int]]) -> Path:
+        path = tmp_path / name
+        rows = [{"index": i, "prompt_ids": [1], "answer_ids": a} for i, a in enumerate(answers)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    sampled = write("sampled.jsonl", [[5, 6], [7]])
+    greedy = write("greedy.jsonl", [[5, 9], [8]])
+    rows = read_answer_files([sampled, greedy])
+    assert [r["answer_ids"] for r in rows] == [[5, 6], [7], [5, 9], [8]]
+    assert [r["index"] for r in rows] == [0, 1, ANSWER_FILE_KEY_STRIDE, ANSWER_FILE_KEY_STRIDE + 1]
+    assert read_answer_files([sampled]) == rows[:2]
