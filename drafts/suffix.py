@@ -280,7 +280,9 @@ class SuffixProposer:
             key = tail[len(tail) - n :].tobytes()
             # The request's own occurrences (the last one, ending at the end, has no
             # continuation yet and is not counted), then the global ones.
-            found = [(index, e) for e in index.occurrences(key)]
+            found: list[tuple[_Index | _Scan, int]] = [
+                (index, e) for e in index.occurrences(key)
+            ]
             found += [(self._global, e) for e in self._global.occurrences(key)]
             if found:
                 drafts, features = _follow(found, n, r.num_draft_tokens, followed)

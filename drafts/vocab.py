@@ -54,7 +54,9 @@ class DraftHead:
         self.ids = None if ids is None else ids.to(lm_head.weight.device)
         self.dtype = lm_head.weight.dtype
         if self.ids is None:
-            self.head = shared_frozen_linear(lm_head.weight, lm_head.bias)
+            self.head: Callable[[torch.Tensor], torch.Tensor] = shared_frozen_linear(
+                lm_head.weight, lm_head.bias
+            )
             # over the whole vocabulary the model's own Markov head is used
             self.markov: Callable[[torch.Tensor], torch.Tensor] | None = None
             return

@@ -298,8 +298,8 @@ class Speculator:
             if not asked:
                 return
         if d.lookup_gate is not None:
-            ids = [requests[i].req.req_id for i in asked]
-            verdicts = d.lookup_gate.asks(ids, *prices, float(num_sampling))
+            req_ids = [requests[i].req.req_id for i in asked]
+            verdicts = d.lookup_gate.asks(req_ids, *prices, float(num_sampling))
             stats.num_gated = verdicts.count(False)
             asked = [i for i, ask in zip(asked, verdicts) if ask]
             if not asked:

@@ -17,9 +17,12 @@ import time
 import zlib
 from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
@@ -140,7 +143,9 @@ def encode_chat(tokenizer: Any, prompt: str) -> list[int]:
 
 
 GenerateFn = Callable[[list[list[int]]], list[list[int]]]
-Params = TypeVar("Params")  # the engine's SamplingParams (imported only where the engine is)
+# The engine's SamplingParams (imported only where the engine is): a dataclass, as
+# per_prompt_seeds's dataclasses.replace needs.
+Params = TypeVar("Params", bound="DataclassInstance")
 
 
 def hf_generate_fn(
