@@ -30,6 +30,13 @@ chunk ("decode steps"): at 16 streams the eight or so steps that prefill 512 pro
 (one MT-bench run: 2.13-2.43 s above three times the median step), which moved the aggregates
 of identical engines by up to 2 %; drafting changes only the other steps.
 
+`--max-tokens-spread F` draws each request's answer length from [max_tokens x (1 - F),
+max_tokens] (seeded, the same for every engine). With one length for all, the requests that
+`none` admits together end together wherever they reach it, and their successors' prompts are
+prefilled together; drafting moves the ends apart, and a step with a prompt chunk costs ~26 ms
+beyond its tokens here, so the drafting engines prefilled in 3-19 % more steps
+(docs/benchmarks.md). Served traffic ends where its answers do.
+
 `--parts` also times, per engine, the wall time inside the methods that `PARTS` names (the
 target's forward alone, verification, the prefix store, the Speculator before and after the
 forward): where a configuration's extra milliseconds a step go, which the spread between two
@@ -43,6 +50,7 @@ import collections
 import functools
 import itertools
 import json
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -108,7 +116,7 @@ class ClosedLoop:
     engine: object
     prompts: list[list[int]]
     streams: int
-    params: SamplingParams
+    params: list[SamplingParams]  # one per prompt
     next_i: int = 0
     in_flight: int = 0
     totals: dict[str, float] = field(
@@ -141,7 +149,7 @@ class ClosedLoop:
         """Top up to `streams` requests, then one engine step, timed."""
         while self.next_i < len(self.prompts) and self.in_flight < self.streams:
             self.engine.add_request(
-                Request(f"r{self.next_i}", self.prompts[self.next_i], self.params)
+                Request(f"r{self.next_i}", self.prompts[self.next_i], self.params[self.next_i])
             )
             self.next_i += 1
             self.in_flight += 1
@@ -174,6 +182,16 @@ class ClosedLoop:
                 t["finished"] += 1
 
 
+def answer_lengths(n: int, max_tokens: int, spread: float) -> list[int]:
+    """Each request's max_tokens: all `max_tokens`, or with spread > 0 drawn uniformly from
+    [max_tokens x (1 - spread), max_tokens], the same draws for every engine (seeded)."""
+    if not 0.0 <= spread < 1.0:
+        raise ValueError("--max-tokens-spread must be in [0, 1)")
+    rng = random.Random(0)
+    low = max(1, round(max_tokens * (1.0 - spread)))
+    return [rng.randint(low, max_tokens) if spread else max_tokens for _ in range(n)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -186,6 +204,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument(
+        "--max-tokens-spread",
+        type=float,
+        default=0.0,
+        help="answer lengths drawn from [max_tokens x (1 - spread), max_tokens] (docstring)",
+    )
     ap.add_argument("--k", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--parts", action="store_true", help="time the parts of a step (docstring)")
@@ -195,7 +219,10 @@ def main() -> None:
     loaded = load_target(device="cpu", dtype="auto", weights="auto")
     texts = PROMPT_SETS[args.prompts]()[args.first : args.first + args.requests]
     prompts = chat_token_ids(loaded.tokenizer, texts)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    params = [
+        SamplingParams(max_tokens=n, temperature=0.0)
+        for n in answer_lengths(len(prompts), args.max_tokens, args.max_tokens_spread)
+    ]
     specs = engine_labels(args.configs.split(","))  # a configuration twice: two engines
     timers = PartTimers() if args.parts else None
     loops = {}
@@ -212,7 +239,7 @@ def main() -> None:
             weights="auto",
         )
         engine = assemble_engine(loaded, config)
-        ClosedLoop(engine, [[1, 2, 3, 4]], 1, SamplingParams(max_tokens=8)).step()  # warm-up
+        ClosedLoop(engine, [[1, 2, 3, 4]], 1, [SamplingParams(max_tokens=8)]).step()  # warm-up
         while engine.has_work:
             engine.step()
         loops[spec] = ClosedLoop(engine, prompts, args.streams, params)
