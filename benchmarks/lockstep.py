@@ -188,8 +188,8 @@ def answer_lengths(n: int, max_tokens: int, spread: float) -> list[int]:
     if not 0.0 <= spread < 1.0:
         raise ValueError("--max-tokens-spread must be in [0, 1)")
     rng = random.Random(0)
-    low = max(1, round(max_tokens * (1.0 - spread)))
-    return [rng.randint(low, max_tokens) if spread else max_tokens for _ in range(n)]
+    low = max(1, round(max_tokens * (1.0 - spread)))  # max_tokens itself without a spread
+    return [rng.randint(low, max_tokens) for _ in range(n)]
 
 
 def main() -> None:
