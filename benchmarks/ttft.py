@@ -5,10 +5,14 @@ text is real; the request asks for one token, so the figure is the prompt's pref
 first sample. The prefix cache is off: the prompts of one length share their starts with the
 others. `--chunks graph,eager` runs prompt chunks through the compiled prompt graph and through
 the eager path (as before that graph) in two engines of one process, alternated request by
-request. The last line printed is one JSON object.
+request; `dense` is the prompt graph on a second copy of the model whose int4 layers multiply
+prompt chunks through dense bf16 copies, as they do on a CPU without bfloat16 tiles (where
+they have them, `graph` multiplies the int4 blocks in the tiles, scheduler/kernels/q4_prompt.cpp).
+The last line printed is one JSON object.
 
     python benchmarks/ttft.py --threads 2 --lengths 32,128,256,1000 --repeats 7
     python benchmarks/ttft.py --threads 2 --chunks graph,eager --repeats 15
+    python benchmarks/ttft.py --threads 2 --chunks graph,dense --repeats 15
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import json
 import statistics
 import time
+from unittest import mock
 
 import torch
 from speculative import PROMPT_SETS, chat_token_ids  # benchmarks/speculative.py, beside this
@@ -36,7 +41,7 @@ def main() -> None:
     ap.add_argument(
         "--chunks",
         default="graph",
-        help="graph, eager, or both comma-separated: how prompt chunks run",
+        help="graph, eager, dense, or several comma-separated: how prompt chunks run",
     )
     args = ap.parse_args()
     if args.threads:
@@ -47,6 +52,11 @@ def main() -> None:
     loaded = load_target(config.model, "cpu", config.dtype, None, config.weights)
     engines = {}
     for kind in args.chunks.split(","):
+        if kind == "dense":  # a model loaded, and warmed up, as if the CPU had no bf16 tiles
+            with mock.patch("scheduler.kernels.prompt_tiles", return_value=False):
+                dense = load_target(config.model, "cpu", config.dtype, None, config.weights)
+                engines[kind] = assemble_engine(dense, config)
+            continue
         engine = engines[kind] = assemble_engine(loaded, config)
         compiled = engine.runner.model.compiled
         if kind == "eager" and compiled is not None:

@@ -6,7 +6,8 @@ SMALL_QUERY_MAX tokens (decode, draft verification, the tail of a prompt) runs a
 from token ids to logits: inductor fuses the elementwise work into a few C++ loops around the
 weight products, which stay the same kernels (the int4 kernel, or the dense linear). Longer
 prompt chunks run as a second graph of the same code over the products prompts multiply (an
-int4 layer's dense copy), where the C++ attention serves; else eager.
+int4 layer's blocks in bfloat16 tiles, or its dense copy: quant.py's `_prompt_product`), where
+the C++ attention serves; else eager.
 
 The KV cache is read, never written, inside the graph (a graph that mutates its input has to
 copy it): each position's key is taken from the cache below a request's start and from the
@@ -103,7 +104,7 @@ class CompiledStep:
         instance = next(_instances)
         self._graph = _compile(self, CompiledStep._step, f"compiled_step_{instance}")
         # Prompt chunks (more than max_query tokens) run as a second graph of the same rule
-        # over the products prompt chunks multiply (an int4 layer's dense copy): fused, a
+        # over the products prompt chunks multiply (quant.py's `_prompt_product`): fused, a
         # 125-token prompt's prefill took ~20 % less time than eager (docs/benchmarks.md).
         # Only with the C++ attention: inductor's loops over every (row, position) pair are
         # no match for SDPA on a chunk of hundreds of rows.
@@ -133,8 +134,8 @@ class CompiledStep:
         self, batch: PackedBatch, aux_layer_ids: tuple[int, ...]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Long queries (prompt chunks) through the prompt graph, or eager without one; int4
-        linears through their dense copies where they keep one either way: dequantising once
-        per four rows costs more than reading bf16."""
+        linears through their prompt products either way (quant.py's `_prompt_product`): the
+        decode kernels cost more per row than a product made for many rows."""
         if self.prompt_graph is not None:
             return self._run(batch, aux_layer_ids, self.prompt_graph)
         from scheduler.quant import prompt_chunk_products

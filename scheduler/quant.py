@@ -60,11 +60,13 @@ _in_prompt_chunk = threading.local()
 
 @contextmanager
 def prompt_chunk_products() -> Iterator[None]:
-    """Within: `Int4Linear`s that keep a dense copy multiply through it. For prompt chunks only
-    (the eager path of scheduler/compiled.py): the int4 kernel dequantises the weights once per
-    four rows, so a 256-row chunk costs 2.3x the dense product (docs/benchmarks.md). Decodes
-    and verifications stay on the int4 kernel, in the compiled graph, whatever the step's
-    shape: a token gets the same bits there whether it is verified among drafts or not."""
+    """Within: `Int4Linear`s multiply through their prompt product (`_prompt_product`) where
+    they have one. For prompt chunks only (the eager path of scheduler/compiled.py): the
+    decode kernels cost a pass over the weights per four rows (aten) or a pass of the block
+    scales per row (native), so a 256-row chunk cost 2.3x the dense product
+    (docs/benchmarks.md). Decodes and verifications stay on the int4 kernel, in the compiled
+    graph, whatever the step's shape: a token gets the same bits there whether it is verified
+    among drafts or not."""
     before = getattr(_in_prompt_chunk, "on", False)
     _in_prompt_chunk.on = True
     try:
@@ -76,13 +78,13 @@ def prompt_chunk_products() -> Iterator[None]:
 def prompt_chunk_layer(layer: LayerProjections) -> LayerProjections:
     """A layer's products as prompt chunks multiply them, for the compiled prompt graph
     (scheduler/compiled.py), where `prompt_chunk_products` cannot switch them: each
-    `Int4Linear` that keeps a dense copy replaced by that copy, every other product as it is."""
+    `Int4Linear` with a prompt product replaced by it, every other product as it is."""
     chunk = copy.copy(layer)
     for name in ("qkv", "o", "gate_up", "down"):
         product = getattr(layer, name)
-        dense = product._prompt_product() if isinstance(product, Int4Linear) else None
-        if dense is not None:
-            setattr(chunk, name, dense)
+        prompt = product._prompt_product() if isinstance(product, Int4Linear) else None
+        if prompt is not None:
+            setattr(chunk, name, prompt)
     return chunk
 
 
@@ -178,17 +180,24 @@ class Int4Linear(nn.Module):
         # The same matrix dense, for prompt chunks (see prompt_chunk_products), or None; at the
         # first chunk it moves into `_prompt_linear` (see _prompt_product).
         self.prompt_weight: torch.Tensor | None = None
-        self._prompt_linear: FrozenLinear | None = None
+        self._prompt_linear: FrozenLinear | TiledPromptProduct | None = None
 
-    def _prompt_product(self) -> FrozenLinear | None:
-        """The dense copy in the layout the CPU multiplies fastest, or None. Made at the first
-        prompt chunk, after fusion has concatenated the plain copies, which it then lets go:
-        oneDNN's blocked bf16 layout runs a layer's products 1.45x faster than aten's plain
-        one for a 32-row chunk and 1.2x for 127 rows (aten re-blocks the weight on every
-        call; docs/benchmarks.md)."""
-        if self.prompt_weight is not None:
-            self._prompt_linear = FrozenLinear(self.prompt_weight, None)
-            self.prompt_weight = None
+    def _prompt_product(self) -> FrozenLinear | TiledPromptProduct | None:
+        """What prompt chunks multiply through (bias included), or None (the int4 kernel):
+        where the CPU has bfloat16 tiles (AMX-BF16), a native linear's own blocks dequantised
+        tile by tile into them (`TiledPromptProduct`), no copy held; else the dense copy in
+        the layout the CPU multiplies fastest. That is made at the first prompt chunk, after
+        fusion has concatenated the plain copies, which it then lets go: oneDNN's blocked
+        bf16 layout runs a layer's products 1.45x faster than aten's plain one for a 32-row
+        chunk and 1.2x for 127 rows (aten re-blocks the weight on every call;
+        docs/benchmarks.md)."""
+        if self._prompt_linear is None:
+            if tiled_prompt_products(self.native, self.act_dtype):
+                self._prompt_linear = TiledPromptProduct(self)
+                self.prompt_weight = None
+            elif self.prompt_weight is not None:
+                self._prompt_linear = FrozenLinear(self.prompt_weight, self.bias)
+                self.prompt_weight = None
         return self._prompt_linear
 
     @classmethod
@@ -239,10 +248,10 @@ class Int4Linear(nn.Module):
         # the flag: a traced read puts a guard on it, which the first prompt chunk after
         # warm-up broke, recompiling the step (~11 s) in the middle of serving.
         in_chunk = not torch.compiler.is_compiling() and getattr(_in_prompt_chunk, "on", False)
-        dense = self._prompt_product() if in_chunk else None
-        if dense is not None:
-            y = dense(x2)
-        elif self.native:
+        prompt = self._prompt_product() if in_chunk else None
+        if prompt is not None:  # it adds the bias itself
+            return prompt(x2).view(*shape[:-1], self.out_features)
+        if self.native:
             d, m = self.scales_zeros
             y = torch.ops.dspark_kernels.q4_linear(x2, self.packed, d, m)
         else:
@@ -252,6 +261,29 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
+
+
+class TiledPromptProduct:
+    """A native `Int4Linear`'s product for prompt chunks through
+    scheduler/kernels/q4_prompt.cpp: its Q4_1 blocks dequantised to bfloat16 a tile of outputs
+    at a time (the dense copy's values) and multiplied in the CPU's bfloat16 tiles, reading
+    the weights at a quarter of the dense copy's bytes. Reads the linear's buffers, holds
+    nothing of its own."""
+
+    def __init__(self, linear: Int4Linear) -> None:
+        self.linear = linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lin = self.linear
+        d, m = lin.scales_zeros
+        y = torch.ops.dspark_kernels.q4_bf16_linear(x, lin.packed, d, m)
+        return y if lin.bias is None else y + lin.bias
+
+
+def tiled_prompt_products(native: bool, act_dtype: torch.dtype) -> bool:
+    """Whether native int4 linears multiply prompt chunks in the CPU's bfloat16 tiles here
+    (and so keep no dense copy)."""
+    return native and act_dtype == torch.bfloat16 and kernels.prompt_tiles()
 
 
 class Q8Linear(nn.Module):
@@ -355,8 +387,10 @@ def gguf_modules(
     served as `Q8Linear` (`head="q8"`), kept dense (`"dense"`), or whichever of the two a
     start-up measurement finds faster (`"auto"`). `native`: the int4 linears and the Q8_0 head
     multiply through scheduler/kernels/q4_linear.cpp (which must be loaded). Every int4 linear
-    also keeps the loaded dense matrix for prompt chunks (`prompt_chunk_products`): the weights' memory again in the
-    activation dtype, for prefill products 2.1-2.4x faster.
+    also keeps the loaded dense matrix for prompt chunks (`prompt_chunk_products`), the
+    weights' memory again in the activation dtype, for prefill products 2.1-2.4x faster;
+    except native ones where the CPU has bfloat16 tiles, which multiply prompt chunks from
+    their own blocks (`TiledPromptProduct`).
     """
     if not has_int4_kernel():
         raise GGUFWeightsError("this torch has no CPU int4 kernel")
@@ -374,7 +408,8 @@ def gguf_modules(
             new: nn.Module = Int4Linear(
                 qt.q, qt.scale, qt.zero, GROUP, dense.bias, act_dtype, native=native
             )
-            new.prompt_weight = dense.weight.detach().to(act_dtype)
+            if not tiled_prompt_products(native, act_dtype):
+                new.prompt_weight = dense.weight.detach().to(act_dtype)
         else:
             if head == "dense":
                 continue

@@ -3,7 +3,9 @@
 `row_attention.cpp`: a step's packed rows attending their requests' cached keys and values
 (scheduler/compiled.py). `q4_linear.cpp`: a GGUF's Q4_1 and Q8_0 matrices times activations
 rounded to two int8 digits, with integer dot products (scheduler/quant.py), from 16 rows through
-the tile unit where the CPU has one (AMX: the same bits). They are compiled
+the tile unit where the CPU has one (AMX: the same bits). `q4_prompt.cpp`: prompt chunks'
+products from the same Q4_1 blocks, dequantised to bfloat16 and multiplied in the tile unit
+(where the CPU has AMX-BF16; elsewhere prompt chunks read a dense copy). They are compiled
 with the machine's own instruction set (AVX-512 where the CPU has it, portable loops
 elsewhere) by torch's extension builder (needs a C++ compiler and ninja), ~10 s the first
 time, then loaded from `<cache>/kernels/` in a fraction of a second. The folder's name carries the CPU's flags, so a cache carried to another CPU builds
@@ -22,7 +24,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("row_attention.cpp", "q4_linear.cpp")]
+SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("row_attention.cpp", "q4_linear.cpp", "q4_prompt.cpp")
+]
 # What row_attention.cpp is instantiated for: head sizes, query heads per key/value head.
 HEAD_DIMS = (32, 64, 128, 256)
 MAX_GROUP = 8
@@ -65,6 +70,19 @@ def row_quantum() -> int:
     import torch
 
     return int(torch.ops.dspark_kernels.tile_rows())
+
+
+def prompt_tiles() -> bool:
+    """Whether q4_prompt.cpp's bfloat16 tile products serve here (built with AMX-BF16 and the
+    tiles granted). False where the kernels are not loaded."""
+    return bool(_loaded) and _tiles_granted()
+
+
+@functools.cache  # one answer per process, once loaded
+def _tiles_granted() -> bool:
+    import torch
+
+    return bool(torch.ops.dspark_kernels.q4_bf16_available())
 
 
 def has_vnni() -> bool:
@@ -125,6 +143,10 @@ def _register_fakes() -> None:
         return q.new_empty(q.shape, dtype=torch.float32)
 
     @torch.library.register_fake("dspark_kernels::q4_linear")
+    def _(x, qs, d, m):  # type: ignore[no-untyped-def]
+        return x.new_empty((x.shape[0], qs.shape[0]))
+
+    @torch.library.register_fake("dspark_kernels::q4_bf16_linear")
     def _(x, qs, d, m):  # type: ignore[no-untyped-def]
         return x.new_empty((x.shape[0], qs.shape[0]))
 
