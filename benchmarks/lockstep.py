@@ -37,6 +37,11 @@ prefilled together; drafting moves the ends apart, and a step with a prompt chun
 beyond its tokens here, so the drafting engines prefilled in 3-19 % more steps
 (docs/benchmarks.md). Served traffic ends where its answers do.
 
+A configuration `dense` is `none` on a second copy of the model loaded as on a CPU without
+bfloat16 tiles: its prompt chunks multiply dense bf16 copies of the int4 layers instead of
+their blocks in the tiles (scheduler/kernels/q4_prompt.cpp; docs/benchmarks.md, "Prompt
+chunks in bfloat16 tiles").
+
 `--parts` also times, per engine, the wall time inside the methods that `PARTS` names (the
 target's forward alone, verification, the prefix store, the Speculator before and after the
 forward): where a configuration's extra milliseconds a step go, which the spread between two
@@ -47,12 +52,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import itertools
 import json
 import random
 import time
 from dataclasses import dataclass, field
+from unittest import mock
 
 import torch
 from speculative import (  # beside this
@@ -227,7 +234,8 @@ def main() -> None:
     timers = PartTimers() if args.parts else None
     loops = {}
     for spec in specs:  # speculative.py's engine settings, so the two agree
-        drafter, policy, k = parse_config(config_of(spec), args.k)
+        dense = config_of(spec) == "dense"
+        drafter, policy, k = parse_config("none" if dense else config_of(spec), args.k)
         config = EngineConfig(
             speculative=drafter,
             verify_policy=policy,
@@ -238,10 +246,14 @@ def main() -> None:
             dtype="auto",
             weights="auto",
         )
-        engine = assemble_engine(loaded, config)
-        ClosedLoop(engine, [[1, 2, 3, 4]], 1, [SamplingParams(max_tokens=8)]).step()  # warm-up
-        while engine.has_work:
-            engine.step()
+        # Built and warmed up (its prompt products fixed) as if the CPU had no bf16 tiles.
+        without_tiles = mock.patch("scheduler.kernels.prompt_tiles", return_value=False)
+        with without_tiles if dense else contextlib.nullcontext():
+            model = load_target(device="cpu", dtype="auto", weights="auto") if dense else loaded
+            engine = assemble_engine(model, config)
+            ClosedLoop(engine, [[1, 2, 3, 4]], 1, [SamplingParams(max_tokens=8)]).step()
+            while engine.has_work:
+                engine.step()
         loops[spec] = ClosedLoop(engine, prompts, args.streams, params)
     order = list(loops.items())
     for round_no in itertools.count():
