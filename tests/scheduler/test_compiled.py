@@ -17,7 +17,7 @@ from scheduler.compiled import enable_disk_cache
 from scheduler.gguf_blocks import GROUP, quantize_q4_1
 from scheduler.loader import default_cache_dir
 from scheduler.model import StepOptions, TargetModel, build_packed_batch
-from scheduler.quant import Int4Linear, prompt_chunk_products
+from scheduler.quant import Int4Linear, TiledPromptProduct, prompt_chunk_products
 
 AUX = (0, 1)
 # The compiled step's two attention paths: inductor's loops and the C++ kernel.
@@ -50,7 +50,7 @@ def tiny_llama(
 
 
 def tiny_int4_llama(
-    dtype: torch.dtype = torch.float32, dense_copies: bool = False
+    dtype: torch.dtype = torch.float32, dense_copies: bool = False, native: bool = False
 ) -> LlamaForCausalLM:
     model = tiny_llama(dtype)
     for layer in model.model.layers:
@@ -58,7 +58,9 @@ def tiny_int4_llama(
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):
                     qt = quantize_q4_1(child.weight)
-                    new = Int4Linear(qt.q, qt.scale, qt.zero, GROUP, child.bias, dtype)
+                    new = Int4Linear(
+                        qt.q, qt.scale, qt.zero, GROUP, child.bias, dtype, native=native
+                    )
                     if dense_copies:  # as the served model keeps for prompt chunks
                         new.prompt_weight = qt.dequantize().to(dtype)
                     setattr(parent, name, new)
@@ -150,6 +152,38 @@ def test_prompt_chunks_run_as_a_graph_over_the_dense_copies():
                 torch.testing.assert_close(
                     got[:, 1, :, : start + n], want[:, 1, :, : start + n], rtol=0, atol=1e-4
                 )
+
+
+@pytest.mark.skipif(
+    not (kernels.load(default_cache_dir()) and kernels.prompt_tiles()),
+    reason="this CPU has no AMX-BF16 tiles: prompt chunks read dense copies here (test above)",
+)
+def test_prompt_chunks_run_as_a_graph_over_the_bf16_tiles():
+    """Where the CPU has bfloat16 tiles, a native int4 model in bfloat16 multiplies prompt
+    chunks from its blocks in them (quant.TiledPromptProduct), in the prompt graph as in the
+    eager chunk: the same logits and features, and no dense copy anywhere."""
+    enable_disk_cache(default_cache_dir())
+    hf = tiny_int4_llama(torch.bfloat16, native=True)
+    eager = TargetModel(hf, num_slots=2, max_model_len=128)
+    compiled = TargetModel(
+        hf, num_slots=2, max_model_len=128, options=compiled_options("native", torch.bfloat16)
+    )
+    assert compiled.compiled is not None and compiled.compiled.prompt_graph is not None
+    for layer in compiled.compiled.prompt_layers:
+        for name in ("qkv", "o", "gate_up", "down"):
+            assert isinstance(getattr(layer, name), TiledPromptProduct)
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, 256, (40,), generator=gen).tolist()
+    batch = build_packed_batch([(1, 0, ids)], list(range(0, 40, 3)), torch.device("cpu"))
+    with torch.inference_mode():
+        with prompt_chunk_products():
+            want_logits, want_aux = eager.forward(batch, AUX)
+        got_logits, got_aux = compiled.forward(batch, AUX)
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=2e-2)
+    torch.testing.assert_close(got_aux, want_aux, rtol=0, atol=2e-2)
+    products = [m for m in hf.modules() if isinstance(m, Int4Linear)]
+    assert products and all(isinstance(m._prompt_product(), TiledPromptProduct) for m in products)
+    assert all(m.prompt_weight is None for m in products)
 
 
 def tiny_dense_llama() -> LlamaForCausalLM:
