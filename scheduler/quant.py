@@ -62,9 +62,9 @@ _in_prompt_chunk = threading.local()
 def prompt_chunk_products() -> Iterator[None]:
     """Within: `Int4Linear`s multiply through their prompt product (`_prompt_product`) where
     they have one. For prompt chunks only (the eager path of scheduler/compiled.py): the
-    decode kernels cost a pass over the weights per four rows (aten) or a pass of the block
-    scales per row (native), so a 256-row chunk cost 2.3x the dense product
-    (docs/benchmarks.md). Decodes and verifications stay on the int4 kernel, in the compiled
+    decode kernels cost a pass over the weights per four rows (aten: a 256-row chunk cost 2.3x
+    the dense product) or a pass of the block scales per row (native; docs/benchmarks.md).
+    Decodes and verifications stay on the int4 kernel, in the compiled
     graph, whatever the step's shape: a token gets the same bits there whether it is verified
     among drafts or not."""
     before = getattr(_in_prompt_chunk, "on", False)

@@ -108,6 +108,27 @@ def test_prompt_chunks_multiply_through_the_dense_copy_and_nothing_else_does():
     assert torch.equal(fused(x), int4)
 
 
+def test_a_layers_prompt_products_keep_their_bias():
+    """The prompt graph's products (`prompt_chunk_layer`) add a biased int4 linear's bias, as
+    its own forward does inside `prompt_chunk_products` (the graph once dropped it)."""
+    from scheduler.linear import LayerProjections
+    from scheduler.quant import prompt_chunk_layer
+
+    gen = torch.Generator().manual_seed(7)
+    qt = quantize_q4_1(torch.randn(64, 128, generator=gen))
+    bias = torch.randn(64, generator=gen)
+    lin = Int4Linear(qt.q, qt.scale, qt.zero, GROUP, bias, torch.float32)
+    lin.prompt_weight = qt.dequantize()
+    layer = LayerProjections.__new__(LayerProjections)
+    for name in ("qkv", "o", "gate_up", "down"):
+        setattr(layer, name, lin)
+    x = torch.randn(20, 128, generator=gen)
+    want = x @ qt.dequantize().T + bias
+    torch.testing.assert_close(prompt_chunk_layer(layer).qkv(x), want)
+    with prompt_chunk_products():
+        torch.testing.assert_close(lin(x), want)
+
+
 def test_a_second_model_on_the_same_weights_gets_the_same_fused_product():
     """Two engines built on one loaded model (benchmarks, tests) fuse the same modules: the
     second gets the first's product, dense prompt copy included. Fusing again found the parts
