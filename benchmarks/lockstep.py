@@ -52,14 +52,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import functools
 import itertools
 import json
 import random
 import time
 from dataclasses import dataclass, field
-from unittest import mock
 
 import torch
 from speculative import (  # beside this
@@ -67,6 +65,7 @@ from speculative import (  # beside this
     chat_token_ids,
     config_of,
     engine_labels,
+    load_with_dense_prompt_copies,
     parse_config,
 )
 
@@ -246,14 +245,15 @@ def main() -> None:
             dtype="auto",
             weights="auto",
         )
-        # Built and warmed up (its prompt products fixed) as if the CPU had no bf16 tiles.
-        without_tiles = mock.patch("scheduler.kernels.prompt_tiles", return_value=False)
-        with without_tiles if dense else contextlib.nullcontext():
-            model = load_target(device="cpu", dtype="auto", weights="auto") if dense else loaded
-            engine = assemble_engine(model, config)
-            ClosedLoop(engine, [[1, 2, 3, 4]], 1, [SamplingParams(max_tokens=8)]).step()
-            while engine.has_work:
-                engine.step()
+        model = (
+            load_with_dense_prompt_copies(device="cpu", dtype="auto", weights="auto")
+            if dense
+            else loaded
+        )
+        engine = assemble_engine(model, config)
+        ClosedLoop(engine, [[1, 2, 3, 4]], 1, [SamplingParams(max_tokens=8)]).step()  # warm-up
+        while engine.has_work:
+            engine.step()
         loops[spec] = ClosedLoop(engine, prompts, args.streams, params)
     order = list(loops.items())
     for round_no in itertools.count():

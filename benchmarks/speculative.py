@@ -21,13 +21,14 @@ import gzip
 import json
 import statistics
 import time
+from typing import Any
 
 import torch
 
 from loadtest.prompts import data_dir, load_source
 from scheduler.build import assemble_engine
 from scheduler.config import EngineConfig
-from scheduler.loader import load_target
+from scheduler.loader import LoadedModel, load_target
 from scheduler.request import Request, SamplingParams
 
 DATA = data_dir()  # ../shared/data, or $DSPARK_DATA_DIR
@@ -89,6 +90,17 @@ PROMPT_SETS = {
     "humaneval": humaneval_prompts,
     "copy": copy_prompts,
 }
+
+
+def load_with_dense_prompt_copies(**kwargs: Any) -> LoadedModel:
+    """`load_target(**kwargs)` as on a CPU without bfloat16 tiles: the int4 layers keep dense
+    bf16 copies, which their prompt chunks then multiply (scheduler/quant.py's
+    `_prompt_product`), where this CPU would multiply their blocks in the tiles. The A/B of
+    scheduler/kernels/q4_prompt.cpp (`ttft.py --chunks dense`, lockstep.py's `dense`)."""
+    from unittest import mock
+
+    with mock.patch("scheduler.kernels.prompt_tiles", return_value=False):
+        return load_target(**kwargs)
 
 
 def engine_labels(configs: list[str]) -> list[str]:

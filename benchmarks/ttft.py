@@ -21,10 +21,13 @@ import argparse
 import json
 import statistics
 import time
-from unittest import mock
 
 import torch
-from speculative import PROMPT_SETS, chat_token_ids  # benchmarks/speculative.py, beside this
+from speculative import (  # benchmarks/speculative.py, beside this
+    PROMPT_SETS,
+    chat_token_ids,
+    load_with_dense_prompt_copies,
+)
 
 from scheduler.build import assemble_engine
 from scheduler.config import EngineConfig
@@ -52,10 +55,11 @@ def main() -> None:
     loaded = load_target(config.model, "cpu", config.dtype, None, config.weights)
     engines = {}
     for kind in args.chunks.split(","):
-        if kind == "dense":  # a model loaded, and warmed up, as if the CPU had no bf16 tiles
-            with mock.patch("scheduler.kernels.prompt_tiles", return_value=False):
-                dense = load_target(config.model, "cpu", config.dtype, None, config.weights)
-                engines[kind] = assemble_engine(dense, config)
+        if kind == "dense":  # a second model, loaded as if the CPU had no bf16 tiles
+            dense = load_with_dense_prompt_copies(
+                model=config.model, device="cpu", dtype=config.dtype, weights=config.weights
+            )
+            engines[kind] = assemble_engine(dense, config)
             continue
         engine = engines[kind] = assemble_engine(loaded, config)
         compiled = engine.runner.model.compiled

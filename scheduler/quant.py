@@ -184,20 +184,20 @@ class Int4Linear(nn.Module):
 
     def _prompt_product(self) -> FrozenLinear | TiledPromptProduct | None:
         """What prompt chunks multiply through (bias included), or None (the int4 kernel):
-        where the CPU has bfloat16 tiles (AMX-BF16), a native linear's own blocks dequantised
-        tile by tile into them (`TiledPromptProduct`), no copy held; else the dense copy in
-        the layout the CPU multiplies fastest. That is made at the first prompt chunk, after
-        fusion has concatenated the plain copies, which it then lets go: oneDNN's blocked
-        bf16 layout runs a layer's products 1.45x faster than aten's plain one for a 32-row
-        chunk and 1.2x for 127 rows (aten re-blocks the weight on every call;
+        the dense copy the loader gave it, in the layout the CPU multiplies fastest; without
+        one, where the CPU has bfloat16 tiles (AMX-BF16), a native linear's own blocks
+        dequantised tile by tile into them (`TiledPromptProduct`). The loader decides which by
+        keeping a copy or not (`gguf_modules`). The blocked copy is made at the first prompt
+        chunk, after fusion has concatenated the plain copies, which it then lets go: oneDNN's
+        blocked bf16 layout runs a layer's products 1.45x faster than aten's plain one for a
+        32-row chunk and 1.2x for 127 rows (aten re-blocks the weight on every call;
         docs/benchmarks.md)."""
         if self._prompt_linear is None:
-            if tiled_prompt_products(self.native, self.act_dtype):
-                self._prompt_linear = TiledPromptProduct(self)
-                self.prompt_weight = None
-            elif self.prompt_weight is not None:
+            if self.prompt_weight is not None:
                 self._prompt_linear = FrozenLinear(self.prompt_weight, self.bias)
                 self.prompt_weight = None
+            elif tiled_prompt_products(self.native, self.act_dtype):
+                self._prompt_linear = TiledPromptProduct(self)
         return self._prompt_linear
 
     @classmethod

@@ -51,8 +51,7 @@
 #endif
 
 #if defined(DSPARK_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx_tiles.h"
 #define DSPARK_AMX 1
 #endif
 
@@ -355,29 +354,9 @@ constexpr int64_t kAmxRows = 8;  // rows per tile product: two lines of digits e
 // Calls with fewer rows take the vector path (`amx_min_rows` moves it, for benchmarks).
 std::atomic<int64_t> amx_min_rows_now{16};
 
-// Linux hands the tile registers' state only to a process that asks for it (arch_prctl).
-bool amx_permitted() {
-  static const bool permitted = [] {
-    constexpr int kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
-    constexpr int kTileData = 18;               // XFEATURE_XTILEDATA
-    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-  }();
-  return permitted;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};  // bytes per line of each tile
-  uint8_t rows[16] = {};    // lines of each tile
-};
-
-// Two sets of (C, A, B) tiles, 0-2 and 3-5, for 8 rows. A constant: built on the stack just
-// before `ldtilecfg` (below the stack pointer, in a function that calls none), it faulted on
-// the worker threads.
-TileConfig tile_config() {
-  TileConfig c;
+// Two sets of (C, A, B) tiles, 0-2 and 3-5, for 8 rows (a constant: amx_tiles.h).
+dspark_amx::TileConfig tile_config() {
+  dspark_amx::TileConfig c;
   for (int set : {0, 3}) {
     c.rows[set] = 2 * kAmxRows, c.colsb[set] = 64;              // C: the sums
     c.rows[set + 1] = 2 * kAmxRows, c.colsb[set + 1] = kBlock;  // A: the digits
@@ -385,7 +364,7 @@ TileConfig tile_config() {
   }
   return c;
 }
-const TileConfig kTileConfig = tile_config();
+const dspark_amx::TileConfig kTileConfig = tile_config();
 
 // Per thread: a tile's unpacked weights, and a group of rows' sums, for every block; lines
 // of 64 bytes on cache lines, as the aligned vector loads and stores need.
@@ -504,7 +483,7 @@ at::Tensor amx_by_tiles(const at::Tensor& x, const QuantRows& xq, int64_t out, c
   return y;
 }
 
-bool amx_serves(int64_t rows) { return rows >= amx_min_rows_now && amx_permitted(); }
+bool amx_serves(int64_t rows) { return rows >= amx_min_rows_now && dspark_amx::permitted(); }
 
 // Rows rounded up to whole groups of 8 where the tiles serve the call.
 int64_t amx_capacity(int64_t rows) {
@@ -518,7 +497,7 @@ int64_t amx_capacity(int64_t rows) { return rows; }
 // build has no tile path (no AMX, or the kernel would not grant it).
 int64_t amx_min_rows(int64_t rows) {
 #if defined(DSPARK_AMX)
-  if (amx_permitted()) return amx_min_rows_now.exchange(rows);
+  if (dspark_amx::permitted()) return amx_min_rows_now.exchange(rows);
 #endif
   return -1;
 }
@@ -528,7 +507,7 @@ int64_t amx_min_rows(int64_t rows) {
 // The throughput profile prices verified drafts by it (scheduler/profiler.py, row_quantum).
 int64_t tile_rows() {
 #if defined(DSPARK_AMX)
-  if (amx_permitted()) return kAmxRows;
+  if (dspark_amx::permitted()) return kAmxRows;
 #endif
   return 1;
 }

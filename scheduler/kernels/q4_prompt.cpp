@@ -35,8 +35,8 @@
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
     defined(__AVX512BW__) && defined(__linux__)
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+
+#include "amx_tiles.h"
 #define DSPARK_AMX_BF16 1
 #endif
 
@@ -49,33 +49,15 @@ constexpr int64_t kTileRows = 16;    // rows per A and C tile
 constexpr int64_t kGroupTiles = 4;   // C tiles: up to 64 rows per pass over the blocks
 
 #if defined(DSPARK_AMX_BF16)
-// Linux hands the tile registers' state only to a process that asks for it (arch_prctl).
-bool tiles_permitted() {
-  static const bool permitted = [] {
-    constexpr int kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
-    constexpr int kTileData = 18;               // XFEATURE_XTILEDATA
-    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-  }();
-  return permitted;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};  // bytes per line of each tile
-  uint8_t rows[16] = {};    // lines of each tile
-};
-
 // Tiles 0-3: C, 16 rows x 16 float32 sums; 4-5: A, 16 rows x 32 bfloat16 inputs (two, so a
 // load need not wait for the product still reading the other); 6-7: B, a block's weights of
 // one tile of outputs each.
-TileConfig tile_config() {
-  TileConfig c;
+dspark_amx::TileConfig tile_config() {
+  dspark_amx::TileConfig c;
   for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
   return c;
 }
-const TileConfig kTileConfig = tile_config();
+const dspark_amx::TileConfig kTileConfig = tile_config();
 
 // Block b of tile t into its 16 B lines at `lines` (bfloat16 pairs, 64 bytes a line).
 inline void unpack_block(const uint8_t* qb, const c10::Half* d, const c10::Half* m,
@@ -199,20 +181,18 @@ struct Scratch {  // per thread, on cache lines as the aligned stores need
 };
 #endif
 
-bool available() {
+// Whether q4_bf16_linear serves on this CPU (built with AMX-BF16, tiles granted).
+bool q4_bf16_available() {
 #if defined(DSPARK_AMX_BF16)
-  return tiles_permitted();
+  return dspark_amx::permitted();
 #else
   return false;
 #endif
 }
 
-// Whether q4_bf16_linear serves on this CPU (built with AMX-BF16, tiles granted).
-bool q4_bf16_available() { return available(); }
-
 at::Tensor q4_bf16_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
                           const at::Tensor& m) {
-  TORCH_CHECK(available(), "q4_bf16_linear: this CPU or build has no AMX-BF16 tiles");
+  TORCH_CHECK(q4_bf16_available(), "q4_bf16_linear: this CPU or build has no AMX-BF16 tiles");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16,
               "q4_bf16_linear: x [rows, in] bfloat16");
   const int64_t rows = x.size(0), in = x.size(1), out = qs.size(0), blocks = in / kBlock;
