@@ -71,31 +71,31 @@ class PrefixStore:
 
     def load(self, slot: int, block_ids: list[int]) -> torch.Tensor | None:
         """Copy the blocks into positions 0.. of the slot's KV row (and feature row); returns
-        their features, if stored."""
-        n = len(block_ids) * self.block_size
-        idx = torch.tensor(block_ids, device=self.k.device)
-        for stored, cache in ((self.k, self.model.k_cache), (self.v, self.model.v_cache)):
-            blocks = stored[:, idx]  # [layers, blocks, kv_heads, block, head_dim]
-            cache[:, slot, :, :n] = blocks.transpose(1, 2).flatten(2, 3)
+        their features, if stored. A copy a block (`save` says why)."""
+        size = self.block_size
+        for j, block_id in enumerate(block_ids):
+            span = slice(j * size, (j + 1) * size)
+            self.model.k_cache[:, slot, :, span] = self.k[:, block_id]
+            self.model.v_cache[:, slot, :, span] = self.v[:, block_id]
+            if self.features is not None:
+                self.features.slots[slot, span] = self.features.blocks[block_id]
         if self.features is None:
             return None
-        features = self.features.blocks[idx].flatten(0, 1)
-        self.features.slots[slot, :n] = features
-        return features
+        return self.features.slots[slot, : len(block_ids) * size].clone()
 
     def save(self, slot: int, blocks: list[tuple[int, int]]) -> None:
-        """Store the slot's KV (and features) of each (block id, first position) as that block:
-        one gather a tensor for all the blocks (a finished answer stores dozens)."""
-        if not blocks:
-            return
+        """Store the slot's KV (and features) of each (block id, first position) as that block.
+
+        A block's keys are one 1 KB run per layer and head in the slot's row, so each block is
+        one strided slice copy a tensor. One gather of all the blocks' rows and an indexed write
+        (torch's advanced indexing, through a temporary) took about twice as long: 1.10 against
+        0.60 ms to save 14 blocks with DSpark's features, 0.84 against 0.53 ms to load them
+        (`python benchmarks/prefix_store.py`; docs/benchmarks.md, "The prefix store's
+        copies")."""
         size = self.block_size
-        ids = torch.tensor([block_id for block_id, _ in blocks], device=self.k.device)
-        rows = torch.tensor(
-            [pos + j for _, pos in blocks for j in range(size)], device=self.k.device
-        )
-        for stored, cache in ((self.k, self.model.k_cache), (self.v, self.model.v_cache)):
-            kv = cache[:, slot, :, rows]  # [layers, kv_heads, blocks x block, head_dim]
-            L, KV, _, D = kv.shape
-            stored[:, ids] = kv.view(L, KV, len(blocks), size, D).transpose(1, 2)
-        if self.features is not None:
-            self.features.blocks[ids] = self.features.slots[slot, rows].view(len(blocks), size, -1)
+        for block_id, pos in blocks:
+            span = slice(pos, pos + size)
+            self.k[:, block_id] = self.model.k_cache[:, slot, :, span]
+            self.v[:, block_id] = self.model.v_cache[:, slot, :, span]
+            if self.features is not None:
+                self.features.blocks[block_id] = self.features.slots[slot, span]
