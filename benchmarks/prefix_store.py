@@ -1,8 +1,9 @@
 """The prefix store's copies on the embedded model's shapes: saving a request's blocks from its KV
 slot (and, where a drafter reads them, its target features) and loading them into another slot,
-by blocks per call, median of the rounds. At 16 streams a step stores about one answer's blocks
-in five (docs/benchmarks.md, "The prefix store's copies"). To compare with another version of
-scheduler/prefix_store.py, run this script on each. The last line printed is one JSON object.
+by blocks per call, median of the rounds. At 16 streams about one request in five finishes in
+a step and stores its blocks (docs/benchmarks.md, "At 16 streams: what the gates' probes cost,
+and the prefix store's copies"). To compare with another version of scheduler/prefix_store.py,
+run this script on each. The last line printed is one JSON object.
 
     python benchmarks/prefix_store.py --threads 2
 """

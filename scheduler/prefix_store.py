@@ -90,8 +90,8 @@ class PrefixStore:
         one strided slice copy a tensor. One gather of all the blocks' rows and an indexed write
         (torch's advanced indexing, through a temporary) took about twice as long: 1.10 against
         0.60 ms to save 14 blocks with DSpark's features, 0.84 against 0.53 ms to load them
-        (`python benchmarks/prefix_store.py`; docs/benchmarks.md, "The prefix store's
-        copies")."""
+        (`python benchmarks/prefix_store.py`; docs/benchmarks.md, "At 16 streams: what the
+        gates' probes cost, and the prefix store's copies")."""
         size = self.block_size
         for block_id, pos in blocks:
             span = slice(pos, pos + size)
