@@ -64,9 +64,9 @@ def prompt_chunk_products() -> Iterator[None]:
     they have one. For prompt chunks only (the eager path of scheduler/compiled.py): the
     decode kernels cost a pass over the weights per four rows (aten: a 256-row chunk cost 2.3x
     the dense product) or a pass of the block scales per row (native; docs/benchmarks.md).
-    Decodes and verifications stay on the int4 kernel, in the compiled
-    graph, whatever the step's shape: a token gets the same bits there whether it is verified
-    among drafts or not."""
+    Decodes and verifications stay on the int4 kernel, in the compiled graph, whatever the
+    step's shape: a token gets the same bits there whether it is verified among drafts or
+    not."""
     before = getattr(_in_prompt_chunk, "on", False)
     _in_prompt_chunk.on = True
     try:

@@ -6,11 +6,11 @@ rounded to two int8 digits, with integer dot products (scheduler/quant.py), from
 the tile unit where the CPU has one (AMX: the same bits). `q4_prompt.cpp`: prompt chunks'
 products from the same Q4_1 blocks, dequantised to bfloat16 and multiplied in the tile unit
 (where the CPU has AMX-BF16; elsewhere prompt chunks read a dense copy); both tile kernels
-include `amx_tiles.h`. They are compiled
-with the machine's own instruction set (AVX-512 where the CPU has it, portable loops
-elsewhere) by torch's extension builder (needs a C++ compiler and ninja), ~10 s the first
-time, then loaded from `<cache>/kernels/` in a fraction of a second. The folder's name carries the CPU's flags, so a cache carried to another CPU builds
-anew rather than loading instructions that CPU lacks.
+include `amx_tiles.h`. They are compiled with the machine's own instruction set (AVX-512 where
+the CPU has it, portable loops elsewhere) by torch's extension builder (needs a C++ compiler and
+ninja), ~10 s the first time, then loaded from `<cache>/kernels/` in a fraction of a second. The
+folder's name carries the CPU's flags, so a cache carried to another CPU builds anew rather than
+loading instructions that CPU lacks.
 """
 
 from __future__ import annotations
